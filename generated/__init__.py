@@ -1,0 +1,1 @@
+"""Generated sources of the built-in optimizers (golden files; ``optgen generate`` rewrites them)."""

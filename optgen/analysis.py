@@ -1,0 +1,475 @@
+"""Analysis: classify the IR's nodes and derive the pass plan.
+
+``plan(ir)`` is a pure function from an :class:`~optgen.ir.IR` to a frozen :class:`Plan`.
+
+* Every reduction becomes a *slot* (``red_k``): a per-layer or global sum/max of an element-wise
+  expression. Its *stage* is the number of reductions that must complete before its argument exists.
+* The stage of an element-wise value is 1 + the largest stage of the slots it reads (0 if none). A pass
+  computes everything of its stage: no reductions -> one pass; each reduction level cuts a boundary; a
+  global norm of the raw gradient becomes a pre-pass.
+* A new state value is written in the pass of its stage, later if an old value is still needed after it.
+  Later passes *load* the written value. A value computed in an earlier pass and needed again is either
+  recomputed from its leaves or stored into a scratch buffer, whichever moves fewer bytes (ties recompute:
+  no extra memory).
+* Between a pass producing per-layer partial sums and its consumer sits one segment-reduce launch; global
+  values are summed by each consumer from the producer's partial table, in a fixed order.
+
+The plan is the one place that knows the pass structure; printers and templates only render it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import sympy
+from sympy.core.sorting import default_sort_key
+
+from .ir import IR
+from .spec import (
+    PARAM,
+    GradSymbol,
+    HyperSymbol,
+    NewStateSymbol,
+    ParamSymbol,
+    Reduction,
+    StateSymbol,
+    StepSymbol,
+)
+
+FP32_BYTES = 4
+
+
+class ScratchSymbol(sympy.Symbol):
+    """A value stored by one pass into a scratch buffer and loaded by a later one."""
+
+    def __new__(cls, name: str):
+        return super().__new__(cls, name, real=True)
+
+
+class SlotSymbol(sympy.Symbol):
+    """The finished value of a reduction slot, read by passes after the one that computes it."""
+
+    def __new__(cls, name: str):
+        return super().__new__(cls, name, real=True)
+
+
+ELEMENTWISE = (ParamSymbol, GradSymbol, StateSymbol, NewStateSymbol, ScratchSymbol)
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One reduction: ``op`` (sum | max) of ``arg`` over a layer or over all parameters."""
+
+    index: int
+    op: str
+    scope: str
+    arg: sympy.Expr
+    stage: int
+
+    @property
+    def name(self) -> str:
+        return f"red_{self.index}"
+
+    @property
+    def identity(self) -> float:
+        return 0.0 if self.op == "sum" else float("-inf")
+
+
+@dataclass(frozen=True)
+class Load:
+    """``symbol`` (a name in the generated code) is read element-wise from ``buffer``."""
+
+    symbol: str
+    buffer: str
+
+
+@dataclass(frozen=True)
+class Pass:
+    """One launch over all elements of all parameters.
+
+    ``scalars`` are computed once per program (per-step and per-layer values), ``elementwise`` per element;
+    both are (name, expression) in dependency order, as ``sympy.cse`` produced them.
+    """
+
+    index: int
+    loads: tuple[Load, ...]
+    scalars: tuple[tuple[str, sympy.Expr], ...]
+    elementwise: tuple[tuple[str, sympy.Expr], ...]
+    stores: tuple[tuple[str, sympy.Expr], ...]  # (buffer, value)
+    produces: tuple[tuple[int, sympy.Expr], ...]  # (slot index, per-element contribution)
+    consumes: tuple[int, ...]  # slots read
+    hypers: tuple[str, ...]  # hyperparameters read
+    uses_step: bool
+    reduce_after: bool  # a segment-reduce launch turns this pass's partials into per-layer values
+    writes_step: bool  # the last pass advances the step count
+
+    @property
+    def bytes_per_param(self) -> int:
+        return FP32_BYTES * (len(self.loads) + len(self.stores))
+
+
+@dataclass(frozen=True)
+class Plan:
+    ir: IR
+    slots: tuple[Slot, ...]
+    passes: tuple[Pass, ...]
+    scratch: tuple[str, ...]
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def bytes_per_param(self) -> int:
+        """HBM bytes moved per fp32 parameter per step (element-wise traffic; tables are negligible)."""
+        return sum(p.bytes_per_param for p in self.passes)
+
+    @property
+    def launches_per_step(self) -> int:
+        return len(self.passes) + sum(p.reduce_after for p in self.passes)
+
+    @property
+    def buffers(self) -> tuple[str, ...]:
+        """Element-wise buffers any pass touches, in a canonical order."""
+        order = ["param", "grad", *self.ir.state_names, *self.scratch]
+        used = {ld.buffer for p in self.passes for ld in p.loads} | {b for p in self.passes for b, _ in p.stores}
+        return tuple(b for b in order if b in used)
+
+    def describe(self) -> str:
+        lines = [
+            f"{self.ir.name} ({', '.join(f'{k}={v}' for k, v in self.ir.flags) or 'no flags'}): "
+            f"{len(self.passes)} pass(es), {self.launches_per_step} launch(es)/step, "
+            f"{self.bytes_per_param} B/param/step (fp32)"
+        ]
+        for slot in self.slots:
+            lines.append(f"  {slot.name} = {slot.scope} {slot.op} of {slot.arg}  [computed in pass {slot.stage}]")
+        for p in self.passes:
+            loads = ", ".join(f"{ld.buffer}" + ("(new)" if ld.symbol.endswith("_new") else "") for ld in p.loads)
+            stores = ", ".join(b for b, _ in p.stores) or "-"
+            lines.append(
+                f"  pass {p.index}: loads [{loads}] stores [{stores}] "
+                f"reduces [{', '.join(f'red_{k}' for k, _ in p.produces) or '-'}] "
+                f"reads [{', '.join(f'red_{k}' for k in p.consumes) or '-'}] -> {p.bytes_per_param} B"
+                + (" ; then segment-reduce" if p.reduce_after else "")
+            )
+        lines.extend(f"  note: {n}" for n in self.notes)
+        return "\n".join(lines)
+
+
+def _buffer_of(symbol: sympy.Symbol) -> str:
+    if isinstance(symbol, ParamSymbol):
+        return "param"
+    if isinstance(symbol, GradSymbol):
+        return "grad"
+    if isinstance(symbol, StateSymbol):
+        return symbol.name
+    if isinstance(symbol, NewStateSymbol):
+        return "param" if symbol.name == "w_new" else symbol.name[: -len("_new")]
+    if isinstance(symbol, ScratchSymbol):
+        return symbol.name
+    raise TypeError(symbol)
+
+
+def _target_of(symbol: NewStateSymbol) -> str:
+    return PARAM if symbol.name == "w_new" else symbol.name[: -len("_new")]
+
+
+def _extract_slots(updates: dict[str, sympy.Expr]):
+    """Replace reductions, innermost first, by slot symbols; identical reductions share a slot."""
+    slots_raw: list[tuple[str, str, sympy.Expr]] = []
+    exprs = dict(updates)
+    while True:
+        found = set()
+        for expr in exprs.values():
+            found |= expr.atoms(Reduction)
+        for _, _, arg in slots_raw:
+            found |= arg.atoms(Reduction)
+        innermost = sorted((r for r in found if not r.args[0].atoms(Reduction)), key=default_sort_key)
+        if not innermost:
+            break
+        mapping = {}
+        for red in innermost:
+            mapping[red] = SlotSymbol(f"red_{len(slots_raw)}")
+            slots_raw.append((red.op, red.scope, red.args[0]))
+        exprs = {k: e.xreplace(mapping) for k, e in exprs.items()}
+        slots_raw = [(op, scope, arg.xreplace(mapping)) for op, scope, arg in slots_raw]
+    return exprs, slots_raw
+
+
+def _slot_index(symbol: sympy.Symbol) -> int:
+    return int(symbol.name.split("_")[1])
+
+
+def _layout(defs, slots_raw, earliest: dict[int, int]):
+    """Stages of every slot and new value, the write pass of every target, and the number of passes.
+
+    ``earliest`` holds a later pass than its natural stage for some slots (see ``plan``).
+    """
+    target_stage: dict[str, int] = {}
+    slot_stage: dict[int, int] = {}
+
+    def stage_of(expr: sympy.Expr) -> int:
+        stage = 0
+        for sym in expr.free_symbols:
+            if isinstance(sym, SlotSymbol):
+                stage = max(stage, stage_slot(_slot_index(sym)) + 1)
+            elif isinstance(sym, NewStateSymbol):
+                stage = max(stage, stage_target(_target_of(sym)))
+        return stage
+
+    def stage_slot(k: int) -> int:
+        if k not in slot_stage:
+            slot_stage[k] = max(earliest.get(k, 0), stage_of(slots_raw[k][2]))
+        return slot_stage[k]
+
+    def stage_target(target: str) -> int:
+        if target not in target_stage:
+            target_stage[target] = stage_of(defs[target])
+        return target_stage[target]
+
+    for target in defs:
+        stage_target(target)
+    for k in range(len(slots_raw)):
+        stage_slot(k)
+    slots = tuple(
+        Slot(index=k, op=op, scope=scope, arg=arg, stage=slot_stage[k]) for k, (op, scope, arg) in enumerate(slots_raw)
+    )
+    n_passes = 1 + max([*target_stage.values(), *slot_stage.values()])
+
+    # A write waits while a later pass still reads the old value.
+    write = dict(target_stage)
+    while True:
+        conflict = None
+        for j in range(n_passes):
+            _, _, _, leaves = _program(j, defs, slots, write, {})
+            for leaf in sorted(leaves, key=str):
+                if isinstance(leaf, (StateSymbol, ParamSymbol)):
+                    target = PARAM if isinstance(leaf, ParamSymbol) else leaf.name
+                    if write[target] < j:
+                        conflict = (target, j)
+                        break
+            if conflict:
+                break
+        if not conflict:
+            break
+        write[conflict[0]] = conflict[1]
+    return slots, write, n_passes
+
+
+def _cost(defs, slots, write, n_passes, scratch) -> tuple[int, int]:
+    """(element-wise bytes per fp32 parameter, launches) of a layout."""
+    total, launches = 0, n_passes
+    for j in range(n_passes):
+        roots, produces, _, leaves = _program(j, defs, slots, write, scratch)
+        stores = len(roots) + sum(1 for _, i in scratch.values() if i == j)
+        total += FP32_BYTES * (len(leaves) + stores)
+        launches += any(slots[k].scope == "layer" for k, _ in produces)
+    return total, launches
+
+
+def plan(ir: IR) -> Plan:
+    """Derive the pass plan of ``ir`` (see the module docstring)."""
+    defs, slots_raw = _extract_slots(dict(ir.updates))
+
+    # A reduction may run in any pass from its natural stage up to the one before its first reader. Put
+    # each where it moves the fewest bytes and launches (ties: earliest), never adding a pass: computing
+    # ||w|| alongside the moments, not in a pre-pass of its own, saves reading w twice.
+    earliest: dict[int, int] = {}
+    slots, write, n_passes = _layout(defs, slots_raw, earliest)
+    best_cost = _cost(defs, slots, write, n_passes, {})
+    for k in range(len(slots_raw)):
+        for p in range(slots[k].stage + 1, n_passes):
+            trial = {**earliest, k: p}
+            t_slots, t_write, t_passes = _layout(defs, slots_raw, trial)
+            if t_passes != n_passes:
+                break
+            cost = _cost(defs, t_slots, t_write, t_passes, {})
+            if cost < best_cost:
+                earliest, best_cost = trial, cost
+                slots, write = t_slots, t_write
+
+    # -- recompute or store values crossing a pass boundary ------------------------------------------
+    scratch: dict[sympy.Expr, tuple[ScratchSymbol, int]] = {}
+    notes = []
+    for j in range(1, n_passes):
+        for i in range(j):
+            while True:
+                best = _best_scratch(i, j, defs, slots, write, scratch)
+                if best is None:
+                    break
+                expr, saving = best
+                symbol = ScratchSymbol(f"scratch_{len(scratch)}")
+                scratch[expr] = (symbol, i)
+                notes.append(f"{symbol} = {expr} is stored by pass {i} for pass {j} (saves {saving} B/param)")
+
+    passes = []
+    for j in range(n_passes):
+        roots, produces, local, leaves = _program(j, defs, slots, write, scratch)
+        stores = [(_store_buffer(t), _inline_locals(e, local)) for t, e in roots]
+        stores += [(sym.name, _inline_locals(expr, local)) for expr, (sym, i) in scratch.items() if i == j]
+        produces = [(k, _inline_locals(e, local)) for k, e in produces]
+        passes.append(_build_pass(j, n_passes, stores, produces, leaves, slots))
+    return Plan(
+        ir=ir, slots=slots, passes=tuple(passes), scratch=tuple(s.name for s, _ in scratch.values()), notes=tuple(notes)
+    )
+
+
+def _store_buffer(target: str) -> str:
+    return "param" if target == PARAM else target
+
+
+def _program(j, defs, slots, write, scratch):
+    """What pass ``j`` computes, over symbols.
+
+    Returns (stores [(target, expr)], partials [(slot, expr)], locals {target: expr}, element-wise leaves).
+    New values written in earlier passes are leaves (loaded); the others the pass needs are *locals*
+    (computed here, kept as symbols so values can be matched across passes). Values in ``scratch`` that
+    an earlier pass stored are replaced by their scratch symbol.
+    """
+    replace = {e: s for e, (s, i) in scratch.items() if i < j}
+
+    def sub(expr):
+        return expr.xreplace(replace) if replace else expr
+
+    stores = [(t, sub(e)) for t, e in defs.items() if write[t] == j]
+    produces = [(s.index, sub(s.arg)) for s in slots if s.stage == j]
+    local: dict[str, sympy.Expr] = {}
+    pending = [e for _, e in stores + produces]
+    while pending:
+        expr = pending.pop()
+        for sym in expr.free_symbols:
+            if isinstance(sym, NewStateSymbol):
+                target = _target_of(sym)
+                if write[target] >= j and target not in local:
+                    local[target] = sub(defs[target])
+                    pending.append(local[target])
+    leaves = set()
+    for expr in [e for _, e in stores + produces] + list(local.values()):
+        leaves |= {
+            s
+            for s in expr.free_symbols
+            if isinstance(s, ELEMENTWISE) and not (isinstance(s, NewStateSymbol) and _target_of(s) in local)
+        }
+    return stores, produces, local, leaves
+
+
+def _inline_locals(expr, local):
+    subs = {}
+    for sym in expr.free_symbols:
+        if isinstance(sym, NewStateSymbol) and _target_of(sym) in local:
+            subs[sym] = _inline_locals(local[_target_of(sym)], local)
+    return expr.xreplace(subs) if subs else expr
+
+
+def _subexpressions(expr):
+    for node in sympy.preorder_traversal(expr):
+        if isinstance(node, sympy.Expr) and not node.is_Atom and any(isinstance(s, ELEMENTWISE) for s in node.free_symbols):
+            yield node
+
+
+def _best_scratch(i, j, defs, slots, write, scratch):
+    """The value computed in pass i whose storing saves the most bytes in pass j, if any saves any."""
+    roots_i, produces_i, local_i, _ = _program(i, defs, slots, write, scratch)
+    roots_j, produces_j, local_j, leaves_j = _program(j, defs, slots, write, scratch)
+    computed_i = set()
+    for expr in [e for _, e in roots_i + produces_i] + list(local_i.values()):
+        computed_i |= set(_subexpressions(expr))
+    candidates = set()
+    for expr in [e for _, e in roots_j + produces_j] + list(local_j.values()):
+        candidates |= {e for e in _subexpressions(expr) if e in computed_i}
+    best = None
+    base = len(leaves_j)
+    for expr in sorted(candidates, key=lambda e: (-sympy.count_ops(e), default_sort_key(e))):
+        trial = dict(scratch)
+        trial[expr] = (ScratchSymbol(f"scratch_{len(scratch)}"), i)
+        _, _, _, leaves = _program(j, defs, slots, write, trial)
+        # storing costs one write in pass i and one read in pass j (the read is one of ``leaves``)
+        saving = FP32_BYTES * (base - len(leaves) - 1)
+        if saving > 0 and (best is None or saving > best[1]):
+            best = (expr, saving)
+    return best
+
+
+def _is_elementwise(expr, elementwise_names) -> bool:
+    return any(isinstance(s, ELEMENTWISE) or s.name in elementwise_names for s in expr.free_symbols)
+
+
+class _Lifter:
+    """Loop-invariant code motion and power bases, after ``sympy.cse``.
+
+    Maximal scalar subexpressions of element-wise code (``1 - beta1**t``) become scalar temporaries computed
+    once per program; the base of a small integer power becomes a temporary, so printing ``(u)**2`` as a
+    product ``u*u`` never evaluates ``u`` twice.
+    """
+
+    def __init__(self, start: int, elementwise_names: set[str]):
+        self.names = sympy.numbered_symbols("tmp", real=True, start=start)
+        self.elementwise_names = elementwise_names
+        self.scalars: list[tuple[str, sympy.Expr]] = []
+        self.elementwise: list[tuple[str, sympy.Expr]] = []
+        self._seen: dict[sympy.Expr, sympy.Symbol] = {}
+
+    def _temp(self, expr, into) -> sympy.Symbol:
+        if expr not in self._seen:
+            symbol = next(self.names)
+            self._seen[expr] = symbol
+            into.append((symbol.name, expr))
+            if into is self.elementwise:
+                self.elementwise_names.add(symbol.name)
+        return self._seen[expr]
+
+    def lift(self, expr):
+        if expr.is_Atom or isinstance(expr, sympy.logic.boolalg.BooleanAtom):
+            return expr
+        if not _is_elementwise(expr, self.elementwise_names):
+            if isinstance(expr, sympy.Expr) and not expr.is_number:
+                return self._temp(expr, self.scalars)
+            return expr
+        args = [self.lift(a) for a in expr.args]
+        if isinstance(expr, sympy.Pow) and expr.exp.is_Integer and 2 <= abs(int(expr.exp)) <= 4 and not args[0].is_Atom:
+            args[0] = self._temp(args[0], self.elementwise)
+        return expr.func(*args, evaluate=False) if isinstance(expr, (sympy.Add, sympy.Mul, sympy.Pow)) else expr.func(*args)
+
+
+def _build_pass(j, n_passes, stores, produces, leaves, slots) -> Pass:
+    roots = [e for _, e in stores] + [e for _, e in produces]
+    replacements, reduced = sympy.cse(roots, symbols=sympy.numbered_symbols("tmp", real=True), optimizations=None)
+    elementwise_names: set[str] = set()
+    lifter = _Lifter(len(replacements), elementwise_names)
+    scalars, elementwise = lifter.scalars, lifter.elementwise
+    for sym, expr in replacements:
+        if _is_elementwise(expr, elementwise_names):
+            expr = lifter.lift(expr)
+            elementwise_names.add(sym.name)
+            elementwise.append((sym.name, expr))
+        else:
+            scalars.append((sym.name, expr))
+    reduced = [lifter.lift(e) for e in reduced]
+    reduced_stores = tuple((buf, reduced[k]) for k, (buf, _) in enumerate(stores))
+    reduced_produces = tuple((slot, reduced[len(stores) + k]) for k, (slot, _) in enumerate(produces))
+
+    all_exprs = [e for _, e in scalars + elementwise] + list(reduced)
+    free = set().union(*(e.free_symbols for e in all_exprs)) if all_exprs else set()
+    consumes = tuple(sorted(_slot_index(s) for s in free if isinstance(s, SlotSymbol)))
+    hypers = tuple(sorted(s.name for s in free if isinstance(s, HyperSymbol)))
+    loads = tuple(
+        Load(symbol=s.name, buffer=_buffer_of(s))
+        for s in sorted(leaves, key=lambda s: (_load_rank(s), s.name))
+    )
+    return Pass(
+        index=j,
+        loads=loads,
+        scalars=tuple(scalars),
+        elementwise=tuple(elementwise),
+        stores=reduced_stores,
+        produces=reduced_produces,
+        consumes=consumes,
+        hypers=hypers,
+        uses_step=any(isinstance(s, StepSymbol) for s in free) or j == n_passes - 1,
+        reduce_after=any(slots[k].scope == "layer" for k, _ in produces),
+        writes_step=j == n_passes - 1,
+    )
+
+
+def _load_rank(symbol) -> int:
+    for rank, kind in enumerate((ParamSymbol, GradSymbol, StateSymbol, NewStateSymbol, ScratchSymbol)):
+        if isinstance(symbol, kind):
+            return rank
+    return len(ELEMENTWISE)

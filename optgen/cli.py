@@ -1,0 +1,166 @@
+"""The ``optgen`` command line: list, show, generate, inspect, bench, demo."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import itertools
+import json
+import sys
+from pathlib import Path
+
+from .analysis import plan as make_plan
+from .codegen.render import TARGETS, generated_dir, render, variant_stem
+from .ir import lower
+from .spec import Spec, SpecError
+from .specs import BUILTINS
+
+
+def resolve_spec(name: str) -> Spec:
+    """A built-in name (``lamb``) or ``path/to/file.py:VARIABLE`` (a Spec, or a function returning one)."""
+    if name.lower() in BUILTINS:
+        return BUILTINS[name.lower()]()
+    if ":" in name:
+        path, _, variable = name.rpartition(":")
+        file = Path(path)
+        if not file.is_file():
+            raise SystemExit(f"optgen: no such file: {path}")
+        module_spec = importlib.util.spec_from_file_location(f"optgen_user_{file.stem}", file)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+        if not hasattr(module, variable):
+            raise SystemExit(f"optgen: {path} has no {variable!r}")
+        value = getattr(module, variable)
+        if callable(value) and not isinstance(value, Spec):
+            value = value()
+        if isinstance(value, type) and hasattr(value, "_spec"):
+            value = value._spec
+        if not isinstance(value, Spec):
+            raise SystemExit(f"optgen: {name} is a {type(value).__name__}, not an optgen.Spec")
+        return value
+    raise SystemExit(f"optgen: unknown optimizer {name!r}; built-ins: {', '.join(BUILTINS)} (or path/file.py:SPEC)")
+
+
+def variants(spec: Spec):
+    """Every flag combination of ``spec``, defaults first."""
+    names = [f.name for f in spec.flags]
+    defaults = tuple(f.default for f in spec.flags)
+    combos = sorted(itertools.product((False, True), repeat=len(names)), key=lambda c: (c != defaults, c))
+    return [dict(zip(names, combo)) for combo in combos]
+
+
+def _parse_flags(pairs) -> dict:
+    flags = {}
+    for pair in pairs or []:
+        key, _, value = pair.partition("=")
+        if value.lower() not in ("true", "false", "1", "0"):
+            raise SystemExit(f"optgen: --flag {pair}: expected NAME=true|false")
+        flags[key] = value.lower() in ("true", "1")
+    return flags
+
+
+def cmd_list(args) -> int:
+    for key, factory in BUILTINS.items():
+        spec = factory()
+        first = (spec.doc or "").strip().splitlines()[0] if spec.doc else ""
+        print(f"{key:10s} {spec.name:8s} {first}")
+    return 0
+
+
+def cmd_show(args) -> int:
+    spec = resolve_spec(args.name)
+    p = make_plan(lower(spec, _parse_flags(args.flag)))
+    if args.plan:
+        print(p.describe())
+        return 0
+    sys.stdout.write(render(p, args.target))
+    return 0
+
+
+def golden_sources() -> dict[Path, str]:
+    """Every generated file of the built-ins: path -> expected content."""
+    out = {}
+    for factory in BUILTINS.values():
+        spec = factory()
+        for flags in variants(spec):
+            p = make_plan(lower(spec, flags))
+            for target in TARGETS:
+                out[generated_dir() / target / f"{variant_stem(p)}.py"] = render(p, target)
+    return out
+
+
+def cmd_generate(args) -> int:
+    expected = golden_sources()
+    present = {p for target in TARGETS for p in (generated_dir() / target).glob("*.py")}
+    stale = [p for p, text in expected.items() if not p.is_file() or p.read_text() != text]
+    extra = sorted(present - set(expected))
+    if args.check:
+        for p in stale:
+            print(f"stale: {p}")
+        for p in extra:
+            print(f"unexpected: {p}")
+        if stale or extra:
+            print("generated/ is out of date: run `optgen generate`", file=sys.stderr)
+            return 1
+        print(f"generated/ is up to date ({len(expected)} files)")
+        return 0
+    for p in extra:
+        p.unlink()
+    for p in stale:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(expected[p])
+    print(f"wrote {len(stale)} file(s), removed {len(extra)}, {len(expected)} in generated/")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from .inspect_kernels import inspect_plan
+
+    spec = resolve_spec(args.name)
+    p = make_plan(lower(spec, _parse_flags(args.flag)))
+    report = inspect_plan(p, args.arch)
+    if args.json:
+        print(json.dumps(report, indent=2, sort_keys=True))
+    else:
+        print(f"{spec.name} on {args.arch}: {report['bytes_per_param']} B/param/step, {report['launches_per_step']} launch(es)/step")
+        for k in report["kernels"]:
+            print(
+                f"  {k['name']}: regs {k['registers']}, spills {k['spills']}, shared {k['shared_bytes']} B, "
+                f"loads {k['global_loads']}, stores {k['global_stores']}"
+            )
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="optgen", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="the built-in optimizers").set_defaults(fn=cmd_list)
+
+    show = sub.add_parser("show", help="print the generated source (or --plan) of an optimizer")
+    show.add_argument("name", help="built-in name or path/file.py:SPEC")
+    show.add_argument("--target", choices=TARGETS, default="torch")
+    show.add_argument("--plan", action="store_true", help="print the pass plan instead of the source")
+    show.add_argument("--flag", action="append", metavar="NAME=BOOL", help="select a variant")
+    show.set_defaults(fn=cmd_show)
+
+    gen = sub.add_parser("generate", help="rewrite generated/ (or --check that it is current)")
+    gen.add_argument("--check", action="store_true")
+    gen.set_defaults(fn=cmd_generate)
+
+    insp = sub.add_parser("inspect", help="compile the Triton kernels for a GPU arch (no GPU needed) and report")
+    insp.add_argument("name")
+    insp.add_argument("--arch", default="sm_90", help="sm_80 or sm_90")
+    insp.add_argument("--json", action="store_true")
+    insp.add_argument("--flag", action="append", metavar="NAME=BOOL")
+    insp.set_defaults(fn=cmd_inspect)
+
+    args = parser.parse_args(argv)
+    try:
+        return args.fn(args)
+    except SpecError as exc:
+        print(f"optgen: spec error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,225 @@
+"""Rendering: plan -> template context -> source, and loading generated modules.
+
+The context holds names, positions and printer output only; the templates (``templates/*.py.j2``,
+jinja2 with ``StrictUndefined``) hold the structure. Built-in optimizers load the golden files under
+``generated/`` when their source hash matches; anything else is generated into the user's cache directory
+(``$OPTGEN_CACHE_DIR`` or ``~/.cache/optgen``) under a name derived from the hash, and imported from there.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+import os
+import re
+from pathlib import Path
+
+import jinja2
+
+from ..analysis import Pass, Plan
+from .printers import TorchPrinter, TritonPrinter
+
+TARGETS = ("torch", "triton")
+
+
+def _resource_dir(name: str) -> Path:
+    """``templates``/``generated``: inside the installed package, else beside it in a source checkout."""
+    try:
+        from importlib.resources import files
+
+        path = Path(str(files(f"optgen.{name}")))
+        if path.is_dir():
+            return path
+    except (ModuleNotFoundError, TypeError):
+        pass
+    return Path(__file__).resolve().parents[2] / name
+
+
+def templates_dir() -> Path:
+    return _resource_dir("templates")
+
+
+def generated_dir() -> Path:
+    return _resource_dir("generated")
+
+
+@functools.cache
+def _environment() -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(templates_dir())),
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+        autoescape=False,
+    )
+
+
+@functools.cache
+def _templates_digest() -> str:
+    digest = hashlib.sha256()
+    for path in sorted(templates_dir().glob("*.j2")):
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def source_hash(plan: Plan) -> str:
+    """Digest of the math and of the templates: what a generated file depends on."""
+    return hashlib.sha256((plan.ir.hash + _templates_digest()).encode()).hexdigest()[:16]
+
+
+def variant_stem(plan: Plan) -> str:
+    """File stem of a variant: ``lamb__bias_correction_1__eps_inside_sqrt_0``."""
+    parts = [plan.ir.name.lower()] + [f"{k}_{int(v)}" for k, v in plan.ir.flags]
+    return "__".join(parts)
+
+
+def _flags_text(plan: Plan) -> str:
+    return ", ".join(f"{k}={v}" for k, v in plan.ir.flags) or "no flags"
+
+
+IDENTITY = {"sum": "0.0", "max": 'float("-inf")'}
+
+
+def _hyper_columns(plan: Plan) -> dict[str, int]:
+    return {h.name: i for i, h in enumerate(plan.ir.hypers)}
+
+
+def _is_elementwise(expr, elementwise_names) -> bool:
+    from ..analysis import ELEMENTWISE
+
+    return any(isinstance(s, ELEMENTWISE) or s.name in elementwise_names for s in expr.free_symbols)
+
+
+def _pass_context(plan: Plan, p: Pass, printer, scalar_printer) -> dict:
+    code = printer.doprint
+    scalar_code = scalar_printer.doprint
+    slots = plan.slots
+    produced_columns = {k: col for col, (k, _) in enumerate(p.produces)}
+    elementwise_names = {name for name, _ in p.elementwise}
+    hyper_columns = _hyper_columns(plan)
+    # Per slot: the pass that produced it and its column in that pass's table.
+    column_of = {}
+    for q in plan.passes:
+        for col, (k, _) in enumerate(q.produces):
+            column_of[k] = (q.index, col, len(q.produces))
+    layer_reads, global_reads = [], []
+    for k in p.consumes:
+        producer, col, width = column_of[k]
+        read = {
+            "name": slots[k].name,
+            "producer": producer,
+            "column": col,
+            "width": width,
+            "op": slots[k].op,
+            "identity": IDENTITY[slots[k].op],
+        }
+        (layer_reads if slots[k].scope == "layer" else global_reads).append(read)
+    tables = sorted({(r["producer"], r["width"]) for r in layer_reads + global_reads})
+    buffers = sorted({ld.buffer for ld in p.loads} | {b for b, _ in p.stores}, key=plan.buffers.index)
+    return {
+        "index": p.index,
+        "loads": [{"symbol": ld.symbol, "buffer": ld.buffer} for ld in p.loads],
+        "scalars": [(name, scalar_code(e)) for name, e in p.scalars],
+        "casts": _scalar_casts(plan, p),
+        "elementwise": [(name, code(e)) for name, e in p.elementwise],
+        "stores": [
+            {
+                "buffer": b,
+                "code": code(e),
+                "dtype_arg": f"DT_{b}",
+                "scalar": not _is_elementwise(e, elementwise_names),
+            }
+            for b, e in p.stores
+        ],
+        "produces": [
+            {
+                "name": slots[k].name,
+                "column": produced_columns[k],
+                "op": slots[k].op,
+                "identity": IDENTITY[slots[k].op],
+                "code": code(e),
+            }
+            for k, e in p.produces
+        ],
+        "n_partials": len(p.produces),
+        "hypers": [{"name": h, "column": hyper_columns[h]} for h in p.hypers],
+        "layer_reads": layer_reads,
+        "global_reads": global_reads,
+        "tables": [{"producer": prod, "width": width} for prod, width in tables],
+        "buffers": [{"name": b, "dtype_arg": f"DT_{b}"} for b in buffers],
+        "reduce_after": p.reduce_after,
+        "writes_step": p.writes_step,
+        "args": [*buffers, "dtype", "t", *p.hypers, *(slots[k].name for k in p.consumes)],
+    }
+
+
+def _scalar_casts(plan: Plan, p: Pass) -> list[str]:
+    """Scalars (fp64, like torch's Python-float math) that element-wise fp32 code reads: cast once."""
+    elementwise_exprs = [e for _, e in p.elementwise] + [e for _, e in p.stores] + [e for _, e in p.produces]
+    used = set().union(*(e.free_symbols for e in elementwise_exprs)) if elementwise_exprs else set()
+    scalar_names = ["t", *p.hypers, *(plan.slots[k].name for k in p.consumes), *(n for n, _ in p.scalars)]
+    return [n for n in scalar_names if any(s.name == n for s in used)]
+
+
+def render(plan: Plan, target: str) -> str:
+    """The source of ``plan`` for ``target`` ("torch" or "triton"); byte-stable for a given plan."""
+    if target not in TARGETS:
+        raise ValueError(f"unknown target {target!r}; expected one of {TARGETS}")
+    printer = TorchPrinter() if target == "torch" else TritonPrinter()
+    scalar_printer = TorchPrinter() if target == "torch" else TritonPrinter({"scalar": True})
+    context = {
+        "name": plan.ir.name,
+        "prefix": re.sub(r"\W", "_", variant_stem(plan)),
+        "flags_text": _flags_text(plan),
+        "source_hash": source_hash(plan),
+        "n_passes": len(plan.passes),
+        "launches": plan.launches_per_step,
+        "bytes_per_param": plan.bytes_per_param,
+        "passes": [_pass_context(plan, p, printer, scalar_printer) for p in plan.passes],
+    }
+    return _environment().get_template(f"{target}_module.py.j2").render(**context)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("OPTGEN_CACHE_DIR") or Path.home() / ".cache" / "optgen")
+
+
+def golden_path(plan: Plan, target: str) -> Path:
+    return generated_dir() / target / f"{variant_stem(plan)}.py"
+
+
+_HASH_LINE = re.compile(r"^# source hash: ([0-9a-f]+)$", re.M)
+
+
+def _file_hash(path: Path) -> str | None:
+    try:
+        head = path.read_text()[:2048]
+    except OSError:
+        return None
+    match = _HASH_LINE.search(head)
+    return match.group(1) if match else None
+
+
+@functools.cache
+def _import(path: str, module_name: str):
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def load_module(plan: Plan, target: str):
+    """Import the generated module of ``plan`` for ``target``: the golden file if current, else the cache."""
+    digest = source_hash(plan)
+    path = golden_path(plan, target)
+    if _file_hash(path) != digest:
+        path = cache_dir() / target / f"{variant_stem(plan)}_{digest}.py"
+        if _file_hash(path) != digest:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(render(plan, target))
+            os.replace(tmp, path)  # atomic: concurrent processes never import a half-written file
+    return _import(str(path), f"optgen_generated_{target}_{variant_stem(plan)}_{digest}")

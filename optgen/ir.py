@@ -1,0 +1,249 @@
+"""The IR: one variant of a spec with its flags fixed, validated and lowered to plain sympy.
+
+``lower(spec, flags)`` is a pure function from the user's :class:`~optgen.spec.Spec` to a frozen :class:`IR`:
+
+* compile-time flags are substituted (they may appear only in ``where`` conditions);
+* ``trust_ratio(a, b)`` is lowered to a ``Piecewise`` gated by the per-group ``layer_adaptation`` option;
+* every symbol is checked to be declared, every state to be updated once, reductions to reduce
+  element-wise expressions, and the updates to be free of cycles.
+
+Errors are :class:`~optgen.spec.SpecError` naming the problem, the expression and where the user wrote it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import sympy
+
+from .spec import (
+    ELEMENTWISE_LEAVES,
+    PARAM,
+    BoolHyperSymbol,
+    FlagSymbol,
+    HyperDecl,
+    HyperSymbol,
+    NewStateSymbol,
+    ParamSymbol,
+    Reduction,
+    Requirement,
+    Spec,
+    SpecError,
+    StateDecl,
+    TrustRatio,
+)
+
+LAYER_ADAPTATION = HyperDecl(
+    name="layer_adaptation",
+    default=True,
+    lo=0.0,
+    hi=1.0,
+    lo_open=False,
+    hi_open=False,
+    is_bool=True,
+    key="layer_adaptation",
+    index=None,
+    doc="False fixes the trust ratio of the group to 1 (biases, normalisation weights).",
+)
+
+
+@dataclass(frozen=True)
+class IR:
+    """One variant of a spec: flags fixed, every update an expression over declared symbols."""
+
+    name: str
+    doc: str
+    hypers: tuple[HyperDecl, ...]
+    flags: tuple[tuple[str, bool], ...]
+    states: tuple[StateDecl, ...]
+    updates: tuple[tuple[str, sympy.Expr], ...]  # (target, new value); target PARAM is the parameter
+    requirements: tuple[Requirement, ...]
+    update_locations: tuple[tuple[str, str], ...]
+
+    @property
+    def hash(self) -> str:
+        """A stable digest of the math (not of names of temporaries): keys caches and generated files."""
+        parts = [self.name]
+        parts += [repr(h) for h in self.hypers]
+        parts += [f"flag {k}={v}" for k, v in self.flags]
+        parts += [f"state {s.name} {sympy.srepr(s.init)}" for s in self.states]
+        parts += [f"update {k} {sympy.srepr(e)}" for k, e in self.updates]
+        return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+    def new_symbol(self, target: str) -> NewStateSymbol:
+        return NewStateSymbol("w_new" if target == PARAM else f"{target}_new")
+
+    def definition(self, target: str) -> sympy.Expr:
+        return dict(self.updates)[target]
+
+    @property
+    def state_names(self) -> tuple[str, ...]:
+        return tuple(s.name for s in self.states)
+
+
+def elementwise_leaves(expr: sympy.Basic) -> set[sympy.Symbol]:
+    """Element-wise leaves of ``expr`` outside any reduction (what a reduction's argument must have)."""
+    found: set[sympy.Symbol] = set()
+
+    def walk(node):
+        if isinstance(node, Reduction):
+            return
+        if isinstance(node, ELEMENTWISE_LEAVES):
+            found.add(node)
+            return
+        for arg in node.args:
+            walk(arg)
+
+    walk(expr)
+    return found
+
+
+def _check_flags_only_in_conditions(expr, where_, what):
+    def walk(node, in_condition):
+        if isinstance(node, FlagSymbol) and not in_condition:
+            raise SpecError(
+                f"{what}: compile-time flag {node} used in arithmetic in {expr}; flags select between "
+                f"expressions with where(flag, a, b) [{where_}]"
+            )
+        if isinstance(node, sympy.Piecewise):
+            for value, condition in node.args:
+                walk(value, in_condition)
+                walk(condition, True)
+            return
+        for arg in node.args:
+            walk(arg, in_condition)
+
+    walk(expr, False)
+
+
+def _check_conditions(expr, where_, what):
+    """A float hyperparameter alone is no condition (where() rejects it too; this catches raw Piecewise)."""
+    for piecewise in expr.atoms(sympy.Piecewise):
+        for _, condition in piecewise.args:
+            if isinstance(condition, HyperSymbol) and not isinstance(condition, BoolHyperSymbol):
+                raise SpecError(
+                    f"{what}: hyperparameter {condition} used where only a compile-time flag can go [{where_}]"
+                )
+
+
+def lower(spec: Spec, flags: dict | None = None) -> IR:
+    """Validate ``spec`` and lower the variant selected by ``flags`` (defaults for those not given)."""
+    flag_values = {f.name: f.default for f in spec.flags}
+    for name, value in (flags or {}).items():
+        if name not in flag_values:
+            raise SpecError(f"{spec.name} has no flag {name!r} (flags: {sorted(flag_values) or 'none'})")
+        if not isinstance(value, bool):
+            raise SpecError(f"{spec.name}: flag {name!r} must be True or False, got {value!r}")
+        flag_values[name] = value
+    flag_subs = {FlagSymbol(name): sympy.true if value else sympy.false for name, value in flag_values.items()}
+
+    hypers = list(spec.hypers)
+    hypers_by_name = {h.name: h for h in hypers}
+    declared = set(spec._symbols.values())
+    updated = {u.target for u in spec.updates}
+    new_symbols = {NewStateSymbol("w_new" if t == PARAM else f"{t}_new"): t for t in updated}
+    uses_trust_ratio = any(u.expr.atoms(TrustRatio) for u in spec.updates)
+    if uses_trust_ratio and "layer_adaptation" not in hypers_by_name:
+        hypers.append(LAYER_ADAPTATION)
+    layer_adaptation = BoolHyperSymbol("layer_adaptation")
+
+    def lower_trust_ratio(num, den, *guards):
+        positive = [a > 0 for a in (num, den, *guards)]
+        return sympy.Piecewise((num / den, sympy.And(*positive, sympy.Ne(layer_adaptation, 0))), (sympy.S.One, True))
+
+    # -- every state updated once, the parameter updated ----------------------------------------------
+    state_names = [s.name for s in spec.states]
+    if PARAM not in updated:
+        raise SpecError(f"spec {spec.name} never updates the parameter: add spec.update(spec.param, ...)")
+    for state in spec.states:
+        if state.name not in updated:
+            raise SpecError(
+                f"state {state.name!r} of spec {spec.name} is never updated: give its new value with "
+                f"spec.update(...) [{state.where}]"
+            )
+
+    lowered = []
+    for upd in spec.updates:
+        what = f"update of {'the parameter' if upd.target == PARAM else upd.target}"
+        expr = upd.expr
+        _check_flags_only_in_conditions(expr, upd.where, what)
+        _check_conditions(expr, upd.where, what)
+        expr = expr.xreplace(flag_subs)
+        expr = expr.replace(TrustRatio, lower_trust_ratio)
+        for sym in sorted(expr.free_symbols, key=str):
+            if sym in declared or sym in new_symbols or sym == layer_adaptation:
+                continue
+            if isinstance(sym, NewStateSymbol):
+                raise SpecError(
+                    f"{what}: {sym} is the new value of a state that is never updated in {expr} [{upd.where}]"
+                )
+            raise SpecError(
+                f"{what}: undefined symbol {sym!r} in {expr}; declare it with spec.hyper/spec.state "
+                f"or use spec.param/spec.grad/spec.step [{upd.where}]"
+            )
+        for red in expr.atoms(Reduction):
+            if not elementwise_leaves(red.args[0]):
+                raise SpecError(
+                    f"{what}: {type(red).__name__}({red.args[0]}) reduces an expression that is not "
+                    f"element-wise (a reduction of a reduction or of scalars is not supported) [{upd.where}]"
+                )
+        for sym in expr.free_symbols:
+            if isinstance(sym, NewStateSymbol) and new_symbols[sym] == upd.target:
+                raise SpecError(f"{what}: its new value refers to itself ({sym}) in {expr} [{upd.where}]")
+        lowered.append((upd.target, expr))
+
+    # -- no cycles between new values -----------------------------------------------------------------
+    deps = {target: {new_symbols[s] for s in e.free_symbols if isinstance(s, NewStateSymbol)} for target, e in lowered}
+    visiting, done = set(), set()
+
+    def visit(node, chain):
+        if node in done:
+            return
+        if node in visiting:
+            raise SpecError(f"spec {spec.name}: the new values depend on each other in a cycle: {' -> '.join(chain)}")
+        visiting.add(node)
+        for dep in sorted(deps[node]):
+            visit(dep, chain + [dep])
+        visiting.discard(node)
+        done.add(node)
+
+    for target in sorted(deps):
+        visit(target, [target])
+
+    # -- state initial values: constants, hyperparameters and w ------------------------------------------
+    states = []
+    for state in spec.states:
+        init = state.init.xreplace(flag_subs)
+        bad = [s for s in init.free_symbols if not isinstance(s, (HyperSymbol, ParamSymbol))]
+        if bad or init.atoms(Reduction):
+            raise SpecError(
+                f"state {state.name!r}: initial value {state.init} may use only constants, "
+                f"hyperparameters and the parameter w [{state.where}]"
+            )
+        states.append(StateDecl(state.name, init, state.where))
+
+    requirements = []
+    for req in spec.requirements:
+        cond = req.condition.xreplace(flag_subs)
+        if cond is sympy.true:
+            continue
+        bad = [s for s in cond.free_symbols if not isinstance(s, HyperSymbol)]
+        if bad:
+            raise SpecError(f"require(): {req.condition} may use only hyperparameters and flags [{req.where}]")
+        requirements.append(Requirement(cond, req.message, req.where))
+
+    # Order updates by target declaration order (states, then the parameter) so the IR is canonical.
+    order = {name: i for i, name in enumerate(state_names + [PARAM])}
+    lowered.sort(key=lambda item: order[item[0]])
+    locations = tuple((u.target, u.where) for u in spec.updates)
+    return IR(
+        name=spec.name,
+        doc=spec.doc,
+        hypers=tuple(hypers),
+        flags=tuple(sorted(flag_values.items())),
+        states=tuple(states),
+        updates=tuple(lowered),
+        requirements=tuple(requirements),
+        update_locations=locations,
+    )

@@ -1,0 +1,296 @@
+"""The ``torch.optim.Optimizer`` that every generated optimizer class extends, and ``build``.
+
+The contract is torch's (see ``torch/optim/adamw.py``): ``params`` or param-group dicts with per-group
+hyperparameters, ``defaults``, lazily created state named as torch names it, ``step(closure=None)``,
+``zero_grad``, ``state_dict``/``load_state_dict``. Parameters without ``.grad`` are skipped. Bad input
+raises before any parameter, state or step count changes.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import math
+import os
+
+import sympy
+import torch
+
+from ..analysis import plan as make_plan
+from ..codegen.printers import torch_code
+from ..ir import lower
+from ..spec import BoolHyperSymbol, HyperSymbol, Spec, SpecError
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+class GeneratedOptimizer(torch.optim.Optimizer):
+    """Base of the classes ``optgen.build`` returns. Subclasses set ``_spec``."""
+
+    _spec: Spec
+    _signature: inspect.Signature
+
+    def __init__(self, *args, **kwargs):
+        bound = self._signature.bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        arguments = dict(bound.arguments)
+        arguments.pop("self")
+        params = arguments.pop("params")
+        backend = arguments.pop("backend")
+        flags = {f.name: arguments.pop(f.name) for f in self._spec.flags}
+        if backend not in BACKENDS:
+            raise ValueError(f"Invalid backend: {backend!r} (expected one of {BACKENDS})")
+        for name, value in flags.items():
+            if not isinstance(value, bool):
+                raise ValueError(f"Invalid {name} value: {value!r} (expected True or False)")
+        self._flags = flags
+        self._ir = lower(self._spec, flags)
+        self._plan = make_plan(self._ir)
+        self._keys = _group_keys(self._ir)
+        defaults = dict(arguments)
+        for key, value in defaults.items():
+            self._check_value(key, value)
+        self._check_requirements(defaults, "defaults")
+        self._backend_choice = backend
+        self._backends: dict[str, object] = {}
+        self._scratch: dict[tuple[int, str], torch.Tensor] = {}
+        super().__init__(params, defaults)
+        if backend == "triton":
+            devices = {p.device.type for g in self.param_groups for p in g["params"]}
+            if "cpu" in devices and not triton_interpreting():
+                raise RuntimeError(
+                    "backend='triton' on CPU tensors needs the Triton interpreter: set TRITON_INTERPRET=1 "
+                    "before importing triton, or use backend='torch' (or 'auto')"
+                )
+
+    # -- validation ------------------------------------------------------------------------------------
+
+    def _check_value(self, key: str, value) -> None:
+        decls = self._keys[key]
+        if decls[0].index is not None:
+            if not isinstance(value, (tuple, list)) or len(value) != len(decls):
+                raise ValueError(f"Invalid {key} value: {value!r} (expected a tuple of {len(decls)} numbers)")
+            items = list(value)
+        else:
+            items = [value]
+        for decl, item in zip(decls, items):
+            if isinstance(item, torch.Tensor):
+                if item.numel() != 1:
+                    raise ValueError(f"Invalid {key} value: a tensor with {item.numel()} elements (expected one)")
+                if item.is_complex():
+                    raise ValueError(f"Invalid {key} value: complex tensor")
+                continue  # device tensors are checked without a host sync: nothing is read here
+            problem = decl.check(item)
+            if problem:
+                raise ValueError(problem)
+
+    def _check_requirements(self, group: dict, where: str) -> None:
+        subs = {}
+        for decl in self._ir.hypers:
+            if decl.key in group:
+                value = group[decl.key] if decl.index is None else group[decl.key][decl.index]
+                if isinstance(value, torch.Tensor):
+                    return  # tensors are not read on the host
+                symbol = BoolHyperSymbol(decl.name) if decl.is_bool else HyperSymbol(decl.name)
+                subs[symbol] = float(value)
+        for req in self._ir.requirements:
+            if req.condition.xreplace(subs) is not sympy.true:
+                raise ValueError(f"{req.message} ({where})")
+
+    def add_param_group(self, param_group: dict) -> None:
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
+        params = param_group.get("params")
+        if isinstance(params, torch.Tensor):
+            params = [params]
+        elif params is not None:
+            params = list(params)
+        for p in params or []:
+            if isinstance(p, torch.Tensor) and p.is_complex():
+                raise ValueError(f"{type(self).__name__} does not support complex parameters (got {p.dtype})")
+        for key, value in param_group.items():
+            if key in self._keys:
+                self._check_value(key, value)
+        merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
+        self._check_requirements(merged, "param group")
+        super().add_param_group(param_group)
+
+    # -- state -------------------------------------------------------------------------------------------
+
+    def _group_values(self, group: dict) -> tuple:
+        """The group's hyperparameters in IR order, as floats (bools as 0/1)."""
+        values = []
+        for decl in self._ir.hypers:
+            raw = group.get(decl.key, decl.default if decl.index is None else None)
+            value = raw if decl.index is None else raw[decl.index]
+            values.append(float(value))
+        return tuple(values)
+
+    def _init_state(self, param: torch.Tensor, group: dict) -> dict:
+        state = self.state[param]
+        if len(state) == 0:
+            dtype = torch.promote_types(param.dtype, torch.float32)
+            state["step"] = torch.tensor(0.0, dtype=torch.float32, device=param.device)
+            env = {"torch": torch, "w": param.detach().to(dtype)}
+            for decl, value in zip(self._ir.hypers, self._group_values(group)):
+                env[decl.name] = torch.tensor(value, dtype=dtype, device=param.device)
+            for decl in self._ir.states:
+                if decl.init.is_number:
+                    state[decl.name] = torch.full_like(param, float(decl.init), dtype=dtype, memory_format=torch.preserve_format)
+                else:
+                    value = eval(torch_code(decl.init), env)  # printer output over this spec's own symbols
+                    state[decl.name] = torch.empty_like(param, dtype=dtype, memory_format=torch.preserve_format).copy_(value)
+        return state
+
+    def _scratch_of(self, param: torch.Tensor, name: str) -> torch.Tensor:
+        key = (id(param), name)
+        buf = self._scratch.get(key)
+        if buf is None or buf.shape != param.shape or buf.device != param.device:
+            buf = torch.empty_like(param, dtype=torch.promote_types(param.dtype, torch.float32))
+            self._scratch[key] = buf
+        return buf
+
+    # -- step ----------------------------------------------------------------------------------------------
+
+    def _collect(self):
+        """Parameters with gradients, validated before anything is modified."""
+        items = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad
+                if grad.is_sparse:
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                if grad.device != p.device:
+                    raise RuntimeError(
+                        f"{type(self).__name__}: gradient on {grad.device} for a parameter on {p.device}"
+                    )
+                if grad.shape != p.shape:
+                    raise RuntimeError(
+                        f"{type(self).__name__}: gradient of shape {tuple(grad.shape)} for a parameter of "
+                        f"shape {tuple(p.shape)}"
+                    )
+                if p.is_complex() or grad.is_complex():
+                    raise RuntimeError(f"{type(self).__name__} does not support complex parameters")
+                items.append((group, p, grad))
+        return items
+
+    def _backend_for(self, device: torch.device):
+        choice = self._backend_choice
+        if choice == "auto":
+            choice = "triton" if device.type == "cuda" else "torch"
+        if choice == "triton" and device.type == "cpu" and not triton_interpreting():
+            raise RuntimeError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1")
+        if choice not in self._backends:
+            if choice == "torch":
+                from .torch_backend import TorchBackend
+
+                self._backends[choice] = TorchBackend(self._plan)
+            else:
+                from .triton_backend import TritonBackend
+
+                self._backends[choice] = TritonBackend(self._plan)
+        return self._backends[choice]
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Perform a single optimization step; ``closure`` re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        collected = self._collect()
+        if not collected:
+            return loss
+        items = []
+        for group, p, grad in collected:
+            state = self._init_state(p, group)
+            items.append((p, grad, state, self._group_values(group)))
+        by_backend: dict[int, tuple] = {}
+        for item in items:
+            backend = self._backend_for(item[0].device)
+            by_backend.setdefault(id(backend), (backend, []))[1].append(item)
+        for backend, backend_items in by_backend.values():
+            backend.step(backend_items, self._scratch_of)
+        return loss
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        for backend in self._backends.values():
+            invalidate = getattr(backend, "invalidate", None)
+            if invalidate:
+                invalidate()
+
+    @property
+    def plan(self):
+        """The pass plan of the chosen variant (``print(opt.plan.describe())``)."""
+        return self._plan
+
+
+def _group_keys(ir) -> dict[str, list]:
+    keys: dict[str, list] = {}
+    for decl in ir.hypers:
+        keys.setdefault(decl.key, []).append(decl)
+    return keys
+
+
+def _signature_for(spec: Spec) -> inspect.Signature:
+    ir = lower(spec)
+    params = [
+        inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+        inspect.Parameter("params", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+    ]
+    for key, decls in _group_keys(ir).items():
+        default = decls[0].default if decls[0].index is None else tuple(d.default for d in decls)
+        params.append(inspect.Parameter(key, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default))
+    for flag in spec.flags:
+        params.append(inspect.Parameter(flag.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=flag.default))
+    params.append(inspect.Parameter("backend", inspect.Parameter.KEYWORD_ONLY, default="auto"))
+    return inspect.Signature(params)
+
+
+def build(spec: Spec) -> type[torch.optim.Optimizer]:
+    """Compile ``spec`` into a ``torch.optim.Optimizer`` subclass (every flag variant is checked now)."""
+    if not isinstance(spec, Spec):
+        raise TypeError(f"build() takes an optgen.Spec, got {type(spec).__name__}")
+    for values in itertools.product((False, True), repeat=len(spec.flags)):
+        make_plan(lower(spec, dict(zip((f.name for f in spec.flags), values))))
+    signature = _signature_for(spec)
+    doc = (spec.doc or f"{spec.name} optimizer generated by optgen.") + _arguments_doc(spec)
+    cls = type(spec.name, (GeneratedOptimizer,), {"_spec": spec, "_signature": signature, "__doc__": doc})
+    cls.__init__ = _make_init(signature)
+    cls.__module__ = "optgen"
+    return cls
+
+
+def _make_init(signature):
+    def __init__(self, *args, **kwargs):
+        GeneratedOptimizer.__init__(self, *args, **kwargs)
+
+    __init__.__signature__ = signature
+    return __init__
+
+
+def _arguments_doc(spec: Spec) -> str:
+    ir = lower(spec)
+    lines = ["", "", "Args:", "    params: parameters or param-group dicts."]
+    for key, decls in _group_keys(ir).items():
+        default = decls[0].default if decls[0].index is None else tuple(d.default for d in decls)
+        d = decls[0]
+        if d.is_bool:
+            rng = "True or False"
+        else:
+            rng = f"{'(' if d.lo_open else '['}{d.lo:g}, {d.hi if math.isfinite(d.hi) else 'inf'}{')' if d.hi_open else ']'}"
+        lines.append(f"    {key}: default {default!r}, in {rng}. {d.doc}".rstrip())
+    for flag in spec.flags:
+        lines.append(f"    {flag.name}: compile-time flag, default {flag.default}.")
+    lines.append("    backend: 'auto' (Triton on CUDA tensors, torch otherwise), 'torch' or 'triton'.")
+    return "\n".join(lines)
+
+
+__all__ = ["GeneratedOptimizer", "build", "SpecError"]

@@ -1,0 +1,95 @@
+"""The torch backend: runs the generated pure-torch passes one parameter at a time.
+
+It works on any device and dtype, and is the oracle the Triton kernels are tested against. Math runs in
+fp32 (fp64 for fp64 parameters). Per-layer reductions are the values the pass returns; global ones are
+summed over all parameters in a fixed order. No ``.item()``: nothing here waits for the device.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..codegen.render import load_module
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+class TorchBackend:
+    name = "torch"
+
+    def __init__(self, plan):
+        self.plan = plan
+        self.module = load_module(plan, "torch")
+        self._hyper_cache: dict = {}
+
+    def _hyper_tensors(self, values: tuple, device, dtype) -> dict[str, torch.Tensor]:
+        key = (values, device, dtype)
+        cached = self._hyper_cache.get(key)
+        if cached is None:
+            names = [h.name for h in self.plan.ir.hypers]
+            stacked = torch.tensor(values, dtype=dtype, device=device)
+            cached = dict(zip(names, stacked.unbind()))
+            if len(self._hyper_cache) > 64:
+                self._hyper_cache.clear()
+            self._hyper_cache[key] = cached
+        return cached
+
+    def step(self, items, scratch_of) -> None:
+        """``items``: one per parameter with a gradient: (param, grad, state dict, hyper values tuple)."""
+        plan = self.plan
+        contexts = []
+        for param, grad, state, values in items:
+            dtype = compute_dtype(param.dtype)
+            t = state["step"].to(device=param.device, dtype=torch.float64) + 1
+            buffers = {"param": param, "grad": grad}
+            for name in plan.ir.state_names:
+                buffers[name] = state[name]
+            for name in plan.scratch:
+                buffers[name] = scratch_of(param, name)
+            hypers = self._hyper_tensors(values, param.device, torch.float64)
+            contexts.append((buffers, dtype, t, hypers, param.numel() == 0))
+        finished: list[dict[str, torch.Tensor]] = [dict() for _ in items]
+        for p, fn in zip(plan.passes, self.module.PASSES):
+            results = []
+            for (buffers, dtype, t, hypers, empty), reds in zip(contexts, finished):
+                if empty:  # nothing to update; contributes the identity to every reduction
+                    results.append(tuple(torch.full((), plan.slots[k].identity, device=t.device, dtype=dtype) for k, _ in p.produces))
+                    continue
+                kwargs = {b: buffers[b] for b in _buffers_of(p)}
+                kwargs["dtype"] = dtype
+                kwargs["t"] = t
+                kwargs.update({h: hypers[h] for h in p.hypers})
+                kwargs.update({plan.slots[k].name: reds[plan.slots[k].name] for k in p.consumes})
+                results.append(fn(**kwargs))
+            for col, (k, _) in enumerate(p.produces):
+                slot = plan.slots[k]
+                values = [r[col] for r in results]
+                if slot.scope == "layer":
+                    for reds, value in zip(finished, values):
+                        reds[slot.name] = value
+                else:
+                    total = _combine_global(values, slot.op)
+                    for reds, (_, dtype, t, _, _) in zip(finished, contexts):
+                        reds[slot.name] = total.to(device=t.device, dtype=dtype)
+        steps = [state["step"] for _, _, state, _ in items]
+        torch._foreach_add_(steps, 1)
+
+
+def _combine_global(values: list[torch.Tensor], op: str) -> torch.Tensor:
+    """Sum (or max) of per-tensor values across devices and dtypes, in parameter order."""
+    device = values[0].device
+    stacked = torch.stack([v.to(device=device, dtype=torch.float64 if v.dtype == torch.float64 else torch.float32) for v in values])
+    return stacked.sum() if op == "sum" else stacked.amax()
+
+
+def _buffers_of(p) -> list[str]:
+    seen = []
+    for ld in p.loads:
+        if ld.buffer not in seen:
+            seen.append(ld.buffer)
+    for b, _ in p.stores:
+        if b not in seen:
+            seen.append(b)
+    return seen

@@ -1,0 +1,476 @@
+"""The language users write optimizers in.
+
+A :class:`Spec` collects, with sympy expressions:
+
+* runtime hyperparameters (``spec.hyper``) -- per-group fp32 scalars, validated at construction;
+* compile-time flags (``spec.flag``) -- choose a variant of the math; each variant is its own kernel;
+* per-parameter state tensors (``spec.state``) with torch's state names;
+* the parameter ``w``, its gradient ``g`` and the step count ``t`` (1 on the first step);
+* reductions over a layer (one parameter tensor) or over all parameters (``norm``, ``sumsq``,
+  ``maxabs``, ``global_norm`` ...);
+* the new value of every state and of ``w`` (``spec.update``).
+
+Nothing here computes: the spec is data that :func:`optgen.ir.lower` turns into the IR.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from dataclasses import dataclass
+
+import sympy
+
+__all__ = [
+    "Spec",
+    "SpecError",
+    "Hyper",
+    "where",
+    "norm",
+    "sumsq",
+    "maxabs",
+    "layer_sum",
+    "layer_max",
+    "global_norm",
+    "global_sumsq",
+    "global_sum",
+    "global_max",
+    "trust_ratio",
+    "clip",
+    "sqrt",
+    "sign",
+    "Abs",
+    "Max",
+    "Min",
+]
+
+
+class SpecError(ValueError):
+    """A spec the compiler cannot accept. The message names the problem and the user's expression."""
+
+
+def _caller_location() -> str:
+    """File and line of the first frame outside optgen -- where the user wrote the offending spec line."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    frame = sys._getframe(1)
+    while frame is not None:
+        filename = os.path.abspath(frame.f_code.co_filename)
+        if not filename.startswith(here + os.sep):
+            return f"{frame.f_code.co_filename}:{frame.f_lineno}"
+        frame = frame.f_back
+    return "<unknown>"
+
+
+# --------------------------------------------------------------------------------------------------
+# Symbols. Each kind of leaf is its own Symbol subclass so the compiler can classify expressions by
+# the classes of their free symbols alone. All are real: the math is over real fp32 numbers.
+# --------------------------------------------------------------------------------------------------
+
+
+class _SpecSymbol(sympy.Symbol):
+    def __new__(cls, name: str):
+        return super().__new__(cls, name, real=True)
+
+
+class HyperSymbol(_SpecSymbol):
+    """A runtime hyperparameter: one fp32 scalar per param group."""
+
+
+class BoolHyperSymbol(HyperSymbol):
+    """A runtime per-group switch (0 or 1), usable as a ``where`` condition."""
+
+
+class FlagSymbol(_SpecSymbol):
+    """A compile-time flag: substituted by True/False before code generation."""
+
+
+class StepSymbol(_SpecSymbol):
+    """The step count t (1 on the first step); a per-parameter scalar."""
+
+
+class ParamSymbol(_SpecSymbol):
+    """The parameter's old value w."""
+
+
+class GradSymbol(_SpecSymbol):
+    """The gradient g."""
+
+
+class StateSymbol(_SpecSymbol):
+    """The old value of a state tensor."""
+
+
+class NewStateSymbol(_SpecSymbol):
+    """The new value of a state (or of the parameter), defined by ``spec.update``."""
+
+
+ELEMENTWISE_LEAVES = (ParamSymbol, GradSymbol, StateSymbol, NewStateSymbol)
+
+
+# --------------------------------------------------------------------------------------------------
+# Reductions and other function nodes.
+# --------------------------------------------------------------------------------------------------
+
+
+class Reduction(sympy.Function):
+    """A reduction of an element-wise expression; ``op`` is how partials combine, ``scope`` over what."""
+
+    op: str = ""
+    scope: str = ""
+    is_real = True
+    nargs = 1
+
+
+class LayerSum(Reduction):
+    op, scope = "sum", "layer"
+
+
+class LayerMax(Reduction):
+    op, scope = "max", "layer"
+
+
+class GlobalSum(Reduction):
+    op, scope = "sum", "global"
+
+
+class GlobalMax(Reduction):
+    op, scope = "max", "global"
+
+
+class TrustRatio(sympy.Function):
+    """``num/den`` where both (and any extra guards) are positive and ``layer_adaptation`` is on, else 1.
+
+    Lowered by the compiler (it adds the per-group ``layer_adaptation`` option to every spec that uses it).
+    """
+
+    is_real = True
+    nargs = (2, 3, 4)
+
+
+def where(condition, if_true, if_false):
+    """``if_true`` where ``condition`` holds, else ``if_false`` (element-wise, per layer or per step).
+
+    ``condition`` is a comparison, a boolean combination of comparisons, a boolean hyperparameter or a
+    compile-time flag.
+    """
+    condition = sympy.sympify(condition)
+    if isinstance(condition, BoolHyperSymbol):
+        condition = sympy.Ne(condition, 0)  # a per-group switch: a runtime 0/1 scalar
+    elif isinstance(condition, HyperSymbol):
+        raise SpecError(
+            f"where(): hyperparameter {condition} used where only a compile-time flag (spec.flag), a "
+            f"boolean hyperparameter or a comparison can go [{_caller_location()}]"
+        )
+    elif isinstance(condition, sympy.Symbol) and not isinstance(condition, FlagSymbol):
+        raise SpecError(
+            f"where(): condition {condition} must be a comparison, a boolean hyperparameter or a "
+            f"compile-time flag (spec.flag) [{_caller_location()}]"
+        )
+    return sympy.Piecewise((sympy.sympify(if_true), condition), (sympy.sympify(if_false), True))
+
+
+def layer_sum(x):
+    """:math:`\\sum_i x_i` over one parameter tensor."""
+    return LayerSum(sympy.sympify(x))
+
+
+def layer_max(x):
+    """:math:`\\max_i x_i` over one parameter tensor."""
+    return LayerMax(sympy.sympify(x))
+
+
+def sumsq(x):
+    """:math:`\\|x\\|_2^2` over one parameter tensor."""
+    return LayerSum(sympy.sympify(x) ** 2)
+
+
+def norm(x):
+    """:math:`\\|x\\|_2` over one parameter tensor (a layer)."""
+    return sympy.sqrt(sumsq(x))
+
+
+def maxabs(x):
+    """:math:`\\|x\\|_\\infty` over one parameter tensor."""
+    return LayerMax(sympy.Abs(sympy.sympify(x)))
+
+
+def global_sum(x):
+    """:math:`\\sum` over all parameters of the optimizer (all groups)."""
+    return GlobalSum(sympy.sympify(x))
+
+
+def global_max(x):
+    """:math:`\\max` over all parameters of the optimizer (all groups)."""
+    return GlobalMax(sympy.sympify(x))
+
+
+def global_sumsq(x):
+    return GlobalSum(sympy.sympify(x) ** 2)
+
+
+def global_norm(x):
+    """:math:`\\|x\\|_2` over all parameters of the optimizer (all groups)."""
+    return sympy.sqrt(global_sumsq(x))
+
+
+def trust_ratio(numerator, denominator, *guards):
+    """The layer-wise trust ratio ``numerator/denominator``.
+
+    It is 1 where the numerator, the denominator or any of ``guards`` is not positive (a zero-initialised
+    bias would otherwise never move), and where the group's ``layer_adaptation`` option is False.
+    """
+    return TrustRatio(*(sympy.sympify(a) for a in (numerator, denominator, *guards)))
+
+
+def clip(x, lo, hi):
+    """``min(max(x, lo), hi)``."""
+    return sympy.Min(sympy.Max(x, lo), hi)
+
+
+sqrt = sympy.sqrt
+sign = sympy.sign
+Abs = sympy.Abs
+Max = sympy.Max
+Min = sympy.Min
+
+
+# --------------------------------------------------------------------------------------------------
+# Declarations.
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Hyper:
+    """A hyperparameter default with its valid interval (closed unless ``*_open``).
+
+    Plain floats given to ``spec.hyper`` mean ``Hyper(value)``: finite and >= 0.
+    """
+
+    default: float | bool | tuple
+    lo: float = 0.0
+    hi: float = math.inf
+    lo_open: bool = False
+    hi_open: bool = False
+    doc: str = ""
+
+
+@dataclass(frozen=True)
+class HyperDecl:
+    """One scalar hyperparameter. ``key``/``index`` locate it in the param group (``betas``[1])."""
+
+    name: str
+    default: float
+    lo: float
+    hi: float
+    lo_open: bool
+    hi_open: bool
+    is_bool: bool
+    key: str
+    index: int | None
+    doc: str
+
+    def check(self, value) -> str | None:
+        """Why ``value`` is invalid, or None."""
+        label = self.key if self.index is None else f"{self.key}[{self.index}]"
+        if self.is_bool:
+            if not isinstance(value, (bool, int)) or value not in (0, 1):
+                return f"Invalid {label} value: {value!r} (expected True or False)"
+            return None
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            return f"Invalid {label} value: {value!r} (expected a real number)"
+        if isinstance(value, complex):
+            return f"Invalid {label} value: {value!r} (expected a real number)"
+        if not math.isfinite(number):
+            return f"Invalid {label} value: {value!r} (must be finite)"
+        below = number <= self.lo if self.lo_open else number < self.lo
+        above = number >= self.hi if self.hi_open else number > self.hi
+        if below or above:
+            left = "(" if self.lo_open else "["
+            right = ")" if self.hi_open else "]"
+            return f"Invalid {label} value: {value!r} (must be in {left}{self.lo}, {self.hi}{right})"
+        return None
+
+
+@dataclass(frozen=True)
+class FlagDecl:
+    name: str
+    default: bool
+    doc: str
+
+
+@dataclass(frozen=True)
+class StateDecl:
+    """A per-parameter state tensor. ``init`` is an expression of constants, hyperparameters and ``w``."""
+
+    name: str
+    init: sympy.Expr
+    where: str
+
+
+@dataclass(frozen=True)
+class UpdateDecl:
+    target: str  # state name, or PARAM for the parameter itself
+    expr: sympy.Expr
+    where: str
+
+
+@dataclass(frozen=True)
+class Requirement:
+    condition: sympy.Basic
+    message: str
+    where: str
+
+
+PARAM = "param"
+_RESERVED = {"w", "g", "t", PARAM, "params", "grad", "step", "backend", "defaults", "layer_adaptation", "tl", "torch"}
+_RESERVED_PREFIXES = ("_", "tmp", "red_", "scratch_")
+
+
+class Spec:
+    """An optimizer written as math. See the module docstring; ``optgen.build(spec)`` compiles it.
+
+    Example (LAMB)::
+
+        spec = optgen.Spec("LAMB")
+        lr, beta1, beta2, eps, wd = spec.hyper(lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01)
+        w, g, t = spec.param, spec.grad, spec.step
+        m, v = spec.state("exp_avg"), spec.state("exp_avg_sq")
+        m1 = spec.update(m, beta1 * m + (1 - beta1) * g)
+        v1 = spec.update(v, beta2 * v + (1 - beta2) * g**2)
+        u = (m1 / (1 - beta1**t)) / (sqrt(v1 / (1 - beta2**t)) + eps) + wd * w
+        spec.update(w, w - lr * trust_ratio(norm(w), norm(u)) * u)
+    """
+
+    def __init__(self, name: str, doc: str = ""):
+        if not isinstance(name, str) or not name.isidentifier():
+            raise SpecError(f"Spec name must be a Python identifier, got {name!r}")
+        self.name = name
+        self.doc = doc
+        self.param = ParamSymbol("w")
+        self.grad = GradSymbol("g")
+        self.step = StepSymbol("t")
+        self.hypers: list[HyperDecl] = []
+        self.flags: list[FlagDecl] = []
+        self.states: list[StateDecl] = []
+        self.updates: list[UpdateDecl] = []
+        self.requirements: list[Requirement] = []
+        self._symbols: dict[str, sympy.Symbol] = {"w": self.param, "g": self.grad, "t": self.step}
+        self.where = _caller_location()
+
+    # -- declarations ------------------------------------------------------------------------------
+
+    def _claim(self, name: str, kind: str) -> None:
+        if not isinstance(name, str) or not name.isidentifier():
+            raise SpecError(f"{kind} name must be a Python identifier, got {name!r} [{_caller_location()}]")
+        if name in self._symbols or name in _RESERVED or name.endswith("_new") or name.startswith(_RESERVED_PREFIXES):
+            raise SpecError(
+                f"{kind} name {name!r} is already used or reserved in spec {self.name} [{_caller_location()}]"
+            )
+
+    def hyper(self, **defaults):
+        """Declare runtime hyperparameters; returns their symbols in order (tuples are flattened).
+
+        A value is a float default (finite, >= 0), a bool (a per-group switch), a :class:`Hyper` with a
+        range, or a tuple of those (stored under one key, like torch's ``betas``; its symbols are named
+        ``beta1, beta2`` for ``betas`` and ``<key>_0, <key>_1`` otherwise).
+        """
+        out = []
+        for key, value in defaults.items():
+            items = value.default if isinstance(value, Hyper) and isinstance(value.default, tuple) else value
+            if isinstance(items, tuple):
+                base = value if isinstance(value, Hyper) else None
+                for index, item in enumerate(items):
+                    name = f"beta{index + 1}" if key == "betas" else f"{key}_{index}"
+                    if base is not None and not isinstance(item, Hyper):
+                        item = Hyper(item, base.lo, base.hi, base.lo_open, base.hi_open, base.doc)
+                    out.append(self._declare_hyper(name, key, index, item))
+            else:
+                out.append(self._declare_hyper(key, key, None, value))
+        return out[0] if len(out) == 1 else tuple(out)
+
+    def _declare_hyper(self, name, key, index, value) -> HyperSymbol:
+        self._claim(name, "hyperparameter")
+        decl = value if isinstance(value, Hyper) else Hyper(value)
+        is_bool = isinstance(decl.default, bool)
+        if not is_bool:
+            if not isinstance(decl.default, (int, float)):
+                raise SpecError(
+                    f"hyperparameter {name!r}: default {decl.default!r} is not a number [{_caller_location()}]"
+                )
+            if not math.isfinite(decl.default):
+                raise SpecError(
+                    f"hyperparameter {name!r}: default {decl.default!r} is not finite [{_caller_location()}]"
+                )
+        hyper = HyperDecl(
+            name=name,
+            default=decl.default if is_bool else float(decl.default),
+            lo=0.0 if is_bool else float(decl.lo),
+            hi=1.0 if is_bool else float(decl.hi),
+            lo_open=decl.lo_open,
+            hi_open=decl.hi_open,
+            is_bool=is_bool,
+            key=key,
+            index=index,
+            doc=decl.doc,
+        )
+        problem = hyper.check(hyper.default)
+        if problem:
+            raise SpecError(f"hyperparameter {name!r}: default outside its range: {problem} [{_caller_location()}]")
+        self.hypers.append(hyper)
+        symbol = BoolHyperSymbol(name) if is_bool else HyperSymbol(name)
+        self._symbols[name] = symbol
+        return symbol
+
+    def flag(self, **defaults):
+        """Declare compile-time flags (constructor keywords that select a variant of the math)."""
+        out = []
+        for name, default in defaults.items():
+            self._claim(name, "flag")
+            if not isinstance(default, bool):
+                raise SpecError(f"flag {name!r}: default must be True or False, got {default!r}")
+            self.flags.append(FlagDecl(name, default, ""))
+            symbol = FlagSymbol(name)
+            self._symbols[name] = symbol
+            out.append(symbol)
+        return out[0] if len(out) == 1 else tuple(out)
+
+    def state(self, name: str, init=0) -> StateSymbol:
+        """Declare a per-parameter state tensor (``exp_avg``...) with its initial value (default 0)."""
+        self._claim(name, "state")
+        init = sympy.sympify(init)
+        self.states.append(StateDecl(name, init, _caller_location()))
+        symbol = StateSymbol(name)
+        self._symbols[name] = symbol
+        return symbol
+
+    def update(self, target, expr) -> NewStateSymbol:
+        """Give the new value of a state or of the parameter; returns a symbol for that new value."""
+        where_ = _caller_location()
+        if target is self.param or (isinstance(target, ParamSymbol)):
+            name = PARAM
+        elif isinstance(target, StateSymbol) and self._symbols.get(target.name) == target:
+            name = target.name
+        else:
+            raise SpecError(
+                f"update() of {target!r}: only the parameter (spec.param) or a declared state "
+                f"(spec.state) can be updated [{where_}]"
+            )
+        try:
+            expr = sympy.sympify(expr)
+        except (sympy.SympifyError, TypeError) as exc:
+            raise SpecError(f"update() of {name}: {expr!r} is not an expression ({exc}) [{where_}]") from None
+        if any(u.target == name for u in self.updates):
+            raise SpecError(f"update() of {name}: it is already updated; give each new value once [{where_}]")
+        self.updates.append(UpdateDecl(name, expr, where_))
+        symbol = NewStateSymbol("w_new" if name == PARAM else f"{name}_new")
+        return symbol
+
+    def require(self, condition, message: str) -> None:
+        """A constraint between hyperparameters and flags, checked per param group at construction."""
+        self.requirements.append(Requirement(sympy.sympify(condition), message, _caller_location()))
+
+    def __repr__(self) -> str:
+        return f"Spec({self.name!r}, hypers={[h.name for h in self.hypers]}, states={[s.name for s in self.states]})"

@@ -1,0 +1,61 @@
+"""LAMB and NVLAMB: layer-wise adaptive moments, as on the seed talk's slide and in NVIDIA's BERT recipe."""
+
+from ..spec import Hyper, Max, Spec, global_norm, norm, sqrt, trust_ratio, where
+
+LAMB_DOC = r"""LAMB (You et al., 2020), as on the seed talk's slide, per layer :math:`l`:
+
+.. math::
+   \begin{aligned}
+   m_t &= \beta_1 m_{t-1} + (1 - \beta_1) g_t, \qquad v_t = \beta_2 v_{t-1} + (1 - \beta_2) g_t^2 \\
+   \hat m_t &= m_t / (1 - \beta_1^t), \qquad \hat v_t = v_t / (1 - \beta_2^t)
+       \quad (\text{bias\_correction}; \text{ else } \hat m = m, \hat v = v) \\
+   u_t &= \frac{\hat m_t}{\sqrt{\hat v_t} + \epsilon} + \lambda w_{t-1}
+       \quad (\text{eps\_inside\_sqrt: } \hat m_t / \sqrt{\hat v_t + \epsilon}, \text{ the slide's form}) \\
+   r_t &= \|w_{t-1}\| / \|u_t\| \quad (1 \text{ where either norm is } 0 \text{ or adaptation is off}) \\
+   w_t &= w_{t-1} - \gamma \, r_t \, u_t
+   \end{aligned}
+"""
+
+NVLAMB_DOC = r"""NVLAMB (NVIDIA's BERT recipe; apex ``FusedLAMB(use_nvlamb=True)``): LAMB after global gradient
+pre-normalisation, with bias correction and the trust ratio on every layer:
+
+.. math::
+   \begin{aligned}
+   \hat g_t &= g_t / \max\!\left(1, \|g_t\|_{\text{global}} / \text{max\_grad\_norm}\right) \\
+   &\text{then LAMB (above) with } \hat g_t \text{ in place of } g_t.
+   \end{aligned}
+
+:math:`\|g\|_{\text{global}}` is the L2 norm over all parameters of the optimizer.
+"""
+
+BETAS = Hyper((0.9, 0.999), lo=0.0, hi=1.0, hi_open=True)
+
+
+def _lamb_body(spec: Spec, g, lr, beta1, beta2, eps, wd, bias_correction, eps_inside_sqrt):
+    w, t = spec.param, spec.step
+    m, v = spec.state("exp_avg"), spec.state("exp_avg_sq")
+    m1 = spec.update(m, beta1 * m + (1 - beta1) * g)
+    v1 = spec.update(v, beta2 * v + (1 - beta2) * g**2)
+    m_hat = where(bias_correction, m1 / (1 - beta1**t), m1)
+    v_hat = where(bias_correction, v1 / (1 - beta2**t), v1)
+    adam_step = m_hat / where(eps_inside_sqrt, sqrt(v_hat + eps), sqrt(v_hat) + eps)
+    u = adam_step + wd * w
+    spec.update(w, w - lr * trust_ratio(norm(w), norm(u)) * u)
+
+
+def lamb() -> Spec:
+    spec = Spec("LAMB", doc=LAMB_DOC)
+    lr, beta1, beta2, eps, wd = spec.hyper(lr=1e-3, betas=BETAS, eps=1e-6, weight_decay=0.01)
+    bias_correction, eps_inside_sqrt = spec.flag(bias_correction=True, eps_inside_sqrt=False)
+    _lamb_body(spec, spec.grad, lr, beta1, beta2, eps, wd, bias_correction, eps_inside_sqrt)
+    return spec
+
+
+def nvlamb() -> Spec:
+    spec = Spec("NVLAMB", doc=NVLAMB_DOC)
+    lr, beta1, beta2, eps, wd, max_norm = spec.hyper(
+        lr=1e-3, betas=BETAS, eps=1e-6, weight_decay=0.01, max_grad_norm=Hyper(1.0, lo=0.0, lo_open=True)
+    )
+    g = spec.grad / Max(1, global_norm(spec.grad) / max_norm)
+    _lamb_body(spec, g, lr, beta1, beta2, eps, wd, True, False)
+    return spec

@@ -1,0 +1,33 @@
+"""LARS: layer-wise adaptive rate scaling, in the seed talk's form."""
+
+from ..spec import Spec, norm, trust_ratio, where
+
+DOC = r"""LARS (You, Gitman & Ginsburg, 2017), as on the seed talk's slide, per layer :math:`l`:
+
+.. math::
+   \begin{aligned}
+   r_t^l &= \frac{c \, \|w_{t-1}^l\|}{\|g_t^l\| + \lambda \|w_{t-1}^l\| + \epsilon}
+          \quad (1 \text{ where } \|w\| = 0 \text{ or } \|g\| = 0 \text{, or adaptation is off}) \\
+   m_t^l &= \mu m_{t-1}^l + \gamma \, r_t^l (g_t^l + \lambda w_{t-1}^l) \\
+   w_t^l &= w_{t-1}^l - m_t^l \quad (\text{nesterov: } w_{t-1}^l - \mu m_t^l - \gamma r_t^l (g_t^l + \lambda w_{t-1}^l))
+   \end{aligned}
+
+with trust coefficient :math:`c` (the slide's :math:`\phi(z) = c z`), learning rate :math:`\gamma`, momentum
+:math:`\mu`, weight decay :math:`\lambda`.
+"""
+
+
+def lars() -> Spec:
+    spec = Spec("LARS", doc=DOC)
+    lr, momentum, wd, coeff, eps = spec.hyper(
+        lr=1e-3, momentum=0.9, weight_decay=0.0, trust_coefficient=1e-3, eps=0.0
+    )
+    nesterov = spec.flag(nesterov=False)
+    w, g = spec.param, spec.grad
+    m = spec.state("momentum_buffer")
+    w_norm, g_norm = norm(w), norm(g)
+    ratio = trust_ratio(coeff * w_norm, g_norm + wd * w_norm + eps, g_norm)
+    scaled = lr * ratio * (g + wd * w)
+    m1 = spec.update(m, momentum * m + scaled)
+    spec.update(w, w - where(nesterov, momentum * m1 + scaled, m1))
+    return spec
