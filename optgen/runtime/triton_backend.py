@@ -1,0 +1,220 @@
+"""The Triton backend: one launch per pass over every parameter, driven by cached tables.
+
+Tables (built once, rebuilt only when the set of parameters with gradients or their storage changes):
+
+* chunk table: for each chunk of ``CHUNK`` elements, its tensor index and first element (int64);
+* per tensor: element count, group index, first chunk and chunk count, and the address (``data_ptr``)
+  of each buffer (parameter, gradient, states, scratch) in an int64 ``[buffers, tensors]`` table;
+* the step count per chunk (fp32). ``state["step"]`` of each parameter is a 0-d view into it (its first
+  chunk), so the last pass advances the step inside the kernel, one writer per entry, no extra launch;
+* the group hyperparameters as fp64 ``[groups, hypers]``, re-uploaded only when a value changes.
+
+Between passes, per-layer partial sums live in ``[chunks, slots]`` tables that a segment-reduce launch
+folds into ``[tensors, slots]`` (``ReductionTables``): the object that sharded training all-reduces.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from ..codegen.render import load_module
+
+_TL_DTYPES = {}
+
+
+def _tl_dtype(dtype: torch.dtype):
+    if not _TL_DTYPES:
+        import triton.language as tl
+
+        _TL_DTYPES.update({torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16})
+    if dtype not in _TL_DTYPES:
+        raise TypeError(f"the Triton backend supports fp32, fp16 and bf16 tensors, not {dtype}")
+    return _TL_DTYPES[dtype]
+
+
+@dataclass
+class LaunchConfig:
+    chunk: int = 65536
+    block: int = 1024
+    reduce_block: int = 256
+    num_warps: int = 4
+
+
+def default_config() -> LaunchConfig:
+    """``OPTGEN_CHUNK``/``OPTGEN_BLOCK`` override the defaults (tests use small chunks)."""
+    config = LaunchConfig()
+    if os.environ.get("OPTGEN_CHUNK"):
+        config.chunk = int(os.environ["OPTGEN_CHUNK"])
+    if os.environ.get("OPTGEN_BLOCK"):
+        config.block = int(os.environ["OPTGEN_BLOCK"])
+    if config.chunk % config.block:
+        raise ValueError(f"chunk size {config.chunk} must be a multiple of the block size {config.block}")
+    return config
+
+
+class _Tables:
+    """Everything the launches of one step need, for one fixed set of tensors."""
+
+    def __init__(self, plan, items, scratch_of, config: LaunchConfig):
+        params = [item[0] for item in items]
+        device = params[0].device
+        self.device = device
+        self.key = _key(items)
+        numels = [p.numel() for p in params]
+        chunks_of = [(n + config.chunk - 1) // config.chunk for n in numels]
+        first = [0]
+        for c in chunks_of[:-1]:
+            first.append(first[-1] + c)
+        n_chunks = sum(chunks_of)
+        self.n_chunks = n_chunks
+        self.n_tensors = len(params)
+        chunk_tensor, chunk_start = [], []
+        for i, c in enumerate(chunks_of):
+            chunk_tensor += [i] * c
+            chunk_start += [k * config.chunk for k in range(c)]
+        as_long = dict(dtype=torch.int64, device=device)
+        self.chunk_tensor = torch.tensor(chunk_tensor, dtype=torch.int32, device=device)
+        self.chunk_start = torch.tensor(chunk_start, **as_long)
+        self.numel = torch.tensor(numels, **as_long)
+        self.first_chunk = torch.tensor(first, **as_long)
+        self.n_chunks_of = torch.tensor(chunks_of, **as_long)
+        self.values = None
+        self.refresh(items)
+        # Buffers: parameter, gradient, states, scratch; their dtypes must agree across tensors.
+        self.buffers: dict[str, list[torch.Tensor]] = {"param": params, "grad": [item[1] for item in items]}
+        for name in plan.ir.state_names:
+            self.buffers[name] = [item[2][name] for item in items]
+        for name in plan.scratch:
+            self.buffers[name] = [scratch_of(p, name) for p in params]
+        self.dtypes = {}
+        for name, tensors in self.buffers.items():
+            dtypes = {t.dtype for t in tensors}
+            if len(dtypes) != 1:
+                raise TypeError(
+                    f"the Triton backend launches once per pass over tensors of one dtype; {name} has "
+                    f"{sorted(map(str, dtypes))}: use one dtype per optimizer (or backend='torch')"
+                )
+            self.dtypes[name] = _tl_dtype(dtypes.pop())
+        self.addr = {
+            name: torch.tensor([t.data_ptr() for t in tensors], **as_long) for name, tensors in self.buffers.items()
+        }
+        self.aligned = all(t.data_ptr() % 16 == 0 for tensors in self.buffers.values() for t in tensors)
+        # Steps: per chunk, gathered from the parameters' state, and state["step"] becomes a view.
+        steps = [item[2]["step"] for item in items]
+        self.step = torch.zeros(max(n_chunks, 1), dtype=torch.float32, device=device)
+        self.empty_steps = []
+        for i, (s, c) in enumerate(zip(steps, chunks_of)):
+            if c == 0:
+                self.empty_steps.append(items[i][2])
+                continue
+            self.step[first[i] : first[i] + c] = s.to(device=device, dtype=torch.float32)
+            items[i][2]["step"] = self.step[first[i]]
+        self._step_views = [item[2]["step"] for item in items]
+        self.partials = {}
+        self.layer = {}
+        for p in plan.passes:
+            if p.produces:
+                self.partials[p.index] = torch.empty(max(n_chunks, 1), len(p.produces), dtype=torch.float32, device=device)
+                if p.reduce_after:
+                    self.layer[p.index] = torch.empty(self.n_tensors, len(p.produces), dtype=torch.float32, device=device)
+
+    def still_valid(self, items) -> bool:
+        if _key(items) != self.key:
+            return False
+        return all(item[2]["step"] is view for item, view in zip(items, self._step_views))
+
+    def refresh(self, items) -> None:
+        """Upload the groups' hyperparameters when a value changed (an lr schedule); host comparison only."""
+        values = [item[3] for item in items]
+        if values == self.values:
+            return
+        groups = list(dict.fromkeys(values))
+        index = [groups.index(v) for v in values]
+        self.group = torch.tensor(index, dtype=torch.int32).to(self.device, non_blocking=True)
+        self.hyper = torch.tensor(groups, dtype=torch.float64).reshape(len(groups), -1).to(self.device, non_blocking=True)
+        self.values = values
+
+
+def _key(items):
+    """What the tables depend on: tensors, their storage, gradients' storage and the group structure."""
+    return tuple(
+        (id(p), p.data_ptr(), p.numel(), g.data_ptr(), tuple(state[k].data_ptr() for k in sorted(state) if k != "step"))
+        for p, g, state, _ in items
+    )
+
+
+class TritonBackend:
+    name = "triton"
+
+    def __init__(self, plan, config: LaunchConfig | None = None):
+        self.plan = plan
+        self.module = load_module(plan, "triton")
+        self.config = config or default_config()
+        self._tables: _Tables | None = None
+        self.launches = 0  # kernel launches issued (tests count them)
+
+    def invalidate(self) -> None:
+        self._tables = None
+
+    def _tables_for(self, items, scratch_of) -> _Tables:
+        tables = self._tables
+        if tables is None or not tables.still_valid(items):
+            tables = _Tables(self.plan, items, scratch_of, self.config)
+            self._tables = tables
+        else:
+            tables.refresh(items)
+        return tables
+
+    def step(self, items, scratch_of) -> None:
+        for p, *_ in items:
+            if not p.is_contiguous() or not p.grad.is_contiguous():
+                raise RuntimeError(
+                    "the Triton backend needs contiguous parameters and gradients (got a non-contiguous "
+                    f"tensor of shape {tuple(p.shape)}); use backend='torch' for views"
+                )
+        t = self._tables_for(items, scratch_of)
+        cfg = self.config
+        plan = self.plan
+        if t.n_chunks:
+            for p, kernel, reduce_kernel in zip(plan.passes, self.module.PASSES, self.module.REDUCES):
+                args = [t.chunk_tensor, t.chunk_start, t.numel, t.group, t.step, t.hyper]
+                buffers = _pass_buffers(p, plan)
+                args += [t.addr[b] for b in buffers]
+                for producer in sorted({_producer(plan, k) for k in p.consumes}):
+                    if producer in t.layer:
+                        args += [t.layer[producer], t.n_tensors]
+                    else:
+                        args += [t.partials[producer], t.n_chunks]
+                if p.produces:
+                    args.append(t.partials[p.index])
+                args.append(0)
+                constexprs = {f"DT_{b}": t.dtypes[b] for b in buffers}
+                kernel[(t.n_chunks,)](
+                    *args,
+                    **constexprs,
+                    N_HYPER=len(plan.ir.hypers),
+                    CHUNK=cfg.chunk,
+                    BLOCK=cfg.block,
+                    ALIGNED=t.aligned,
+                    num_warps=cfg.num_warps,
+                )
+                self.launches += 1
+                if p.reduce_after:
+                    reduce_kernel[(t.n_tensors,)](
+                        t.partials[p.index], t.first_chunk, t.n_chunks_of, t.layer[p.index], BLOCK=cfg.reduce_block
+                    )
+                    self.launches += 1
+        for state in t.empty_steps:  # zero-size parameters: no chunk, no kernel; the step still advances
+            state["step"].add_(1)
+
+
+def _pass_buffers(p, plan) -> list[str]:
+    used = {ld.buffer for ld in p.loads} | {b for b, _ in p.stores}
+    return [b for b in plan.buffers if b in used]
+
+
+def _producer(plan, slot_index: int) -> int:
+    return plan.slots[slot_index].stage
