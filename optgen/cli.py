@@ -131,6 +131,13 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_demo(args) -> int:
+    from .demo import run
+
+    run(args.out, steps=args.steps, backend=args.backend)
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="optgen", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -153,6 +160,12 @@ def main(argv=None) -> int:
     insp.add_argument("--json", action="store_true")
     insp.add_argument("--flag", action="append", metavar="NAME=BOOL")
     insp.set_defaults(fn=cmd_inspect)
+
+    demo = sub.add_parser("demo", help="build LAMB from its spec, inspect it, train on real data with four optimizers")
+    demo.add_argument("--out", default="optgen-demo", help="directory for the loss-curve PNG")
+    demo.add_argument("--steps", type=int, default=150)
+    demo.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto")
+    demo.set_defaults(fn=cmd_demo)
 
     args = parser.parse_args(argv)
     try:
