@@ -82,7 +82,7 @@ class _Tables:
         self.first_chunk = torch.tensor(first, **as_long)
         self.n_chunks_of = torch.tensor(chunks_of, **as_long)
         self.values = None
-        self.refresh(items)
+        self.grad_ptrs = None
         # Buffers: parameter, gradient, states, scratch; their dtypes must agree across tensors.
         self.buffers: dict[str, list[torch.Tensor]] = {"param": params, "grad": [item[1] for item in items]}
         for name in plan.ir.state_names:
@@ -102,6 +102,7 @@ class _Tables:
             name: torch.tensor([t.data_ptr() for t in tensors], **as_long) for name, tensors in self.buffers.items()
         }
         self.aligned = all(t.data_ptr() % 16 == 0 for tensors in self.buffers.values() for t in tensors)
+        self.refresh(items)
         # Steps: per chunk, gathered from the parameters' state, and state["step"] becomes a view.
         steps = [item[2]["step"] for item in items]
         self.step = torch.zeros(max(n_chunks, 1), dtype=torch.float32, device=device)
@@ -127,7 +128,19 @@ class _Tables:
         return all(item[2]["step"] is view for item, view in zip(items, self._step_views))
 
     def refresh(self, items) -> None:
-        """Upload the groups' hyperparameters when a value changed (an lr schedule); host comparison only."""
+        """Per-step updates, decided on the host without reading the device: gradients that moved (autograd
+        allocates new ones after ``zero_grad(set_to_none=True)``) and hyperparameters that changed (an lr
+        schedule) are re-uploaded; nothing else is rebuilt."""
+        grads = [item[1] for item in items]
+        grad_ptrs = [g.data_ptr() for g in grads]
+        if grad_ptrs != self.grad_ptrs:
+            dtypes = {g.dtype for g in grads}
+            if len(dtypes) != 1 or _tl_dtype(dtypes.pop()) != self.dtypes["grad"]:
+                raise TypeError("the gradients' dtype changed between steps; the Triton backend needs one dtype")
+            self.buffers["grad"] = grads
+            self.addr["grad"] = torch.tensor(grad_ptrs, dtype=torch.int64).to(self.device, non_blocking=True)
+            self.aligned = all(t.data_ptr() % 16 == 0 for tensors in self.buffers.values() for t in tensors)
+            self.grad_ptrs = grad_ptrs
         values = [item[3] for item in items]
         if values == self.values:
             return
@@ -139,10 +152,11 @@ class _Tables:
 
 
 def _key(items):
-    """What the tables depend on: tensors, their storage, gradients' storage and the group structure."""
+    """What the tables depend on: the tensors and the storage of parameters and states (gradients and
+    hyperparameters are refreshed in place, see ``_Tables.refresh``)."""
     return tuple(
-        (id(p), p.data_ptr(), p.numel(), g.data_ptr(), tuple(state[k].data_ptr() for k in sorted(state) if k != "step"))
-        for p, g, state, _ in items
+        (id(p), p.data_ptr(), p.numel(), tuple(state[k].data_ptr() for k in sorted(state) if k != "step"))
+        for p, _, state, _ in items
     )
 
 
