@@ -63,18 +63,35 @@ class _Tables:
         device = params[0].device
         self.device = device
         self.key = _key(items)
+        # Buffers: parameter, gradient, states, scratch. Tensors whose buffers share dtypes form a
+        # partition: one launch per pass per partition (one partition when the model has one dtype).
+        self.buffers: dict[str, list[torch.Tensor]] = {"param": params, "grad": [item[1] for item in items]}
+        for name in plan.ir.state_names:
+            self.buffers[name] = [item[2][name] for item in items]
+        for name in plan.scratch:
+            self.buffers[name] = [scratch_of(p, name) for p in params]
+        signature = [tuple(self.buffers[name][i].dtype for name in self.buffers) for i in range(len(params))]
+        for sig in signature:
+            for dtype in sig:
+                _tl_dtype(dtype)  # a clear error for unsupported dtypes, before anything runs
+        order = [i for sig in dict.fromkeys(signature) for i in range(len(params)) if signature[i] == sig]
         numels = [p.numel() for p in params]
         chunks_of = [(n + config.chunk - 1) // config.chunk for n in numels]
-        first = [0]
-        for c in chunks_of[:-1]:
-            first.append(first[-1] + c)
-        n_chunks = sum(chunks_of)
+        first = [0] * len(params)
+        chunk_tensor, chunk_start = [], []
+        self.partitions = []  # (first chunk, chunk count, {buffer: tl dtype}, tensor indices)
+        for sig in dict.fromkeys(signature):
+            offset = len(chunk_tensor)
+            members = [i for i in order if signature[i] == sig]
+            for i in members:
+                first[i] = len(chunk_tensor)
+                chunk_tensor += [i] * chunks_of[i]
+                chunk_start += [k * config.chunk for k in range(chunks_of[i])]
+            dtypes = {name: _tl_dtype(dtype) for name, dtype in zip(self.buffers, sig)}
+            self.partitions.append((offset, len(chunk_tensor) - offset, dtypes, members))
+        n_chunks = len(chunk_tensor)
         self.n_chunks = n_chunks
         self.n_tensors = len(params)
-        chunk_tensor, chunk_start = [], []
-        for i, c in enumerate(chunks_of):
-            chunk_tensor += [i] * c
-            chunk_start += [k * config.chunk for k in range(c)]
         as_long = dict(dtype=torch.int64, device=device)
         self.chunk_tensor = torch.tensor(chunk_tensor, dtype=torch.int32, device=device)
         self.chunk_start = torch.tensor(chunk_start, **as_long)
@@ -83,25 +100,10 @@ class _Tables:
         self.n_chunks_of = torch.tensor(chunks_of, **as_long)
         self.values = None
         self.grad_ptrs = None
-        # Buffers: parameter, gradient, states, scratch; their dtypes must agree across tensors.
-        self.buffers: dict[str, list[torch.Tensor]] = {"param": params, "grad": [item[1] for item in items]}
-        for name in plan.ir.state_names:
-            self.buffers[name] = [item[2][name] for item in items]
-        for name in plan.scratch:
-            self.buffers[name] = [scratch_of(p, name) for p in params]
-        self.dtypes = {}
-        for name, tensors in self.buffers.items():
-            dtypes = {t.dtype for t in tensors}
-            if len(dtypes) != 1:
-                raise TypeError(
-                    f"the Triton backend launches once per pass over tensors of one dtype; {name} has "
-                    f"{sorted(map(str, dtypes))}: use one dtype per optimizer (or backend='torch')"
-                )
-            self.dtypes[name] = _tl_dtype(dtypes.pop())
-        self.addr = {
-            name: torch.tensor([t.data_ptr() for t in tensors], **as_long) for name, tensors in self.buffers.items()
-        }
-        self.aligned = all(t.data_ptr() % 16 == 0 for tensors in self.buffers.values() for t in tensors)
+        self.signature = signature
+        self.addr_host = {name: [t.data_ptr() for t in tensors] for name, tensors in self.buffers.items()}
+        self.addr = {name: torch.tensor(ptrs, **as_long) for name, ptrs in self.addr_host.items()}
+        self._aligned: dict[int, bool] = {}
         self.refresh(items)
         # Steps: per chunk, gathered from the parameters' state, and state["step"] becomes a view.
         steps = [item[2]["step"] for item in items]
@@ -125,7 +127,18 @@ class _Tables:
     def still_valid(self, items) -> bool:
         if _key(items) != self.key:
             return False
+        grad_dtypes = list(self.buffers).index("grad")
+        if any(item[1].dtype != sig[grad_dtypes] for item, sig in zip(items, self.signature)):
+            return False  # a gradient changed dtype: it may belong to another partition now
         return all(item[2]["step"] is view for item, view in zip(items, self._step_views))
+
+    def aligned(self, partition: int) -> bool:
+        """All buffers of the partition's tensors start on 16 bytes (torch's allocations do; views may not)."""
+        if partition not in self._aligned:
+            members = self.partitions[partition][3]
+            ptrs = [self.addr_host[name][i] for name in self.buffers for i in members]
+            self._aligned[partition] = all(ptr % 16 == 0 for ptr in ptrs)
+        return self._aligned[partition]
 
     def refresh(self, items) -> None:
         """Per-step updates, decided on the host without reading the device: gradients that moved (autograd
@@ -134,13 +147,11 @@ class _Tables:
         grads = [item[1] for item in items]
         grad_ptrs = [g.data_ptr() for g in grads]
         if grad_ptrs != self.grad_ptrs:
-            dtypes = {g.dtype for g in grads}
-            if len(dtypes) != 1 or _tl_dtype(dtypes.pop()) != self.dtypes["grad"]:
-                raise TypeError("the gradients' dtype changed between steps; the Triton backend needs one dtype")
             self.buffers["grad"] = grads
             self.addr["grad"] = torch.tensor(grad_ptrs, dtype=torch.int64).to(self.device, non_blocking=True)
-            self.aligned = all(t.data_ptr() % 16 == 0 for tensors in self.buffers.values() for t in tensors)
+            self.addr_host["grad"] = grad_ptrs
             self.grad_ptrs = grad_ptrs
+            self._aligned.clear()
         values = [item[3] for item in items]
         if values == self.values:
             return
@@ -192,35 +203,39 @@ class TritonBackend:
         t = self._tables_for(items, scratch_of)
         cfg = self.config
         plan = self.plan
-        if t.n_chunks:
-            for p, kernel, reduce_kernel in zip(plan.passes, self.module.PASSES, self.module.REDUCES):
-                args = [t.chunk_tensor, t.chunk_start, t.numel, t.group, t.step, t.hyper]
-                buffers = _pass_buffers(p, plan)
+        for p, kernel, reduce_kernel in zip(plan.passes, self.module.PASSES, self.module.REDUCES):
+            buffers = _pass_buffers(p, plan)
+            tables = []
+            for producer in sorted({_producer(plan, k) for k in p.consumes}):
+                if producer in t.layer:
+                    tables += [t.layer[producer], t.n_tensors]
+                else:
+                    tables += [t.partials[producer], t.n_chunks]
+            for partition, (offset, count, dtypes, _) in enumerate(t.partitions):
+                if count == 0:
+                    continue
+                span = slice(offset, offset + count)
+                args = [t.chunk_tensor[span], t.chunk_start[span], t.numel, t.group, t.step[span], t.hyper]
                 args += [t.addr[b] for b in buffers]
-                for producer in sorted({_producer(plan, k) for k in p.consumes}):
-                    if producer in t.layer:
-                        args += [t.layer[producer], t.n_tensors]
-                    else:
-                        args += [t.partials[producer], t.n_chunks]
+                args += tables
                 if p.produces:
                     args.append(t.partials[p.index])
-                args.append(0)
-                constexprs = {f"DT_{b}": t.dtypes[b] for b in buffers}
-                kernel[(t.n_chunks,)](
+                args.append(offset)
+                kernel[(count,)](
                     *args,
-                    **constexprs,
+                    **{f"DT_{b}": dtypes[b] for b in buffers},
                     N_HYPER=len(plan.ir.hypers),
                     CHUNK=cfg.chunk,
                     BLOCK=cfg.block,
-                    ALIGNED=t.aligned,
+                    ALIGNED=t.aligned(partition),
                     num_warps=cfg.num_warps,
                 )
                 self.launches += 1
-                if p.reduce_after:
-                    reduce_kernel[(t.n_tensors,)](
-                        t.partials[p.index], t.first_chunk, t.n_chunks_of, t.layer[p.index], BLOCK=cfg.reduce_block
-                    )
-                    self.launches += 1
+            if p.reduce_after and t.n_chunks:
+                reduce_kernel[(t.n_tensors,)](
+                    t.partials[p.index], t.first_chunk, t.n_chunks_of, t.layer[p.index], BLOCK=cfg.reduce_block
+                )
+                self.launches += 1
         for state in t.empty_steps:  # zero-size parameters: no chunk, no kernel; the step still advances
             state["step"].add_(1)
 
