@@ -27,6 +27,7 @@ from sympy.core.sorting import default_sort_key
 from .ir import IR
 from .spec import (
     PARAM,
+    DeviceScalarSymbol,
     GradSymbol,
     HyperSymbol,
     NewStateSymbol,
@@ -100,6 +101,8 @@ class Pass:
     consumes: tuple[int, ...]  # slots read
     hypers: tuple[str, ...]  # hyperparameters read
     uses_step: bool
+    device_scalars: tuple[str, ...]  # 1-element device tensors read (GradScaler's found_inf ...)
+    step_advance: sympy.Expr  # the step count moves by this in the last pass
     reduce_after: bool  # a segment-reduce launch turns this pass's partials into per-layer values
     writes_step: bool  # the last pass advances the step count
 
@@ -305,7 +308,7 @@ def plan(ir: IR) -> Plan:
         stores = [(_store_buffer(t), _inline_locals(e, local)) for t, e in roots]
         stores += [(sym.name, _inline_locals(expr, local)) for expr, (sym, i) in scratch.items() if i == j]
         produces = [(k, _inline_locals(e, local)) for k, e in produces]
-        passes.append(_build_pass(j, n_passes, stores, produces, leaves, slots))
+        passes.append(_build_pass(j, n_passes, stores, produces, leaves, slots, ir.step_advance))
     return Plan(
         ir=ir, slots=slots, passes=tuple(passes), scratch=tuple(s.name for s, _ in scratch.values()), notes=tuple(notes)
     )
@@ -428,7 +431,7 @@ class _Lifter:
         return expr.func(*args, evaluate=False) if isinstance(expr, (sympy.Add, sympy.Mul, sympy.Pow)) else expr.func(*args)
 
 
-def _build_pass(j, n_passes, stores, produces, leaves, slots) -> Pass:
+def _build_pass(j, n_passes, stores, produces, leaves, slots, step_advance) -> Pass:
     roots = [e for _, e in stores] + [e for _, e in produces]
     replacements, reduced = sympy.cse(roots, symbols=sympy.numbered_symbols("tmp", real=True), optimizations=None)
     elementwise_names: set[str] = set()
@@ -447,7 +450,11 @@ def _build_pass(j, n_passes, stores, produces, leaves, slots) -> Pass:
 
     all_exprs = [e for _, e in scalars + elementwise] + list(reduced)
     free = set().union(*(e.free_symbols for e in all_exprs)) if all_exprs else set()
+    writes_step = j == n_passes - 1
+    advance = step_advance if writes_step else sympy.S.Zero
+    free |= advance.free_symbols
     consumes = tuple(sorted(_slot_index(s) for s in free if isinstance(s, SlotSymbol)))
+    device_scalars = tuple(sorted(s.name for s in free if isinstance(s, DeviceScalarSymbol)))
     hypers = tuple(sorted(s.name for s in free if isinstance(s, HyperSymbol)))
     loads = tuple(
         Load(symbol=s.name, buffer=_buffer_of(s))
@@ -462,9 +469,11 @@ def _build_pass(j, n_passes, stores, produces, leaves, slots) -> Pass:
         produces=reduced_produces,
         consumes=consumes,
         hypers=hypers,
-        uses_step=any(isinstance(s, StepSymbol) for s in free) or j == n_passes - 1,
+        uses_step=any(isinstance(s, StepSymbol) for s in free) or writes_step,
+        device_scalars=device_scalars,
+        step_advance=advance,
         reduce_after=any(slots[k].scope == "layer" for k, _ in produces),
-        writes_step=j == n_passes - 1,
+        writes_step=writes_step,
     )
 
 

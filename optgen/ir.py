@@ -60,6 +60,9 @@ class IR:
     updates: tuple[tuple[str, sympy.Expr], ...]  # (target, new value); target PARAM is the parameter
     requirements: tuple[Requirement, ...]
     update_locations: tuple[tuple[str, str], ...]
+    device_scalars: tuple[str, ...] = ()
+    step_advance: sympy.Expr = sympy.S.One  # how far the step count moves (0 when a step is skipped)
+    options: tuple[tuple[str, bool], ...] = ()  # runtime options applied by optgen.transforms
 
     @property
     def hash(self) -> str:
@@ -69,6 +72,8 @@ class IR:
         parts += [f"flag {k}={v}" for k, v in self.flags]
         parts += [f"state {s.name} {sympy.srepr(s.init)}" for s in self.states]
         parts += [f"update {k} {sympy.srepr(e)}" for k, e in self.updates]
+        parts += [f"device {d}" for d in self.device_scalars]
+        parts += [f"advance {sympy.srepr(self.step_advance)}", f"options {self.options}"]
         return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
     def new_symbol(self, target: str) -> NewStateSymbol:
@@ -246,4 +251,5 @@ def lower(spec: Spec, flags: dict | None = None) -> IR:
         updates=tuple(lowered),
         requirements=tuple(requirements),
         update_locations=locations,
+        device_scalars=tuple(spec.device_scalars),
     )

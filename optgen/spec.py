@@ -101,6 +101,11 @@ class StateSymbol(_SpecSymbol):
     """The old value of a state tensor."""
 
 
+class DeviceScalarSymbol(_SpecSymbol):
+    """A runtime scalar read from a 1-element device tensor at each step (GradScaler's ``found_inf``):
+    the step never reads it on the host, so it needs no synchronisation."""
+
+
 class NewStateSymbol(_SpecSymbol):
     """The new value of a state (or of the parameter), defined by ``spec.update``."""
 
@@ -253,6 +258,7 @@ class Hyper:
     lo_open: bool = False
     hi_open: bool = False
     doc: str = ""
+    finite: bool = True  # False admits +-inf (a clip bound that is off by default)
 
 
 @dataclass(frozen=True)
@@ -269,6 +275,7 @@ class HyperDecl:
     key: str
     index: int | None
     doc: str
+    finite: bool = True
 
     def check(self, value) -> str | None:
         """Why ``value`` is invalid, or None."""
@@ -283,7 +290,7 @@ class HyperDecl:
             return f"Invalid {label} value: {value!r} (expected a real number)"
         if isinstance(value, complex):
             return f"Invalid {label} value: {value!r} (expected a real number)"
-        if not math.isfinite(number):
+        if math.isnan(number) or (self.finite and not math.isfinite(number)):
             return f"Invalid {label} value: {value!r} (must be finite)"
         below = number <= self.lo if self.lo_open else number < self.lo
         above = number >= self.hi if self.hi_open else number > self.hi
@@ -357,6 +364,7 @@ class Spec:
         self.states: list[StateDecl] = []
         self.updates: list[UpdateDecl] = []
         self.requirements: list[Requirement] = []
+        self.device_scalars: list[str] = []
         self._symbols: dict[str, sympy.Symbol] = {"w": self.param, "g": self.grad, "t": self.step}
         self.where = _caller_location()
 
@@ -385,7 +393,7 @@ class Spec:
                 for index, item in enumerate(items):
                     name = f"beta{index + 1}" if key == "betas" else f"{key}_{index}"
                     if base is not None and not isinstance(item, Hyper):
-                        item = Hyper(item, base.lo, base.hi, base.lo_open, base.hi_open, base.doc)
+                        item = Hyper(item, base.lo, base.hi, base.lo_open, base.hi_open, base.doc, base.finite)
                     out.append(self._declare_hyper(name, key, index, item))
             else:
                 out.append(self._declare_hyper(key, key, None, value))
@@ -400,7 +408,7 @@ class Spec:
                 raise SpecError(
                     f"hyperparameter {name!r}: default {decl.default!r} is not a number [{_caller_location()}]"
                 )
-            if not math.isfinite(decl.default):
+            if math.isnan(decl.default) or (decl.finite and not math.isfinite(decl.default)):
                 raise SpecError(
                     f"hyperparameter {name!r}: default {decl.default!r} is not finite [{_caller_location()}]"
                 )
@@ -415,6 +423,7 @@ class Spec:
             key=key,
             index=index,
             doc=decl.doc,
+            finite=decl.finite,
         )
         problem = hyper.check(hyper.default)
         if problem:
@@ -436,6 +445,14 @@ class Spec:
             self._symbols[name] = symbol
             out.append(symbol)
         return out[0] if len(out) == 1 else tuple(out)
+
+    def device_scalar(self, name: str) -> DeviceScalarSymbol:
+        """Declare a scalar the runtime supplies as a 1-element device tensor at each step."""
+        self._claim(name, "device scalar")
+        self.device_scalars.append(name)
+        symbol = DeviceScalarSymbol(name)
+        self._symbols[name] = symbol
+        return symbol
 
     def state(self, name: str, init=0) -> StateSymbol:
         """Declare a per-parameter state tensor (``exp_avg``...) with its initial value (default 0)."""

@@ -16,6 +16,7 @@ import re
 from pathlib import Path
 
 import jinja2
+import sympy
 
 from ..analysis import Pass, Plan
 from .printers import TorchPrinter, TritonPrinter
@@ -57,17 +58,24 @@ def _environment() -> jinja2.Environment:
 
 
 @functools.cache
-def _templates_digest() -> str:
+def _generator_digest() -> str:
+    """Digest of everything that turns an IR into source: templates, planner, printers, this module."""
+    package = Path(__file__).resolve().parents[1]
+    files = sorted(templates_dir().glob("*.j2")) + [
+        package / "analysis.py",
+        package / "codegen" / "printers.py",
+        package / "codegen" / "render.py",
+    ]
     digest = hashlib.sha256()
-    for path in sorted(templates_dir().glob("*.j2")):
+    for path in files:
         digest.update(path.name.encode())
-        digest.update(path.read_bytes())
+        digest.update(path.read_bytes().replace(b"\r\n", b"\n"))
     return digest.hexdigest()
 
 
 def source_hash(plan: Plan) -> str:
-    """Digest of the math and of the templates: what a generated file depends on."""
-    return hashlib.sha256((plan.ir.hash + _templates_digest()).encode()).hexdigest()[:16]
+    """Digest of the math and of the generator: what a generated file depends on (cache key, golden check)."""
+    return hashlib.sha256((plan.ir.hash + _generator_digest()).encode()).hexdigest()[:16]
 
 
 def variant_stem(plan: Plan) -> str:
@@ -152,7 +160,9 @@ def _pass_context(plan: Plan, p: Pass, printer, scalar_printer) -> dict:
         "buffers": [{"name": b, "dtype_arg": f"DT_{b}"} for b in buffers],
         "reduce_after": p.reduce_after,
         "writes_step": p.writes_step,
-        "args": [*buffers, "dtype", "t", *p.hypers, *(slots[k].name for k in p.consumes)],
+        "device_scalars": list(p.device_scalars),
+        "step_advance": scalar_code(p.step_advance),
+        "args": [*buffers, "dtype", "t", *p.hypers, *p.device_scalars, *(slots[k].name for k in p.consumes)],
     }
 
 
@@ -160,7 +170,9 @@ def _scalar_casts(plan: Plan, p: Pass) -> list[str]:
     """Scalars (fp64, like torch's Python-float math) that element-wise fp32 code reads: cast once."""
     elementwise_exprs = [e for _, e in p.elementwise] + [e for _, e in p.stores] + [e for _, e in p.produces]
     used = set().union(*(e.free_symbols for e in elementwise_exprs)) if elementwise_exprs else set()
-    scalar_names = ["t", *p.hypers, *(plan.slots[k].name for k in p.consumes), *(n for n, _ in p.scalars)]
+    # boolean scalars (a cse'd ``found_inf == 0``) stay booleans: only numbers are cast
+    numeric = [n for n, e in p.scalars if not isinstance(e, sympy.logic.boolalg.Boolean)]
+    scalar_names = ["t", *p.hypers, *p.device_scalars, *(plan.slots[k].name for k in p.consumes), *numeric]
     return [n for n in scalar_names if any(s.name == n for s in used)]
 
 

@@ -12,12 +12,15 @@ import inspect
 import itertools
 import math
 import os
+import warnings
 
 import sympy
 import torch
 
+from .. import transforms
 from ..analysis import plan as make_plan
 from ..codegen.printers import torch_code
+from ..codegen.render import source_hash
 from ..ir import lower
 from ..spec import BoolHyperSymbol, HyperSymbol, Spec, SpecError
 
@@ -41,15 +44,30 @@ class GeneratedOptimizer(torch.optim.Optimizer):
         arguments.pop("self")
         params = arguments.pop("params")
         backend = arguments.pop("backend")
+        maximize = arguments.pop("maximize")
+        master = arguments.pop("master_weights")
+        state_dtype = arguments.pop("state_dtype")
+        clip = "max_grad_norm" in arguments and not self._spec_clips()
+        if clip and arguments["max_grad_norm"] is None:
+            arguments.pop("max_grad_norm")
+            clip = False
         flags = {f.name: arguments.pop(f.name) for f in self._spec.flags}
         if backend not in BACKENDS:
             raise ValueError(f"Invalid backend: {backend!r} (expected one of {BACKENDS})")
-        for name, value in flags.items():
+        for name, value in {**flags, "maximize": maximize, "master_weights": master}.items():
             if not isinstance(value, bool):
                 raise ValueError(f"Invalid {name} value: {value!r} (expected True or False)")
+        if state_dtype not in (None, torch.float32, torch.bfloat16, torch.float16, torch.float64):
+            raise ValueError(f"Invalid state_dtype: {state_dtype!r} (expected None, torch.float32, bfloat16 or float16)")
+        params = list(params) if not isinstance(params, torch.Tensor) else [params]
+        if master and _all_full_precision(params):
+            warnings.warn("master_weights=True has no effect on fp32/fp64 parameters; ignored", stacklevel=3)
+            master = False
         self._flags = flags
-        self._ir = lower(self._spec, flags)
+        self._state_dtype = state_dtype
+        self._ir = transforms.apply(lower(self._spec, flags), maximize_=maximize, max_grad_norm=clip, master=master)
         self._plan = make_plan(self._ir)
+        self._variants = {None: self._plan}
         self._keys = _group_keys(self._ir)
         defaults = dict(arguments)
         for key, value in defaults.items():
@@ -66,6 +84,16 @@ class GeneratedOptimizer(torch.optim.Optimizer):
                     "backend='triton' on CPU tensors needs the Triton interpreter: set TRITON_INTERPRET=1 "
                     "before importing triton, or use backend='torch' (or 'auto')"
                 )
+
+    @classmethod
+    def _spec_clips(cls) -> bool:
+        return any(h.name == "max_grad_norm" for h in cls._spec.hypers)
+
+    def _variant(self, amp_mode):
+        """The plan for this step: GradScaler's attributes select the AMP variant (see transforms.amp)."""
+        if amp_mode not in self._variants:
+            self._variants[amp_mode] = make_plan(transforms.amp(self._ir, unscale=amp_mode == "unscale"))
+        return self._variants[amp_mode]
 
     # -- validation ------------------------------------------------------------------------------------
 
@@ -133,12 +161,14 @@ class GeneratedOptimizer(torch.optim.Optimizer):
     def _init_state(self, param: torch.Tensor, group: dict) -> dict:
         state = self.state[param]
         if len(state) == 0:
-            dtype = torch.promote_types(param.dtype, torch.float32)
+            compute = torch.promote_types(param.dtype, torch.float32)
             state["step"] = torch.tensor(0.0, dtype=torch.float32, device=param.device)
-            env = {"torch": torch, "w": param.detach().to(dtype)}
+            env = {"torch": torch, "w": param.detach().to(compute)}
             for decl, value in zip(self._ir.hypers, self._group_values(group)):
-                env[decl.name] = torch.tensor(value, dtype=dtype, device=param.device)
+                env[decl.name] = torch.tensor(value, dtype=compute, device=param.device)
             for decl in self._ir.states:
+                # master weights are always full precision; other states follow state_dtype
+                dtype = compute if decl.name == transforms.MASTER else (self._state_dtype or compute)
                 if decl.init.is_number:
                     state[decl.name] = torch.full_like(param, float(decl.init), dtype=dtype, memory_format=torch.preserve_format)
                 else:
@@ -180,22 +210,36 @@ class GeneratedOptimizer(torch.optim.Optimizer):
                 items.append((group, p, grad))
         return items
 
-    def _backend_for(self, device: torch.device):
+    def _backend_for(self, device: torch.device, plan):
         choice = self._backend_choice
         if choice == "auto":
             choice = "triton" if device.type == "cuda" else "torch"
         if choice == "triton" and device.type == "cpu" and not triton_interpreting():
             raise RuntimeError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1")
-        if choice not in self._backends:
+        key = choice if plan is self._plan else f"{choice}:{source_hash(plan)}"
+        if key not in self._backends:
             if choice == "torch":
                 from .torch_backend import TorchBackend
 
-                self._backends[choice] = TorchBackend(self._plan)
+                self._backends[key] = TorchBackend(plan)
             else:
                 from .triton_backend import TritonBackend
 
-                self._backends[choice] = TritonBackend(self._plan)
-        return self._backends[choice]
+                self._backends[key] = TritonBackend(plan)
+        return self._backends[key]
+
+    def _amp(self):
+        """GradScaler's ``grad_scale``/``found_inf`` attributes, set around ``step`` (torch's fused contract)."""
+        found_inf = getattr(self, "found_inf", None)
+        grad_scale = getattr(self, "grad_scale", None)
+        if found_inf is None and grad_scale is None:
+            return None, {}
+        if found_inf is None:
+            found_inf = torch.zeros((), dtype=torch.float32, device=grad_scale.device)
+        scalars = {"found_inf": found_inf}
+        if grad_scale is not None:
+            scalars["grad_scale"] = grad_scale
+        return ("unscale" if grad_scale is not None else "gate"), scalars
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -207,16 +251,20 @@ class GeneratedOptimizer(torch.optim.Optimizer):
         collected = self._collect()
         if not collected:
             return loss
+        amp_mode, device_scalars = self._amp()
+        plan = self._variant(amp_mode)
         items = []
         for group, p, grad in collected:
             state = self._init_state(p, group)
             items.append((p, grad, state, self._group_values(group)))
         by_backend: dict[int, tuple] = {}
         for item in items:
-            backend = self._backend_for(item[0].device)
+            backend = self._backend_for(item[0].device, plan)
             by_backend.setdefault(id(backend), (backend, []))[1].append(item)
         for backend, backend_items in by_backend.values():
-            backend.step(backend_items, self._scratch_of)
+            device = backend_items[0][0].device
+            scalars = {k: v.to(device=device, dtype=torch.float32, non_blocking=True).reshape(1) for k, v in device_scalars.items()}
+            backend.step(backend_items, self._scratch_of, scalars)
         return loss
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -230,6 +278,13 @@ class GeneratedOptimizer(torch.optim.Optimizer):
     def plan(self):
         """The pass plan of the chosen variant (``print(opt.plan.describe())``)."""
         return self._plan
+
+
+def _all_full_precision(params) -> bool:
+    tensors = []
+    for p in params:
+        tensors += list(p["params"]) if isinstance(p, dict) else [p]
+    return all(t.dtype in (torch.float32, torch.float64) for t in tensors)
 
 
 def _group_keys(ir) -> dict[str, list]:
@@ -250,7 +305,13 @@ def _signature_for(spec: Spec) -> inspect.Signature:
         params.append(inspect.Parameter(key, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default))
     for flag in spec.flags:
         params.append(inspect.Parameter(flag.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=flag.default))
-    params.append(inspect.Parameter("backend", inspect.Parameter.KEYWORD_ONLY, default="auto"))
+    keyword = inspect.Parameter.KEYWORD_ONLY
+    if not any(h.name == "max_grad_norm" for h in spec.hypers):
+        params.append(inspect.Parameter("max_grad_norm", keyword, default=None))
+    params.append(inspect.Parameter("maximize", keyword, default=False))
+    params.append(inspect.Parameter("master_weights", keyword, default=False))
+    params.append(inspect.Parameter("state_dtype", keyword, default=None))
+    params.append(inspect.Parameter("backend", keyword, default="auto"))
     return inspect.Signature(params)
 
 
@@ -289,6 +350,11 @@ def _arguments_doc(spec: Spec) -> str:
         lines.append(f"    {key}: default {default!r}, in {rng}. {d.doc}".rstrip())
     for flag in spec.flags:
         lines.append(f"    {flag.name}: compile-time flag, default {flag.default}.")
+    if not any(h.name == "max_grad_norm" for h in spec.hypers):
+        lines.append("    max_grad_norm: None, or divide all gradients by max(1, ||g||_global/max_grad_norm) in the step.")
+    lines.append("    maximize: ascend instead of descend (g -> -g).")
+    lines.append("    master_weights: keep fp32 copies of bf16/fp16 parameters as state; write the model's weights from them.")
+    lines.append("    state_dtype: dtype of the optimizer states (default fp32; fp64 for fp64 parameters).")
     lines.append("    backend: 'auto' (Triton on CUDA tensors, torch otherwise), 'torch' or 'triton'.")
     return "\n".join(lines)
 

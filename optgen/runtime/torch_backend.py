@@ -36,9 +36,10 @@ class TorchBackend:
             self._hyper_cache[key] = cached
         return cached
 
-    def step(self, items, scratch_of) -> None:
+    def step(self, items, scratch_of, device_scalars=None) -> None:
         """``items``: one per parameter with a gradient: (param, grad, state dict, hyper values tuple)."""
         plan = self.plan
+        device_scalars = device_scalars or {}
         contexts = []
         for param, grad, state, values in items:
             dtype = compute_dtype(param.dtype)
@@ -61,6 +62,7 @@ class TorchBackend:
                 kwargs["dtype"] = dtype
                 kwargs["t"] = t
                 kwargs.update({h: hypers[h] for h in p.hypers})
+                kwargs.update({d: device_scalars[d].reshape(()) for d in p.device_scalars})
                 kwargs.update({plan.slots[k].name: reds[plan.slots[k].name] for k in p.consumes})
                 results.append(fn(**kwargs))
             for col, (k, _) in enumerate(p.produces):
@@ -74,7 +76,13 @@ class TorchBackend:
                     for reds, (_, dtype, t, _, _) in zip(finished, contexts):
                         reds[slot.name] = total.to(device=t.device, dtype=dtype)
         steps = [state["step"] for _, _, state, _ in items]
-        torch._foreach_add_(steps, 1)
+        last = plan.passes[-1]
+        advance = self.module.step_advance(**{d: device_scalars[d].reshape(()) for d in last.device_scalars})
+        if isinstance(advance, torch.Tensor):
+            for step in steps:
+                step.add_(advance.to(device=step.device, dtype=step.dtype))
+        else:
+            torch._foreach_add_(steps, advance)
 
 
 def _combine_global(values: list[torch.Tensor], op: str) -> torch.Tensor:

@@ -193,13 +193,14 @@ class TritonBackend:
             tables.refresh(items)
         return tables
 
-    def step(self, items, scratch_of) -> None:
+    def step(self, items, scratch_of, device_scalars=None) -> None:
         for p, *_ in items:
             if not p.is_contiguous() or not p.grad.is_contiguous():
                 raise RuntimeError(
                     "the Triton backend needs contiguous parameters and gradients (got a non-contiguous "
                     f"tensor of shape {tuple(p.shape)}); use backend='torch' for views"
                 )
+        device_scalars = device_scalars or {}
         t = self._tables_for(items, scratch_of)
         cfg = self.config
         plan = self.plan
@@ -218,6 +219,7 @@ class TritonBackend:
                 args = [t.chunk_tensor[span], t.chunk_start[span], t.numel, t.group, t.step[span], t.hyper]
                 args += [t.addr[b] for b in buffers]
                 args += tables
+                args += [device_scalars[name] for name in p.device_scalars]
                 if p.produces:
                     args.append(t.partials[p.index])
                 args.append(offset)
@@ -236,8 +238,12 @@ class TritonBackend:
                     t.partials[p.index], t.first_chunk, t.n_chunks_of, t.layer[p.index], BLOCK=cfg.reduce_block
                 )
                 self.launches += 1
-        for state in t.empty_steps:  # zero-size parameters: no chunk, no kernel; the step still advances
-            state["step"].add_(1)
+        if t.empty_steps:  # zero-size parameters: no chunk, no kernel; the step still advances
+            advance = load_module(plan, "torch").step_advance(
+                **{d: device_scalars[d].reshape(()) for d in plan.passes[-1].device_scalars}
+            )
+            for state in t.empty_steps:
+                state["step"].add_(advance)
 
 
 def _pass_buffers(p, plan) -> list[str]:
