@@ -4,6 +4,7 @@ Public API: :class:`Spec` (the language), :func:`build` (spec -> ``torch.optim.O
 spec helpers (``norm``, ``trust_ratio``, ``where`` ...), and the built-in optimizers.
 """
 
+from .groups import param_groups
 from .runtime.optimizer import GeneratedOptimizer, build
 from .spec import (
     Abs,
@@ -44,6 +45,7 @@ __all__ = [
     "Hyper",
     "build",
     "GeneratedOptimizer",
+    "param_groups",
     "where",
     "norm",
     "sumsq",

@@ -426,7 +426,7 @@ class _Lifter:
                 return self._temp(expr, self.scalars)
             return expr
         args = [self.lift(a) for a in expr.args]
-        if isinstance(expr, sympy.Pow) and expr.exp.is_Integer and 2 <= abs(int(expr.exp)) <= 4 and not args[0].is_Atom:
+        if isinstance(expr, sympy.Pow) and expr.exp.is_number and float(expr.exp).is_integer() and 2 <= abs(float(expr.exp)) <= 8 and not args[0].is_Atom:
             args[0] = self._temp(args[0], self.elementwise)
         return expr.func(*args, evaluate=False) if isinstance(expr, (sympy.Add, sympy.Mul, sympy.Pow)) else expr.func(*args)
 

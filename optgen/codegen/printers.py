@@ -63,11 +63,23 @@ class _FloatPrinter(PythonCodePrinter):
     def _print_Symbol(self, expr):
         return expr.name
 
+    def _print_NumberSymbol(self, expr):
+        return repr(float(expr))
+
+    def _paren(self, expr) -> str:
+        """An operand in parentheses unless it is an atom: printed text is spliced into larger code."""
+        code = self._print(expr)
+        return code if expr.is_Atom and not (expr.is_Number and expr.is_negative) else f"({code})"
+
     # -- powers --------------------------------------------------------------------------------------
     def _print_Pow(self, expr, rational=False):
+        if expr.is_number:  # sqrt(2), 2**(1/3): a constant, printed as its float value
+            return repr(float(expr))
         base, exp = expr.as_base_exp()
         b = self.parenthesize(base, precedence(expr))
-        if exp.is_Integer and 1 <= abs(int(exp)) <= 4:
+        if exp.is_Float and float(exp).is_integer():
+            exp = sympy.Integer(int(exp))
+        if exp.is_Integer and 1 <= abs(int(exp)) <= 8:
             product = "*".join([b] * abs(int(exp)))
             if int(exp) > 0:
                 return product if int(exp) == 1 else f"({product})"
@@ -131,9 +143,15 @@ class TritonPrinter(_FloatPrinter):
     }
 
     def _print_general_pow(self, base, exp):
-        # Triton has no ``**`` on tensors and libdevice.pow does not run in the interpreter; the base must
-        # be positive (as beta ** t is).
-        return f"tl.exp2({self._print(exp)} * tl.log2({self._print(base)}))"
+        # Triton has no ``**`` on tensors and libdevice.pow does not run in the interpreter: exp2/log2 of
+        # |base|, with the sign restored for odd integer exponents; other exponents need a base > 0 (as
+        # beta ** t has), like C's pow.
+        if exp.is_Integer:
+            magnitude = f"tl.exp2({self._paren(exp)} * tl.log2(tl.abs({self._print(base)})))"
+            if int(exp) % 2:
+                return f"tl.where({self._paren(base)} < 0.0, -{magnitude}, {magnitude})"
+            return magnitude
+        return f"tl.exp2({self._paren(exp)} * tl.log2({self._print(base)}))"
 
     def _print_Max(self, expr):
         return self._fold("tl.maximum({}, {}, propagate_nan=tl.PropagateNan.ALL)", expr.args)
@@ -142,12 +160,13 @@ class TritonPrinter(_FloatPrinter):
         return self._fold("tl.minimum({}, {}, propagate_nan=tl.PropagateNan.ALL)", expr.args)
 
     def _print_sign(self, expr):
-        x = self._print(expr.args[0])
-        # x * 0.0 keeps NaN as NaN, as torch.sign does
-        return f"tl.where({x} > 0.0, 1.0, tl.where({x} < 0.0, -1.0, {x} * 0.0))"
+        x = self._paren(expr.args[0])
+        # 0 for 0 and for NaN, as torch.sign does
+        return f"tl.where({x} > 0.0, 1.0, tl.where({x} < 0.0, -1.0, 0.0))"
 
     def _print_Mod(self, expr):
-        a, b = (self._print(x) for x in expr.args)
+        # Python's convention (the result has the divisor's sign), not C's fmod
+        a, b = (self._paren(x) for x in expr.args)
         return f"({a} - {b} * tl.floor({a} / {b}))"
 
     def _print_Not(self, expr):

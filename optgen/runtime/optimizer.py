@@ -52,6 +52,9 @@ class GeneratedOptimizer(torch.optim.Optimizer):
             arguments.pop("max_grad_norm")
             clip = False
         flags = {f.name: arguments.pop(f.name) for f in self._spec.flags}
+        for key, value in list(arguments.items()):
+            if value is None:  # None means the default, as for torch's optional arguments
+                arguments[key] = self._signature.parameters[key].default
         if backend not in BACKENDS:
             raise ValueError(f"Invalid backend: {backend!r} (expected one of {BACKENDS})")
         for name, value in {**flags, "maximize": maximize, "master_weights": master}.items():
@@ -140,6 +143,7 @@ class GeneratedOptimizer(torch.optim.Optimizer):
         for p in params or []:
             if isinstance(p, torch.Tensor) and p.is_complex():
                 raise ValueError(f"{type(self).__name__} does not support complex parameters (got {p.dtype})")
+        # Parameters on several devices are allowed: each device gets its own launches (see step()).
         for key, value in param_group.items():
             if key in self._keys:
                 self._check_value(key, value)
@@ -150,12 +154,15 @@ class GeneratedOptimizer(torch.optim.Optimizer):
     # -- state -------------------------------------------------------------------------------------------
 
     def _group_values(self, group: dict) -> tuple:
-        """The group's hyperparameters in IR order, as floats (bools as 0/1)."""
+        """The group's hyperparameters in IR order: floats (bools as 0/1), or 1-element tensors as given
+        (a capturable lr): those are never read on the host; the backends copy them on the device."""
         values = []
         for decl in self._ir.hypers:
-            raw = group.get(decl.key, decl.default if decl.index is None else None)
+            raw = group.get(decl.key)
+            if raw is None:
+                raw = self.defaults.get(decl.key, decl.default if decl.index is None else None)
             value = raw if decl.index is None else raw[decl.index]
-            values.append(float(value))
+            values.append(value.reshape(()) if isinstance(value, torch.Tensor) else float(value))
         return tuple(values)
 
     def _init_state(self, param: torch.Tensor, group: dict) -> dict:
@@ -165,7 +172,7 @@ class GeneratedOptimizer(torch.optim.Optimizer):
             state["step"] = torch.tensor(0.0, dtype=torch.float32, device=param.device)
             env = {"torch": torch, "w": param.detach().to(compute)}
             for decl, value in zip(self._ir.hypers, self._group_values(group)):
-                env[decl.name] = torch.tensor(value, dtype=compute, device=param.device)
+                env[decl.name] = torch.as_tensor(value, dtype=compute, device=param.device)
             for decl in self._ir.states:
                 # master weights are always full precision; other states follow state_dtype
                 dtype = compute if decl.name == transforms.MASTER else (self._state_dtype or compute)
@@ -268,7 +275,22 @@ class GeneratedOptimizer(torch.optim.Optimizer):
         return loss
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """torch's load, then states keep their saved dtype (torch casts floating state to the parameter's
+        dtype, which would turn the fp32 moments and master weights of bf16 parameters into bf16) and the
+        step count lives on the parameter's device as fp32 (a torch.optim state dict keeps it on the CPU)."""
         super().load_state_dict(state_dict)
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for saved_id, param in zip(saved_ids, params):
+            saved = state_dict["state"].get(saved_id)
+            if not saved:
+                continue
+            state = self.state[param]
+            for key, value in saved.items():
+                if not isinstance(value, torch.Tensor):
+                    continue
+                dtype = torch.float32 if key == "step" else value.dtype
+                state[key] = value.detach().to(device=param.device, dtype=dtype, copy=True)
         for backend in self._backends.values():
             invalidate = getattr(backend, "invalidate", None)
             if invalidate:

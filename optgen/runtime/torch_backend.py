@@ -25,10 +25,12 @@ class TorchBackend:
         self._hyper_cache: dict = {}
 
     def _hyper_tensors(self, values: tuple, device, dtype) -> dict[str, torch.Tensor]:
+        names = [h.name for h in self.plan.ir.hypers]
+        if any(isinstance(v, torch.Tensor) for v in values):  # device tensors: copied on the device, no sync
+            return {n: (v.to(device=device, dtype=dtype) if isinstance(v, torch.Tensor) else torch.tensor(v, dtype=dtype, device=device)) for n, v in zip(names, values)}
         key = (values, device, dtype)
         cached = self._hyper_cache.get(key)
         if cached is None:
-            names = [h.name for h in self.plan.ir.hypers]
             stacked = torch.tensor(values, dtype=dtype, device=device)
             cached = dict(zip(names, stacked.unbind()))
             if len(self._hyper_cache) > 64:

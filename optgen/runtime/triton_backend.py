@@ -153,6 +153,19 @@ class _Tables:
             self.grad_ptrs = grad_ptrs
             self._aligned.clear()
         values = [item[3] for item in items]
+        if any(isinstance(v, torch.Tensor) for row in values for v in row):
+            # Hyperparameters given as device tensors (capturable): gather them on the device every step,
+            # a copy kernel instead of a host read; the group structure follows tensor identity.
+            groups = list(dict.fromkeys(tuple(id(v) if isinstance(v, torch.Tensor) else v for v in row) for row in values))
+            keys = [tuple(id(v) if isinstance(v, torch.Tensor) else v for v in row) for row in values]
+            if keys != self.values:
+                self.group = torch.tensor([groups.index(k) for k in keys], dtype=torch.int32).to(self.device)
+                self.values = keys
+            rows = [values[keys.index(g)] for g in groups]
+            self.hyper = torch.stack(
+                [torch.stack([torch.as_tensor(v, dtype=torch.float64, device=self.device).reshape(()) for v in row]) for row in rows]
+            )
+            return
         if values == self.values:
             return
         groups = list(dict.fromkeys(values))

@@ -1,6 +1,8 @@
 """LAMB and NVLAMB: layer-wise adaptive moments, as on the seed talk's slide and in NVIDIA's BERT recipe."""
 
-from ..spec import Hyper, Max, Spec, global_norm, norm, sqrt, trust_ratio, where
+import math
+
+from ..spec import Hyper, Max, Spec, clip, global_norm, norm, sqrt, trust_ratio, where
 
 LAMB_DOC = r"""LAMB (You et al., 2020), as on the seed talk's slide, per layer :math:`l`:
 
@@ -11,9 +13,12 @@ LAMB_DOC = r"""LAMB (You et al., 2020), as on the seed talk's slide, per layer :
        \quad (\text{bias\_correction}; \text{ else } \hat m = m, \hat v = v) \\
    u_t &= \frac{\hat m_t}{\sqrt{\hat v_t} + \epsilon} + \lambda w_{t-1}
        \quad (\text{eps\_inside\_sqrt: } \hat m_t / \sqrt{\hat v_t + \epsilon}, \text{ the slide's form}) \\
-   r_t &= \|w_{t-1}\| / \|u_t\| \quad (1 \text{ where either norm is } 0 \text{ or adaptation is off}) \\
+   r_t &= \phi(\|w_{t-1}\|) / \|u_t\| \quad (1 \text{ where either norm is } 0 \text{ or adaptation is off}) \\
    w_t &= w_{t-1} - \gamma \, r_t \, u_t
    \end{aligned}
+
+:math:`\phi(z) = \min(\max(z, lo), hi)` with ``trust_clip=(lo, hi)`` (default: no clip), as the slide's
+scaling function; several PyTorch ports clip at 10.
 """
 
 NVLAMB_DOC = r"""NVLAMB (NVIDIA's BERT recipe; apex ``FusedLAMB(use_nvlamb=True)``): LAMB after global gradient
@@ -29,9 +34,11 @@ pre-normalisation, with bias correction and the trust ratio on every layer:
 """
 
 BETAS = Hyper((0.9, 0.999), lo=0.0, hi=1.0, hi_open=True)
+# phi of the slides: clip ||w|| into [lo, hi] before the ratio; (0, inf) is no clip
+TRUST_CLIP = Hyper((0.0, math.inf), lo=0.0, hi=math.inf, finite=False, doc="(lo, hi): phi clips ||w|| into [lo, hi]")
 
 
-def _lamb_body(spec: Spec, g, lr, beta1, beta2, eps, wd, bias_correction, eps_inside_sqrt):
+def _lamb_body(spec: Spec, g, lr, beta1, beta2, eps, wd, bias_correction, eps_inside_sqrt, phi_lo=0, phi_hi=math.inf):
     w, t = spec.param, spec.step
     m, v = spec.state("exp_avg"), spec.state("exp_avg_sq")
     m1 = spec.update(m, beta1 * m + (1 - beta1) * g)
@@ -40,14 +47,18 @@ def _lamb_body(spec: Spec, g, lr, beta1, beta2, eps, wd, bias_correction, eps_in
     v_hat = where(bias_correction, v1 / (1 - beta2**t), v1)
     adam_step = m_hat / where(eps_inside_sqrt, sqrt(v_hat + eps), sqrt(v_hat) + eps)
     u = adam_step + wd * w
-    spec.update(w, w - lr * trust_ratio(norm(w), norm(u)) * u)
+    w_norm = norm(w)
+    phi = w_norm if phi_hi == math.inf and phi_lo == 0 else clip(w_norm, phi_lo, phi_hi)
+    spec.update(w, w - lr * trust_ratio(phi, norm(u), w_norm) * u)
 
 
 def lamb() -> Spec:
     spec = Spec("LAMB", doc=LAMB_DOC)
-    lr, beta1, beta2, eps, wd = spec.hyper(lr=1e-3, betas=BETAS, eps=1e-6, weight_decay=0.01)
+    lr, beta1, beta2, eps, wd, lo, hi = spec.hyper(
+        lr=1e-3, betas=BETAS, eps=1e-6, weight_decay=0.01, trust_clip=TRUST_CLIP
+    )
     bias_correction, eps_inside_sqrt = spec.flag(bias_correction=True, eps_inside_sqrt=False)
-    _lamb_body(spec, spec.grad, lr, beta1, beta2, eps, wd, bias_correction, eps_inside_sqrt)
+    _lamb_body(spec, spec.grad, lr, beta1, beta2, eps, wd, bias_correction, eps_inside_sqrt, lo, hi)
     return spec
 
 

@@ -1,6 +1,8 @@
 """LARS: layer-wise adaptive rate scaling, in the seed talk's form."""
 
-from ..spec import Spec, norm, trust_ratio, where
+import math
+
+from ..spec import Hyper, Spec, clip, norm, trust_ratio, where
 
 DOC = r"""LARS (You, Gitman & Ginsburg, 2017), as on the seed talk's slide, per layer :math:`l`:
 
@@ -12,21 +14,28 @@ DOC = r"""LARS (You, Gitman & Ginsburg, 2017), as on the seed talk's slide, per 
    w_t^l &= w_{t-1}^l - m_t^l \quad (\text{nesterov: } w_{t-1}^l - \mu m_t^l - \gamma r_t^l (g_t^l + \lambda w_{t-1}^l))
    \end{aligned}
 
-with trust coefficient :math:`c` (the slide's :math:`\phi(z) = c z`), learning rate :math:`\gamma`, momentum
+with trust coefficient :math:`c` (the slide's :math:`\phi(z) = c \min(\max(z, lo), hi)`, ``trust_clip=(lo, hi)``,
+no clip by default), learning rate :math:`\gamma`, momentum
 :math:`\mu`, weight decay :math:`\lambda`.
 """
 
 
 def lars() -> Spec:
     spec = Spec("LARS", doc=DOC)
-    lr, momentum, wd, coeff, eps = spec.hyper(
-        lr=1e-3, momentum=0.9, weight_decay=0.0, trust_coefficient=1e-3, eps=0.0
+    lr, momentum, wd, coeff, eps, lo, hi = spec.hyper(
+        lr=1e-3,
+        momentum=0.9,
+        weight_decay=0.0,
+        trust_coefficient=1e-3,
+        eps=0.0,
+        trust_clip=Hyper((0.0, math.inf), finite=False, doc="(lo, hi): phi clips ||w|| into [lo, hi]"),
     )
     nesterov = spec.flag(nesterov=False)
     w, g = spec.param, spec.grad
     m = spec.state("momentum_buffer")
     w_norm, g_norm = norm(w), norm(g)
-    ratio = trust_ratio(coeff * w_norm, g_norm + wd * w_norm + eps, g_norm)
+    # phi(||w||) = c * clip(||w||, lo, hi): the slide's scaling function; (0, inf) is no clip
+    ratio = trust_ratio(coeff * clip(w_norm, lo, hi), g_norm + wd * w_norm + eps, g_norm, w_norm)
     scaled = lr * ratio * (g + wd * w)
     m1 = spec.update(m, momentum * m + scaled)
     spec.update(w, w - where(nesterov, momentum * m1 + scaled, m1))

@@ -1,0 +1,357 @@
+"""Bad specs raise SpecError naming the problem, the user's expression or symbol, and where it was written;
+bad constructor arguments and bad input raise before anything changes."""
+
+import math
+import os
+
+import pytest
+import sympy
+import torch
+from conftest import make_params
+
+import optgen
+import optgen.runtime.optimizer as optimizer_module
+from optgen import Hyper, Spec, SpecError
+from optgen.spec import NewStateSymbol
+
+HERE = os.path.basename(__file__)
+
+
+def _spec():
+    spec = Spec("Bad")
+    lr = spec.hyper(lr=0.1)
+    return spec, lr
+
+
+def _build_raises(make, *fragments, location=True):
+    """``make()`` writes a spec and builds it; a SpecError (at the bad line or at build) names ``fragments``."""
+    with pytest.raises(SpecError) as info:
+        optgen.build(make())
+    message = str(info.value)
+    for fragment in fragments:
+        assert fragment in message, f"{fragment!r} not in {message!r}"
+    if location:
+        assert HERE in message, f"the message does not say where the spec was written: {message!r}"
+    return message
+
+
+def test_undefined_symbol():
+    def make():
+        spec, lr = _spec()
+        spec.update(spec.param, spec.param - lr * sympy.Symbol("z") * spec.grad)
+        return spec
+
+    _build_raises(make, "undefined symbol z", "-g*lr*z + w", "update of the parameter")
+
+
+def test_update_of_undeclared_state():
+    def make():
+        spec, lr = _spec()
+        spec.update(sympy.Symbol("q"), spec.grad)  # raises here, at the line that is wrong
+        spec.update(spec.param, spec.param - lr * spec.grad)
+        return spec
+
+    _build_raises(make, "update() of q", "declared state")
+
+
+def test_state_never_updated():
+    def make():
+        spec, lr = _spec()
+        spec.state("exp_avg")
+        spec.update(spec.param, spec.param - lr * spec.grad)
+        return spec
+
+    _build_raises(make, "'exp_avg'", "never updated")
+
+
+def test_parameter_never_updated():
+    def make():
+        spec, _ = _spec()
+        spec.update(spec.state("m"), spec.grad)
+        return spec
+
+    _build_raises(make, "never updates the parameter", location=False)
+
+
+def test_reduction_of_a_reduction():
+    def make():
+        spec, lr = _spec()
+        spec.update(spec.param, spec.param - lr * optgen.norm(optgen.norm(spec.param)) * spec.grad)
+        return spec
+
+    _build_raises(make, "LayerSum(LayerSum(w**2))", "not element-wise", "reduction of a reduction")
+
+
+def test_reduction_of_a_scalar():
+    def make():
+        spec, lr = _spec()
+        spec.update(spec.param, spec.param - optgen.norm(lr) * spec.grad)
+        return spec
+
+    _build_raises(make, "LayerSum(lr**2)", "not element-wise")
+
+
+@pytest.mark.parametrize("value", [float("nan"), math.inf, -math.inf, Hyper(math.inf), Hyper(float("nan"))],
+                         ids=["nan", "inf", "-inf", "Hyper(inf)", "Hyper(nan)"])
+def test_non_finite_default(value):
+    def make():
+        spec = Spec("Bad")
+        lr = spec.hyper(lr=value)
+        spec.update(spec.param, spec.param - lr * spec.grad)
+        return spec
+
+    _build_raises(make, "'lr'", "not finite")
+
+
+def test_default_outside_its_range():
+    def make():
+        spec = Spec("Bad")
+        lr = spec.hyper(lr=-0.1)
+        spec.update(spec.param, spec.param - lr * spec.grad)
+        return spec
+
+    _build_raises(make, "'lr'", "-0.1", "outside its range")
+
+
+def test_hyperparameter_as_where_condition():
+    def make():
+        spec, lr = _spec()
+        spec.update(spec.param, spec.param - optgen.where(lr, spec.grad, -spec.grad))
+        return spec
+
+    _build_raises(make, "hyperparameter lr", "compile-time flag")
+
+
+def test_hyperparameter_as_raw_piecewise_condition():
+    def make():
+        spec, lr = _spec()
+        spec.update(spec.param, spec.param - sympy.Piecewise((spec.grad, lr), (0, True)))
+        return spec
+
+    _build_raises(make, "hyperparameter lr", "compile-time flag")
+
+
+def test_flag_in_arithmetic():
+    def make():
+        spec, lr = _spec()
+        fancy = spec.flag(fancy=True)
+        spec.update(spec.param, spec.param - lr * fancy * spec.grad)
+        return spec
+
+    _build_raises(make, "flag fancy", "arithmetic", "-fancy*g*lr + w")
+
+
+def test_flag_in_where_is_fine():
+    spec, lr = _spec()
+    fancy = spec.flag(fancy=True)
+    spec.update(spec.param, spec.param - lr * optgen.where(fancy, 2 * spec.grad, spec.grad))
+    cls = optgen.build(spec)
+    for fancy_value, factor in ((True, 2.0), (False, 1.0)):
+        (p,) = make_params([(3,)])
+        before = p.detach().clone()
+        p.grad = torch.ones(3)
+        cls([p], lr=0.5, fancy=fancy_value, backend="torch").step()
+        assert torch.equal(p.detach(), before - 0.5 * factor)
+
+
+def test_same_state_updated_twice():
+    def make():
+        spec, lr = _spec()
+        m = spec.state("m")
+        spec.update(m, spec.grad)
+        spec.update(m, 2 * spec.grad)
+        spec.update(spec.param, spec.param - lr * spec.grad)
+        return spec
+
+    _build_raises(make, "update() of m", "already updated")
+
+
+def test_parameter_updated_twice():
+    def make():
+        spec, lr = _spec()
+        spec.update(spec.param, spec.param - lr * spec.grad)
+        spec.update(spec.param, spec.param)
+        return spec
+
+    _build_raises(make, "update() of param", "already updated")
+
+
+def test_cycle_between_new_values():
+    def make():
+        spec, lr = _spec()
+        a, b = spec.state("a"), spec.state("b")
+        a_new = spec.update(a, NewStateSymbol("b_new") + spec.grad)  # b's new value, before b is updated
+        spec.update(b, a_new + spec.grad)
+        spec.update(spec.param, spec.param - lr * a_new)
+        return spec
+
+    _build_raises(make, "cycle", "a -> b -> a", location=False)
+
+
+def test_new_value_refers_to_itself():
+    def make():
+        spec, lr = _spec()
+        a = spec.state("a")
+        a_new = spec.update(a, NewStateSymbol("a_new") + spec.grad)
+        spec.update(spec.param, spec.param - lr * a_new)
+        return spec
+
+    _build_raises(make, "refers to itself", "a_new")
+
+
+def test_state_initial_value_must_not_use_the_gradient():
+    def make():
+        spec, lr = _spec()
+        a = spec.state("a", init=spec.grad)
+        spec.update(a, spec.grad)
+        spec.update(spec.param, spec.param - lr * a)
+        return spec
+
+    _build_raises(make, "'a'", "initial value g")
+
+
+@pytest.mark.parametrize("name", ["w", "g", "t", "lr", "step", "tmp0", "red_1", "_x", "m_new", "not an id"])
+def test_reserved_or_taken_names(name):
+    spec, _ = _spec()
+    with pytest.raises(SpecError, match="name"):
+        spec.state(name)
+
+
+def test_unknown_flag_in_lower():
+    from optgen.ir import lower
+
+    with pytest.raises(SpecError, match="no flag 'nesterov'"):
+        lower(optgen.BUILTINS["lamb"](), {"nesterov": True})
+
+
+# --------------------------------------------------------------------------------------------------
+# Constructor errors
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cls", [optgen.SGD, optgen.Adam, optgen.AdamW, optgen.LARS, optgen.LAMB, optgen.NVLAMB],
+                         ids=lambda c: c.__name__)
+def test_negative_lr(cls):
+    with pytest.raises(ValueError, match=r"Invalid lr value: -0\.1"):
+        cls(make_params([(3,)]), lr=-0.1)
+
+
+@pytest.mark.parametrize("betas,bad", [((0.9, 1.0), r"betas\[1\]"), ((-0.1, 0.99), r"betas\[0\]"),
+                                       ((1.5, 0.99), r"betas\[0\]"), ((0.9,), "betas")])
+@pytest.mark.parametrize("cls", [optgen.Adam, optgen.AdamW, optgen.LAMB, optgen.NVLAMB], ids=lambda c: c.__name__)
+def test_betas_outside_unit_interval(cls, betas, bad):
+    with pytest.raises(ValueError, match=f"Invalid {bad} value"):
+        cls(make_params([(3,)]), betas=betas)
+
+
+def test_bad_values_in_a_param_group():
+    (p,) = make_params([(3,)])
+    with pytest.raises(ValueError, match="Invalid weight_decay value"):
+        optgen.AdamW([dict(params=[p], weight_decay=-1.0)])
+    with pytest.raises(ValueError, match="Invalid eps value"):
+        optgen.LAMB([dict(params=[p], eps=float("inf"))])
+    with pytest.raises(ValueError, match="Invalid layer_adaptation value"):
+        optgen.LAMB([dict(params=[p], layer_adaptation=0.5)])
+    with pytest.raises(ValueError, match="Invalid max_grad_norm value"):
+        optgen.NVLAMB([p], max_grad_norm=0.0)
+
+
+@pytest.mark.parametrize("kwargs", [dict(momentum=0.0), dict(momentum=0.9, dampening=0.1)],
+                         ids=["no_momentum", "dampening"])
+def test_sgd_bad_nesterov(kwargs):
+    params = make_params([(3,)])
+    with pytest.raises(ValueError, match="Nesterov momentum requires a momentum and zero dampening"):
+        optgen.SGD(params, lr=0.1, nesterov=True, **kwargs)
+    # also when a param group brings the bad combination
+    opt = optgen.SGD(params, lr=0.1, momentum=0.9, nesterov=True)
+    with pytest.raises(ValueError, match="Nesterov momentum requires a momentum and zero dampening"):
+        opt.add_param_group(dict(params=make_params([(2,)]), **kwargs))
+    optgen.SGD(params, lr=0.1, nesterov=False, **kwargs)  # fine without nesterov
+
+
+def test_flags_and_backend_checked():
+    params = make_params([(3,)])
+    with pytest.raises(ValueError, match="Invalid bias_correction value"):
+        optgen.LAMB(params, bias_correction=1)
+    with pytest.raises(ValueError, match="Invalid backend"):
+        optgen.LAMB(params, backend="cuda")
+    with pytest.raises(TypeError):
+        optgen.LAMB(params, momentum=0.9)  # not an argument of LAMB
+
+
+def test_empty_param_list():
+    with pytest.raises(ValueError, match="empty parameter list"):
+        optgen.AdamW([])
+
+
+def test_complex_parameters_rejected():
+    with pytest.raises(ValueError, match="complex"):
+        optgen.AdamW([torch.nn.Parameter(torch.zeros(3, dtype=torch.complex64))])
+
+
+# --------------------------------------------------------------------------------------------------
+# Bad input at step time raises before anything changes
+# --------------------------------------------------------------------------------------------------
+
+
+def _snapshot(opt, params):
+    return [p.detach().clone() for p in params], [
+        {k: v.clone() for k, v in opt.state[p].items()} for p in params
+    ]
+
+
+@pytest.mark.parametrize("cls", [optgen.AdamW, optgen.LAMB], ids=lambda c: c.__name__)
+def test_sparse_gradient_raises_before_anything_changes(cls, backend):
+    params = make_params([(4,), (5, 3), (7,)], zero=())
+    opt = cls(params, lr=0.1, backend=backend)
+    for p in params:
+        p.grad = torch.randn(p.shape)
+    opt.step()  # states exist now
+    values, states = _snapshot(opt, params)
+    for p in params:
+        p.grad = torch.randn(p.shape)
+    params[1].grad = torch.randn(5, 3).to_sparse()  # the first parameter's gradient is fine: still nothing moves
+    with pytest.raises(RuntimeError, match="sparse"):
+        opt.step()
+    for i, p in enumerate(params):
+        assert torch.equal(p.detach(), values[i])
+        assert set(opt.state[p]) == set(states[i])
+        for k, v in states[i].items():
+            assert torch.equal(opt.state[p][k], v), (i, k)
+
+
+def test_sparse_gradient_on_first_step_creates_no_state(backend):
+    params = make_params([(4,), (5, 3)], zero=())
+    values = [p.detach().clone() for p in params]
+    opt = optgen.AdamW(params, backend=backend)
+    params[0].grad = torch.randn(4)
+    params[1].grad = torch.randn(5, 3).to_sparse()
+    with pytest.raises(RuntimeError, match="sparse"):
+        opt.step()
+    assert len(opt.state) == 0
+    assert all(torch.equal(p.detach(), v) for p, v in zip(params, values))
+
+
+def test_triton_on_cpu_without_interpreter_env(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        optgen.AdamW(make_params([(3,)]), backend="triton")
+
+
+def test_triton_on_cpu_without_interpreter_function(monkeypatch):
+    monkeypatch.setattr(optimizer_module, "triton_interpreting", lambda: False)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        optgen.LAMB(make_params([(3,)]), backend="triton")
+    optgen.LAMB(make_params([(3,)]), backend="auto")  # auto picks torch on CPU
+    optgen.LAMB(make_params([(3,)]), backend="torch")
+
+
+def test_triton_interpreter_turned_off_before_step(monkeypatch):
+    params = make_params([(3,)], zero=())
+    before = params[0].detach().clone()
+    opt = optgen.AdamW(params, backend="triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "")
+    params[0].grad = torch.ones(3)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        opt.step()
+    assert torch.equal(params[0].detach(), before)
