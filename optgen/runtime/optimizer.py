@@ -23,6 +23,7 @@ from ..codegen.printers import torch_code
 from ..codegen.render import source_hash
 from ..ir import lower
 from ..spec import BoolHyperSymbol, HyperSymbol, Spec, SpecError
+from . import distributed
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -77,7 +78,7 @@ class GeneratedOptimizer(torch.optim.Optimizer):
             self._check_value(key, value)
         self._check_requirements(defaults, "defaults")
         self._backend_choice = backend
-        self._backends: dict[str, object] = {}
+        self._backends = _Backends()
         self._scratch: dict[tuple[int, str], torch.Tensor] = {}
         super().__init__(params, defaults)
         if backend == "triton":
@@ -223,7 +224,7 @@ class GeneratedOptimizer(torch.optim.Optimizer):
             choice = "triton" if device.type == "cuda" else "torch"
         if choice == "triton" and device.type == "cpu" and not triton_interpreting():
             raise RuntimeError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1")
-        key = choice if plan is self._plan else f"{choice}:{source_hash(plan)}"
+        key = (choice, str(device), source_hash(plan))
         if key not in self._backends:
             if choice == "torch":
                 from .torch_backend import TorchBackend
@@ -260,9 +261,13 @@ class GeneratedOptimizer(torch.optim.Optimizer):
             return loss
         amp_mode, device_scalars = self._amp()
         plan = self._variant(amp_mode)
+        reducer = self._reducer([p for _, p, _ in collected])
         items = []
         for group, p, grad in collected:
             state = self._init_state(p, group)
+            if distributed.is_dtensor(p):  # FSDP2: the backends work on the local shards
+                state = self._local_state(p, state)
+                p, grad = p.to_local(), distributed.local(grad)
             items.append((p, grad, state, self._group_values(group)))
         by_backend: dict[int, tuple] = {}
         for item in items:
@@ -271,8 +276,25 @@ class GeneratedOptimizer(torch.optim.Optimizer):
         for backend, backend_items in by_backend.values():
             device = backend_items[0][0].device
             scalars = {k: v.to(device=device, dtype=torch.float32, non_blocking=True).reshape(1) for k, v in device_scalars.items()}
-            backend.step(backend_items, self._scratch_of, scalars)
+            backend.step(backend_items, self._scratch_of, scalars, reducer)
         return loss
+
+    def _reducer(self, params):
+        """The all-reduce of partial tables between passes when parameters are sharded (see distributed)."""
+        group = distributed.shard_group(params, type(self).__name__)
+        if group is None:
+            return None
+        if getattr(self, "_shard_reducer", None) is None or self._shard_reducer.group is not group:
+            self._shard_reducer = distributed.ShardReducer(group)
+        return self._shard_reducer
+
+    def _local_state(self, param, state):
+        cache = self.__dict__.setdefault("_local_states", {})
+        view = cache.get(param)
+        if view is None or not view.current(state):
+            view = distributed.LocalState(state)
+            cache[param] = view
+        return view
 
     def load_state_dict(self, state_dict: dict) -> None:
         """torch's load, then states keep their saved dtype (torch casts floating state to the parameter's
@@ -300,6 +322,18 @@ class GeneratedOptimizer(torch.optim.Optimizer):
     def plan(self):
         """The pass plan of the chosen variant (``print(opt.plan.describe())``)."""
         return self._plan
+
+
+class _Backends(dict):
+    """Backends by (kind, device, plan); ``backends["triton"]`` is the only one of that kind (inspection)."""
+
+    def __getitem__(self, key):
+        if isinstance(key, str):
+            found = [b for k, b in self.items() if k[0] == key]
+            if len(found) != 1:
+                raise KeyError(f"{len(found)} {key} backends: name one by (kind, device, plan hash)")
+            return found[0]
+        return super().__getitem__(key)
 
 
 def _all_full_precision(params) -> bool:

@@ -38,7 +38,7 @@ class TorchBackend:
             self._hyper_cache[key] = cached
         return cached
 
-    def step(self, items, scratch_of, device_scalars=None) -> None:
+    def step(self, items, scratch_of, device_scalars=None, reducer=None) -> None:
         """``items``: one per parameter with a gradient: (param, grad, state dict, hyper values tuple)."""
         plan = self.plan
         device_scalars = device_scalars or {}
@@ -67,16 +67,22 @@ class TorchBackend:
                 kwargs.update({d: device_scalars[d].reshape(()) for d in p.device_scalars})
                 kwargs.update({plan.slots[k].name: reds[plan.slots[k].name] for k in p.consumes})
                 results.append(fn(**kwargs))
+            if not p.produces:
+                continue
+            # The [tensors, slots] table of partials; sharded, one all-reduce makes every value exact.
+            table = torch.stack([torch.stack([v.to(torch.float64) for v in r]) for r in results])
+            if reducer is not None:
+                reducer(table, [plan.slots[k].op for k, _ in p.produces])
             for col, (k, _) in enumerate(p.produces):
                 slot = plan.slots[k]
-                values = [r[col] for r in results]
+                column = table[:, col]
                 if slot.scope == "layer":
-                    for reds, value in zip(finished, values):
-                        reds[slot.name] = value
+                    values = column.unbind()
                 else:
-                    total = _combine_global(values, slot.op)
-                    for reds, (_, dtype, t, _, _) in zip(finished, contexts):
-                        reds[slot.name] = total.to(device=t.device, dtype=dtype)
+                    total = column.sum() if slot.op == "sum" else column.amax()
+                    values = [total] * len(items)
+                for reds, value, (_, dtype, _, _, _) in zip(finished, values, contexts):
+                    reds[slot.name] = value.to(dtype=dtype)
         steps = [state["step"] for _, _, state, _ in items]
         last = plan.passes[-1]
         advance = self.module.step_advance(**{d: device_scalars[d].reshape(()) for d in last.device_scalars})
@@ -85,13 +91,6 @@ class TorchBackend:
                 step.add_(advance.to(device=step.device, dtype=step.dtype))
         else:
             torch._foreach_add_(steps, advance)
-
-
-def _combine_global(values: list[torch.Tensor], op: str) -> torch.Tensor:
-    """Sum (or max) of per-tensor values across devices and dtypes, in parameter order."""
-    device = values[0].device
-    stacked = torch.stack([v.to(device=device, dtype=torch.float64 if v.dtype == torch.float64 else torch.float32) for v in values])
-    return stacked.sum() if op == "sum" else stacked.amax()
 
 
 def _buffers_of(p) -> list[str]:

@@ -121,8 +121,8 @@ class _Tables:
         for p in plan.passes:
             if p.produces:
                 self.partials[p.index] = torch.empty(max(n_chunks, 1), len(p.produces), dtype=torch.float32, device=device)
-                if p.reduce_after:
-                    self.layer[p.index] = torch.empty(self.n_tensors, len(p.produces), dtype=torch.float32, device=device)
+                # per-layer values (and, when sharded, the table that is all-reduced)
+                self.layer[p.index] = torch.empty(self.n_tensors, len(p.produces), dtype=torch.float32, device=device)
 
     def still_valid(self, items) -> bool:
         if _key(items) != self.key:
@@ -206,9 +206,9 @@ class TritonBackend:
             tables.refresh(items)
         return tables
 
-    def step(self, items, scratch_of, device_scalars=None) -> None:
-        for p, *_ in items:
-            if not p.is_contiguous() or not p.grad.is_contiguous():
+    def step(self, items, scratch_of, device_scalars=None, reducer=None) -> None:
+        for p, grad, *_ in items:
+            if not p.is_contiguous() or not grad.is_contiguous():
                 raise RuntimeError(
                     "the Triton backend needs contiguous parameters and gradients (got a non-contiguous "
                     f"tensor of shape {tuple(p.shape)}); use backend='torch' for views"
@@ -217,11 +217,12 @@ class TritonBackend:
         t = self._tables_for(items, scratch_of)
         cfg = self.config
         plan = self.plan
+        reduced = set()  # passes whose partials were folded into [tensors, slots] this step
         for p, kernel, reduce_kernel in zip(plan.passes, self.module.PASSES, self.module.REDUCES):
             buffers = _pass_buffers(p, plan)
             tables = []
             for producer in sorted({_producer(plan, k) for k in p.consumes}):
-                if producer in t.layer:
+                if producer in reduced:
                     tables += [t.layer[producer], t.n_tensors]
                 else:
                     tables += [t.partials[producer], t.n_chunks]
@@ -246,11 +247,17 @@ class TritonBackend:
                     num_warps=cfg.num_warps,
                 )
                 self.launches += 1
-            if p.reduce_after and t.n_chunks:
-                reduce_kernel[(t.n_tensors,)](
-                    t.partials[p.index], t.first_chunk, t.n_chunks_of, t.layer[p.index], BLOCK=cfg.reduce_block
-                )
-                self.launches += 1
+            # Sharded: every pass with partials is folded per tensor and all-reduced (one collective), so
+            # global values are exact too; otherwise only per-layer partials need the segment-reduce.
+            if p.produces and (p.reduce_after or reducer is not None):
+                if t.n_tensors:
+                    reduce_kernel[(t.n_tensors,)](
+                        t.partials[p.index], t.first_chunk, t.n_chunks_of, t.layer[p.index], BLOCK=cfg.reduce_block
+                    )
+                    self.launches += 1
+                if reducer is not None:
+                    reducer(t.layer[p.index], [plan.slots[k].op for k, _ in p.produces])
+                reduced.add(p.index)
         if t.empty_steps:  # zero-size parameters: no chunk, no kernel; the step still advances
             advance = load_module(plan, "torch").step_advance(
                 **{d: device_scalars[d].reshape(()) for d in plan.passes[-1].device_scalars}
@@ -260,6 +267,7 @@ class TritonBackend:
 
 
 def _pass_buffers(p, plan) -> list[str]:
+    """Buffers a pass touches, in the order of its kernel's address arguments."""
     used = {ld.buffer for ld in p.loads} | {b for b, _ in p.stores}
     return [b for b in plan.buffers if b in used]
 

@@ -1,0 +1,106 @@
+"""Sharded parameters (FSDP2 / DTensor): exact layer-wise norms with one collective per pass boundary.
+
+Under ``torch.distributed.fsdp.fully_shard`` every parameter is a DTensor sharded on dim 0 (uneven shards
+allowed), so each rank holds a slice of each layer. A trust ratio computed on the slice would be wrong. The
+backends therefore run every pass on the local shards and, between passes, hand this module the
+``[tensors, slots]`` table of partial reductions; ONE ``all_reduce`` of that table over the shard group
+(sum columns; max columns in a second call only if the plan has max reductions) makes every per-layer and
+global value exact. DTensor's own per-op reductions are never used (they would be one collective per tensor).
+
+Replicated parameters (DDP, plain tensors) need no collective. On a 2-D mesh (HSDP: Replicate x Shard) the
+table is reduced over the shard dimension only: the replicas hold the same values.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+try:
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+except ImportError:  # torch without DTensor: nothing is ever sharded
+    DTensor = None
+
+
+def is_dtensor(tensor) -> bool:
+    return DTensor is not None and isinstance(tensor, DTensor)
+
+
+def local(tensor):
+    return tensor.to_local() if is_dtensor(tensor) else tensor
+
+
+def shard_group(params, optimizer_name: str):
+    """The process group the partial sums must be reduced over (None when nothing is sharded).
+
+    Raises a clear error for layouts whose layer norms cannot be assembled by one all-reduce: a shard on a
+    dimension other than 0, partial placements, or parameters on different meshes.
+    """
+    groups = {}
+    for p in params:
+        if not is_dtensor(p):
+            continue
+        mesh = p.device_mesh
+        shard_dims = []
+        for mesh_dim, placement in enumerate(p.placements):
+            if isinstance(placement, Shard):
+                if placement.dim != 0:
+                    raise ValueError(
+                        f"{optimizer_name}: a parameter is sharded on dim {placement.dim}; layer-wise norms "
+                        "support parameters sharded on dim 0 (FSDP2's layout) or replicated"
+                    )
+                shard_dims.append(mesh_dim)
+            elif not isinstance(placement, Replicate):
+                raise ValueError(f"{optimizer_name}: unsupported DTensor placement {placement} (use Shard(0)/Replicate)")
+        if len(shard_dims) > 1:
+            raise ValueError(f"{optimizer_name}: a parameter is sharded over {len(shard_dims)} mesh dimensions")
+        if shard_dims:
+            groups[(id(mesh), shard_dims[0])] = (mesh, shard_dims[0])
+    if not groups:
+        return None
+    if len(groups) > 1:
+        raise ValueError(
+            f"{optimizer_name}: parameters are sharded over different meshes or mesh dimensions; one optimizer "
+            "reduces its layer norms over one shard group (use one optimizer per mesh)"
+        )
+    mesh, dim = next(iter(groups.values()))
+    return mesh.get_group(dim)
+
+
+class ShardReducer:
+    """All-reduces a ``[tensors, slots]`` partial table in place; counts its collectives (tests read it)."""
+
+    def __init__(self, group):
+        self.group = group
+        self.collectives = 0
+
+    def __call__(self, table: torch.Tensor, ops: list[str]) -> None:
+        if all(op == "sum" for op in ops):
+            dist.all_reduce(table, op=dist.ReduceOp.SUM, group=self.group)
+            self.collectives += 1
+            return
+        for op_name, reduce_op in (("sum", dist.ReduceOp.SUM), ("max", dist.ReduceOp.MAX)):
+            columns = [i for i, op in enumerate(ops) if op == op_name]
+            if columns:
+                part = table[:, columns].contiguous()
+                dist.all_reduce(part, op=reduce_op, group=self.group)
+                table[:, columns] = part
+                self.collectives += 1
+
+
+class LocalState(dict):
+    """The local shards of one parameter's state, as the backends see it; ``step`` writes through, so the
+    Triton backend's step-table view lands in the real state."""
+
+    def __init__(self, state: dict):
+        super().__init__({k: local(v) for k, v in state.items()})
+        self.state = state
+        self.sources = {k: id(v) for k, v in state.items()}
+
+    def current(self, state: dict) -> bool:
+        return state is self.state and self.sources == {k: id(v) for k, v in state.items()}
+
+    def __setitem__(self, key, value):
+        super().__setitem__(key, value)
+        self.state[key] = value
+        self.sources[key] = id(value)
