@@ -54,9 +54,10 @@ def reference(backend):
 def worker(rank, world, backend, mode, out_path, port):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    import optgen
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
+
+    import optgen
 
     results, collectives = {}, {}
     for name, kwargs in OPTIMIZERS.items():

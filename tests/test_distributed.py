@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import BACKENDS
 
 WORKER = Path(__file__).with_name("dist_worker.py")
