@@ -57,7 +57,8 @@ def clip_grad_norm(ir: IR) -> IR:
     from .spec import HyperSymbol
 
     max_norm = HyperSymbol("max_grad_norm")
-    clipped = GRAD / sympy.Max(1, sympy.sqrt(GlobalSum(GRAD**2)) / max_norm)
+    # Unevaluated: sympy would distribute (g/c)**2 into g**2/c**2, which overflows for large g.
+    clipped = sympy.UnevaluatedExpr(GRAD / sympy.Max(1, sympy.sqrt(GlobalSum(GRAD**2)) / max_norm))
     decl = HyperDecl(
         name="max_grad_norm",
         default=1.0,

@@ -63,6 +63,9 @@ class _FloatPrinter(PythonCodePrinter):
     def _print_Symbol(self, expr):
         return expr.name
 
+    def _print_UnevaluatedExpr(self, expr):
+        return self._paren(expr.args[0])
+
     def _print_NumberSymbol(self, expr):
         return repr(float(expr))
 

@@ -142,16 +142,7 @@ def _pass_context(plan: Plan, p: Pass, printer, scalar_printer) -> dict:
             }
             for b, e in p.stores
         ],
-        "produces": [
-            {
-                "name": slots[k].name,
-                "column": produced_columns[k],
-                "op": slots[k].op,
-                "identity": IDENTITY[slots[k].op],
-                "code": code(e),
-            }
-            for k, e in p.produces
-        ],
+        "produces": [_partial_context(slots[k], produced_columns[k], e, code) for k, e in p.produces],
         "n_partials": len(p.produces),
         "hypers": [{"name": h, "column": hyper_columns[h]} for h in p.hypers],
         "layer_reads": layer_reads,
@@ -163,6 +154,20 @@ def _pass_context(plan: Plan, p: Pass, printer, scalar_printer) -> dict:
         "device_scalars": list(p.device_scalars),
         "step_advance": scalar_code(p.step_advance),
         "args": [*buffers, "dtype", "t", *p.hypers, *p.device_scalars, *(slots[k].name for k in p.consumes)],
+    }
+
+
+def _partial_context(slot, column: int, expr, code) -> dict:
+    """A reduction's per-element contribution. Partials accumulate in fp64; a square is formed in fp64 from
+    its fp32 base, so ||g||^2 of gradients near 1e30 (or 1e-30) neither overflows nor underflows."""
+    square = isinstance(expr, sympy.Pow) and expr.exp == 2
+    return {
+        "name": slot.name,
+        "column": column,
+        "op": slot.op,
+        "identity": IDENTITY[slot.op],
+        "square": square,
+        "code": code(expr.base if square else expr),
     }
 
 

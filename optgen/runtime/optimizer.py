@@ -216,6 +216,7 @@ class GeneratedOptimizer(torch.optim.Optimizer):
                 if p.is_complex() or grad.is_complex():
                     raise RuntimeError(f"{type(self).__name__} does not support complex parameters")
                 items.append((group, p, grad))
+        _check_no_shared_memory([p for _, p, _ in items], type(self).__name__)
         return items
 
     def _backend_for(self, device: torch.device, plan):
@@ -322,6 +323,39 @@ class GeneratedOptimizer(torch.optim.Optimizer):
     def plan(self):
         """The pass plan of the chosen variant (``print(opt.plan.describe())``)."""
         return self._plan
+
+
+def _memory_span(t: torch.Tensor) -> tuple[int, int]:
+    """Byte range [start, end) a (possibly strided) tensor can touch in its storage."""
+    size = t.element_size()
+    start = t.storage_offset() * size
+    extent = sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride())) + 1 if t.numel() else 0
+    return start, start + extent * size
+
+
+def _check_no_shared_memory(params, name: str) -> None:
+    """Two parameters in one optimizer that overlap in memory would each be updated from a value the other
+    already changed (torch's for-loop order, a race in one launch): refused, before anything changes."""
+    spans = {}
+    for p in params:
+        if p.numel() == 0:
+            continue
+        p = p.to_local() if hasattr(p, "to_local") else p
+        start, end = _memory_span(p)
+        spans.setdefault(p.untyped_storage().data_ptr(), []).append((start, end, tuple(p.shape)))
+    for ranges in spans.values():
+        if len(ranges) < 2:
+            continue
+        ranges.sort()
+        reach, shape0 = ranges[0][1], ranges[0][2]
+        for s1, e1, shape1 in ranges[1:]:
+            if s1 < reach:
+                raise RuntimeError(
+                    f"{name}: two parameters share memory (shapes {shape0} and {shape1}); an optimizer cannot "
+                    "update overlapping parameters consistently: pass the shared tensor once"
+                )
+            if e1 > reach:
+                reach, shape0 = e1, shape1
 
 
 class _Backends(dict):

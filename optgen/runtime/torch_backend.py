@@ -58,7 +58,7 @@ class TorchBackend:
             results = []
             for (buffers, dtype, t, hypers, empty), reds in zip(contexts, finished):
                 if empty:  # nothing to update; contributes the identity to every reduction
-                    results.append(tuple(torch.full((), plan.slots[k].identity, device=t.device, dtype=dtype) for k, _ in p.produces))
+                    results.append(tuple(torch.full((), plan.slots[k].identity, device=t.device, dtype=torch.float64) for k, _ in p.produces))
                     continue
                 kwargs = {b: buffers[b] for b in _buffers_of(p)}
                 kwargs["dtype"] = dtype
@@ -81,8 +81,8 @@ class TorchBackend:
                 else:
                     total = column.sum() if slot.op == "sum" else column.amax()
                     values = [total] * len(items)
-                for reds, value, (_, dtype, _, _, _) in zip(finished, values, contexts):
-                    reds[slot.name] = value.to(dtype=dtype)
+                for reds, value in zip(finished, values):
+                    reds[slot.name] = value  # fp64, like the per-step scalars it feeds
         steps = [state["step"] for _, _, state, _ in items]
         last = plan.passes[-1]
         advance = self.module.step_advance(**{d: device_scalars[d].reshape(()) for d in last.device_scalars})

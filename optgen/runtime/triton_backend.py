@@ -120,9 +120,9 @@ class _Tables:
         self.layer = {}
         for p in plan.passes:
             if p.produces:
-                self.partials[p.index] = torch.empty(max(n_chunks, 1), len(p.produces), dtype=torch.float32, device=device)
+                self.partials[p.index] = torch.empty(max(n_chunks, 1), len(p.produces), dtype=torch.float64, device=device)
                 # per-layer values (and, when sharded, the table that is all-reduced)
-                self.layer[p.index] = torch.empty(self.n_tensors, len(p.produces), dtype=torch.float32, device=device)
+                self.layer[p.index] = torch.empty(self.n_tensors, len(p.produces), dtype=torch.float64, device=device)
 
     def still_valid(self, items) -> bool:
         if _key(items) != self.key:
@@ -175,6 +175,19 @@ class _Tables:
         self.values = values
 
 
+class _StagedState(dict):
+    """A parameter's state with contiguous twins in place of non-contiguous tensors; ``step`` writes through
+    (the step-table view must land in the real state)."""
+
+    def __init__(self, state: dict):
+        super().__init__(state)
+        self.state = state
+
+    def __setitem__(self, key, value):
+        super().__setitem__(key, value)
+        self.state[key] = value
+
+
 def _key(items):
     """What the tables depend on: the tensors and the storage of parameters and states (gradients and
     hyperparameters are refreshed in place, see ``_Tables.refresh``)."""
@@ -192,6 +205,7 @@ class TritonBackend:
         self.module = load_module(plan, "triton")
         self.config = config or default_config()
         self._tables: _Tables | None = None
+        self._staging: dict[int, tuple] = {}
         self.launches = 0  # kernel launches issued (tests count them)
 
     def invalidate(self) -> None:
@@ -206,13 +220,39 @@ class TritonBackend:
             tables.refresh(items)
         return tables
 
+    def _stage(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A persistent contiguous twin of a non-contiguous tensor (a transposed or sliced view)."""
+        buf = self._staging.get(id(tensor))
+        if buf is None or buf[0] is not tensor:
+            buf = (tensor, torch.empty(tensor.shape, dtype=tensor.dtype, device=tensor.device))
+            self._staging[id(tensor)] = buf
+        buf[1].copy_(tensor)
+        return buf[1]
+
+    def _contiguous(self, items):
+        """Kernels address flat memory: non-contiguous parameters and states run on contiguous twins that are
+        copied back after the launches (extra copy kernels for those tensors only); gradients are copied."""
+        staged, out = [], []
+        for p, grad, state, values in items:
+            if not p.is_contiguous():
+                twin = self._stage(p)
+                staged.append((p, twin))
+                p = twin
+            if not grad.is_contiguous():
+                grad = grad.contiguous()
+            if any(isinstance(v, torch.Tensor) and k != "step" and not v.is_contiguous() for k, v in state.items()):
+                view = _StagedState(state)
+                for k, v in state.items():
+                    if k != "step" and isinstance(v, torch.Tensor) and not v.is_contiguous():
+                        twin = self._stage(v)
+                        staged.append((v, twin))
+                        dict.__setitem__(view, k, twin)
+                state = view
+            out.append((p, grad, state, values))
+        return out, staged
+
     def step(self, items, scratch_of, device_scalars=None, reducer=None) -> None:
-        for p, grad, *_ in items:
-            if not p.is_contiguous() or not grad.is_contiguous():
-                raise RuntimeError(
-                    "the Triton backend needs contiguous parameters and gradients (got a non-contiguous "
-                    f"tensor of shape {tuple(p.shape)}); use backend='torch' for views"
-                )
+        items, staged = self._contiguous(items)
         device_scalars = device_scalars or {}
         t = self._tables_for(items, scratch_of)
         cfg = self.config
@@ -258,6 +298,8 @@ class TritonBackend:
                 if reducer is not None:
                     reducer(t.layer[p.index], [plan.slots[k].op for k, _ in p.produces])
                 reduced.add(p.index)
+        for original, twin in staged:
+            original.copy_(twin)
         if t.empty_steps:  # zero-size parameters: no chunk, no kernel; the step still advances
             advance = load_module(plan, "torch").step_advance(
                 **{d: device_scalars[d].reshape(()) for d in plan.passes[-1].device_scalars}

@@ -1,0 +1,120 @@
+"""Hardening: numerical edge cases, edge tensors and bad input, on both backends.
+
+Policies (also in README.md):
+* gradients of 1e30, 1e-30 or denormals keep LAMB/LARS/NVLAMB finite: reductions accumulate squares in fp64;
+* a NaN or Inf gradient propagates into the parameters, as torch.optim does, unless GradScaler's found_inf
+  is given (then the step is skipped);
+* non-contiguous parameters are updated exactly like contiguous twins;
+* parameters that overlap in memory are refused before anything changes.
+"""
+
+import pytest
+import torch
+from conftest import assert_bitwise
+
+import optgen
+
+LAYERWISE = ["LAMB", "LARS", "NVLAMB"]
+
+
+@pytest.mark.parametrize("scale", [1e30, 1e-30, 1e-40])
+@pytest.mark.parametrize("name", LAYERWISE)
+def test_extreme_gradients_stay_finite(name, scale, backend):
+    torch.manual_seed(0)
+    params = [torch.randn(300).requires_grad_(), torch.randn(7, 3).requires_grad_(), torch.zeros(5).requires_grad_()]
+    before = [p.detach().clone() for p in params]
+    opt = getattr(optgen, name)(params, lr=1e-2, backend=backend)
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=generator) * scale
+        opt.step()
+    for p, b in zip(params, before):
+        assert torch.isfinite(p).all(), (name, scale)
+        if b.norm() > 0:  # the trust ratio bounds a layer's step by lr * ||w||: no blow-up
+            assert (p - b).norm() <= 3 * 1e-2 * b.norm().item() + 1e-6
+
+
+def test_lamb_step_is_invariant_to_gradient_scale(backend):
+    """LAMB's update direction m/sqrt(v) does not depend on the gradient's scale (eps aside): 1e-20 and 1e20
+    gradients give the same parameters as unit gradients when eps is negligible."""
+    results = []
+    for scale in (1e-15, 1.0, 1e15):
+        torch.manual_seed(0)
+        params = [torch.randn(40).requires_grad_(), torch.randn(6, 5).requires_grad_()]
+        opt = optgen.LAMB(params, lr=1e-2, eps=1e-30, weight_decay=0.0, backend=backend)
+        generator = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=generator) * scale
+            opt.step()
+        results.append([p.detach().clone() for p in params])
+    for other in (results[0], results[2]):
+        for a, b in zip(other, results[1]):
+            assert (a - b).abs().max() <= 1e-5 * b.abs().max()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("name", ["AdamW", "LAMB"])
+def test_nan_inf_gradients_propagate_like_torch(name, bad, backend):
+    param = torch.randn(10).requires_grad_()
+    opt = getattr(optgen, name)([param], lr=1e-2, backend=backend)
+    grad = torch.randn(10)
+    grad[3] = bad
+    param.grad = grad
+    opt.step()
+    reference = torch.randn(10).requires_grad_()
+    torch_opt = torch.optim.AdamW([reference], lr=1e-2)
+    reference.grad = grad.clone()
+    torch_opt.step()
+    # torch: the bad element becomes NaN; a layer-wise optimizer spreads it through the layer norm
+    assert torch.isnan(param[3]) == torch.isnan(reference[3])
+    assert not torch.isfinite(param).all()
+
+
+def test_non_contiguous_parameters_match_contiguous_twins(backend):
+    torch.manual_seed(0)
+    transposed = torch.randn(40, 30).t().requires_grad_()
+    storage = torch.randn(20, 50)
+    sliced = storage[:, 5:17].detach().requires_grad_()
+    twins = [transposed.detach().contiguous().clone().requires_grad_(), sliced.detach().contiguous().clone().requires_grad_()]
+    opt = optgen.LAMB([transposed, sliced], lr=1e-2, backend=backend)
+    twin_opt = optgen.LAMB(twins, lr=1e-2, backend=backend)
+    untouched = storage[:, :5].clone()
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        grads = [torch.randn(t.shape, generator=generator) for t in twins]
+        transposed.grad, sliced.grad = grads[0].t().contiguous().t(), grads[1]
+        twins[0].grad, twins[1].grad = grads[0].clone(), grads[1].clone()
+        opt.step()
+        twin_opt.step()
+    assert not transposed.is_contiguous() and not sliced.is_contiguous()
+    assert_bitwise(transposed.detach().contiguous(), twins[0].detach())
+    assert_bitwise(sliced.detach().contiguous(), twins[1].detach())
+    assert torch.equal(storage[:, :5], untouched)  # the rest of the storage is not written
+
+
+def test_overlapping_parameters_are_refused_before_any_change(backend):
+    base = torch.randn(10, 4)
+    a, b = base[:5].detach().requires_grad_(), base[3:].detach().requires_grad_()
+    for p in (a, b):
+        p.grad = torch.ones_like(p)
+    opt = optgen.AdamW([a, b], backend=backend)
+    snapshot = base.clone()
+    with pytest.raises(RuntimeError, match="share memory"):
+        opt.step()
+    assert torch.equal(base, snapshot)
+    assert len(opt.state) == 0
+
+
+def test_adjacent_views_of_one_buffer_are_fine(backend):
+    base = torch.randn(10, 4)
+    params = [base[:5].detach().requires_grad_(), base[5:].detach().requires_grad_()]
+    twins = [p.detach().clone().requires_grad_() for p in params]
+    for p, t in zip(params, twins):
+        p.grad = torch.ones_like(p)
+        t.grad = torch.ones_like(t)
+    optgen.AdamW(params, backend=backend).step()
+    optgen.AdamW(twins, backend=backend).step()
+    for p, t in zip(params, twins):
+        assert_bitwise(p.detach(), t.detach())
