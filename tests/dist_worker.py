@@ -59,6 +59,38 @@ def worker(rank, world, backend, mode, out_path, port):
 
     import optgen
 
+    if mode == "errors":
+        from torch.distributed.tensor import Shard, distribute_tensor
+
+        mesh = init_device_mesh("cpu", (world,))
+        messages = {}
+        bad = torch.nn.Parameter(distribute_tensor(torch.randn(4, 6), mesh, [Shard(1)]))
+        bad.grad = distribute_tensor(torch.randn(4, 6), mesh, [Shard(1)])
+        before = bad.full_tensor().clone()
+        try:
+            optgen.LAMB([bad]).step()
+        except ValueError as exc:
+            messages["dim1"] = str(exc)
+        messages["dim1_unchanged"] = bool(torch.equal(bad.full_tensor(), before))
+        a = torch.nn.Parameter(distribute_tensor(torch.randn(4, 3), mesh, [Shard(0)]))
+        if world > 1:  # the same ranks in another order: another mesh
+            from torch.distributed.device_mesh import DeviceMesh
+
+            reversed_mesh = DeviceMesh("cpu", list(reversed(range(world))))
+            b = torch.nn.Parameter(distribute_tensor(torch.randn(4, 3), reversed_mesh, [Shard(0)]))
+            for p in (a, b):
+                p.grad = torch.zeros_like(p)
+            try:
+                optgen.LAMB([a, b]).step()
+            except ValueError as exc:
+                messages["meshes"] = str(exc)
+        if rank == 0:
+            torch.save({"messages": messages}, out_path)
+        dist.barrier()
+        dist.destroy_process_group()
+        sys.stdout.flush()
+        os._exit(0)
+
     results, collectives = {}, {}
     for name, kwargs in OPTIMIZERS.items():
         model = make_model()

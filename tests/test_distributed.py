@@ -64,3 +64,9 @@ def test_hsdp_2d_mesh_reduces_over_shard_dim(tmp_path, references):
     assert_same(out["results"], references["torch"])
     for name, count in out["collectives"].items():
         assert count == STEPS * BOUNDARIES[name], (name, count)
+
+
+def test_unsupported_layouts_are_clear_errors(tmp_path):
+    out = run_worker(tmp_path, 2, "torch", "errors")["messages"]
+    assert "sharded on dim 1" in out["dim1"] and out["dim1_unchanged"]
+    assert "different meshes" in out["meshes"]

@@ -55,7 +55,7 @@ def shard_group(params, optimizer_name: str):
         if len(shard_dims) > 1:
             raise ValueError(f"{optimizer_name}: a parameter is sharded over {len(shard_dims)} mesh dimensions")
         if shard_dims:
-            groups[(id(mesh), shard_dims[0])] = (mesh, shard_dims[0])
+            groups[(mesh, shard_dims[0])] = (mesh, shard_dims[0])  # DeviceMesh compares by ranks and type
     if not groups:
         return None
     if len(groups) > 1:
