@@ -153,7 +153,8 @@ def _pass_context(plan: Plan, p: Pass, printer, scalar_printer) -> dict:
         "writes_step": p.writes_step,
         "device_scalars": list(p.device_scalars),
         "step_advance": scalar_code(p.step_advance),
-        "args": [*buffers, "dtype", "t", *p.hypers, *p.device_scalars, *(slots[k].name for k in p.consumes)],
+        # buffers are passed as ``_<name>``: the loaded value of an old state is named like the state
+        "args": [*(f"_{b}" for b in buffers), "dtype", "t", *p.hypers, *p.device_scalars, *(slots[k].name for k in p.consumes)],
     }
 
 

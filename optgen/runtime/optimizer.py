@@ -35,6 +35,10 @@ def triton_interpreting() -> bool:
 class GeneratedOptimizer(torch.optim.Optimizer):
     """Base of the classes ``optgen.build`` returns. Subclasses set ``_spec``."""
 
+    # torch.amp.GradScaler then sets ``grad_scale``/``found_inf`` around step() instead of unscaling the
+    # gradients itself and reading found_inf on the host (the contract of torch's fused AdamW).
+    _step_supports_amp_scaling = True
+
     _spec: Spec
     _signature: inspect.Signature
 
@@ -167,14 +171,18 @@ class GeneratedOptimizer(torch.optim.Optimizer):
         return tuple(values)
 
     def _init_state(self, param: torch.Tensor, group: dict) -> dict:
+        """Create the missing state entries (all on the first step; some after loading a checkpoint of another
+        optimizer, e.g. master weights resumed from a torch.optim.AdamW state dict)."""
         state = self.state[param]
-        if len(state) == 0:
-            compute = torch.promote_types(param.dtype, torch.float32)
+        missing = [decl for decl in self._ir.states if decl.name not in state]
+        if "step" not in state:
             state["step"] = torch.tensor(0.0, dtype=torch.float32, device=param.device)
+        if missing:
+            compute = torch.promote_types(param.dtype, torch.float32)
             env = {"torch": torch, "w": param.detach().to(compute)}
             for decl, value in zip(self._ir.hypers, self._group_values(group)):
                 env[decl.name] = torch.as_tensor(value, dtype=compute, device=param.device)
-            for decl in self._ir.states:
+            for decl in missing:
                 # master weights are always full precision; other states follow state_dtype
                 dtype = compute if decl.name == transforms.MASTER else (self._state_dtype or compute)
                 if decl.init.is_number:
@@ -263,6 +271,11 @@ class GeneratedOptimizer(torch.optim.Optimizer):
         amp_mode, device_scalars = self._amp()
         plan = self._variant(amp_mode)
         reducer = self._reducer([p for _, p, _ in collected])
+        for _, p, grad in collected:  # unsupported dtypes fail before any state exists
+            backend = self._backend_for(p.device, plan)
+            check = getattr(backend, "check", None)
+            if check is not None:
+                check(distributed.local(p), distributed.local(grad))
         items = []
         for group, p, grad in collected:
             state = self._init_state(p, group)

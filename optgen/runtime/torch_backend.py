@@ -60,7 +60,7 @@ class TorchBackend:
                 if empty:  # nothing to update; contributes the identity to every reduction
                     results.append(tuple(torch.full((), plan.slots[k].identity, device=t.device, dtype=torch.float64) for k, _ in p.produces))
                     continue
-                kwargs = {b: buffers[b] for b in _buffers_of(p)}
+                kwargs = {f"_{b}": buffers[b] for b in _buffers_of(p)}
                 kwargs["dtype"] = dtype
                 kwargs["t"] = t
                 kwargs.update({h: hypers[h] for h in p.hypers})

@@ -208,6 +208,12 @@ class TritonBackend:
         self._staging: dict[int, tuple] = {}
         self.launches = 0  # kernel launches issued (tests count them)
 
+    @staticmethod
+    def check(param: torch.Tensor, grad: torch.Tensor) -> None:
+        """Refuse what the kernels cannot take, before the optimizer creates any state."""
+        for tensor in (param, grad):
+            _tl_dtype(tensor.dtype)
+
     def invalidate(self) -> None:
         self._tables = None
 
