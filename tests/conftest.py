@@ -113,3 +113,19 @@ def run_steps(opt, params, grads):
 @pytest.fixture(params=BACKENDS)
 def backend(request):
     return request.param
+
+
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+
+class RecordHostSyncs(TorchDispatchMode):
+    """Records every aten._local_scalar_dense call (what .item(), float(t), bool(t) dispatch to)."""
+
+    def __init__(self):
+        super().__init__()
+        self.syncs = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.syncs.append(func)
+        return func(*args, **(kwargs or {}))

@@ -11,6 +11,7 @@ import torch
 from conftest import (
     ODD_SHAPES,
     TOL,
+    RecordHostSyncs,
     assert_bitwise,
     assert_close_rel,
     clone_params,
@@ -18,7 +19,6 @@ from conftest import (
     make_params,
     run_steps,
 )
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import optgen
 from optgen.codegen import render
@@ -186,19 +186,6 @@ def test_launches_per_step_independent_of_tensor_count():
 # --------------------------------------------------------------------------------------------------
 # No host synchronisation inside step
 # --------------------------------------------------------------------------------------------------
-
-
-class RecordHostSyncs(TorchDispatchMode):
-    """Records every aten._local_scalar_dense call (what .item(), float(t), bool(t) dispatch to)."""
-
-    def __init__(self):
-        super().__init__()
-        self.syncs = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default:
-            self.syncs.append(func)
-        return func(*args, **(kwargs or {}))
 
 
 def test_sync_recorder_sees_item():

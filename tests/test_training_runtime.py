@@ -17,6 +17,7 @@ import torch
 from conftest import (
     TOL,
     TOL_F64_REFERENCE,
+    RecordHostSyncs,
     assert_bitwise,
     assert_close_rel,
     clone_params,
@@ -25,7 +26,6 @@ from conftest import (
     rel_err,
     run_steps,
 )
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import optgen
 from optgen.codegen import render
@@ -75,19 +75,6 @@ def backward(model, scale=1.0):
     loss = mlp_loss(model, scale)
     loss.backward()
     return loss
-
-
-class RecordHostSyncs(TorchDispatchMode):
-    """Records every aten._local_scalar_dense call (what .item(), float(t), bool(t) dispatch to)."""
-
-    def __init__(self):
-        super().__init__()
-        self.syncs = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default:
-            self.syncs.append(func)
-        return func(*args, **(kwargs or {}))
 
 
 def record_syncs_in_step(opt) -> RecordHostSyncs:
