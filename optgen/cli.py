@@ -114,20 +114,52 @@ def cmd_generate(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from .inspect_kernels import inspect_plan
+    """Compile the plan's Triton kernels for ``--arch`` with Triton's real compiler (no GPU needed) and report
+    the plan's figures and, per kernel, registers, spills, shared memory and the global loads/stores."""
+    import os
+    import subprocess
 
+    from .inspect_kernels import arch_number, inspect_plan, interpreter_active
+
+    try:
+        arch = f"sm_{arch_number(args.arch)}"
+    except ValueError as exc:
+        print(f"optgen: {exc}", file=sys.stderr)
+        return 2
+    if interpreter_active():
+        # TRITON_INTERPRET=1 replaced triton.language's standard library at import: compile in a clean process.
+        if os.environ.get("OPTGEN_INSPECT_CHILD"):
+            print("optgen: inspect needs TRITON_INTERPRET unset", file=sys.stderr)
+            return 2
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        env["OPTGEN_INSPECT_CHILD"] = "1"
+        argv = [sys.executable, "-m", "optgen.cli", "inspect", args.name, "--arch", arch]
+        argv += ["--json"] if args.json else []
+        for pair in args.flag or []:
+            argv += ["--flag", pair]
+        return subprocess.run(argv, env=env).returncode
     spec = resolve_spec(args.name)
     p = make_plan(lower(spec, _parse_flags(args.flag)))
-    report = inspect_plan(p, args.arch)
+    report = inspect_plan(p, arch, getattr(args, "dtype", "fp32"))
     if args.json:
         print(json.dumps(report, indent=2, sort_keys=True))
-    else:
-        print(f"{spec.name} on {args.arch}: {report['bytes_per_param']} B/param/step, {report['launches_per_step']} launch(es)/step")
-        for k in report["kernels"]:
-            print(
-                f"  {k['name']}: regs {k['registers']}, spills {k['spills']}, shared {k['shared_bytes']} B, "
-                f"loads {k['global_loads']}, stores {k['global_stores']}"
-            )
+        return 0
+    flags = ", ".join(f"{k}={v}" for k, v in report["flags"].items()) or "no flags"
+    print(
+        f"{spec.name} ({flags}) on {arch}, {report['dtype']} parameters: {report['bytes_per_param']} B/param/step, "
+        f"{report['launches_per_step']} launch(es)/step"
+    )
+    for k in report["kernels"]:
+        when = "" if k["launched_per_step"] else " (sharded runs only)"
+        print(
+            f"  {k['name']} [{k['role']} {k['pass_index']}{when}]: regs {k['registers']}, spills {k['spills']} B, "
+            f"shared {k['shared_bytes']} B, warps {k['num_warps']}, vectorized {k['vectorized']}, "
+            f"int64 offsets {k['int64_addressing']}"
+        )
+        print(f"    loads {k['global_loads']}")
+        print(f"    stores {k['global_stores']}")
+        for note in k.get("notes", []):
+            print(f"    note: {note}")
     return 0
 
 

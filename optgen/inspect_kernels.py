@@ -1,22 +1,52 @@
 """Static kernel report: compile every Triton kernel of a plan for a GPU architecture, without a GPU.
 
-``triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))`` builds PTX and cubin on a CPU machine. The
-report reads them: registers and spills (from ``ptxas -v``, Triton's bundled ptxas), shared memory, and the
-global loads/stores of the PTX by form (``ld.global.v4.b32`` is a vectorised 16-byte load). The plan supplies
-``bytes_per_param`` and ``launches_per_step``.
+``triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))`` runs Triton's real compiler (MLIR, LLVM,
+ptxas) on a CPU-only machine and yields PTX and a cubin. The report reads:
+
+* ``registers``/``spills``: from the ``ptxas -v`` log of the very ptxas run that built the cubin (Triton's
+  bundled ptxas, Triton's own flags), captured during the compile; ``spills`` is spill-store plus spill-load
+  bytes. If the log cannot be captured, ptxas is re-run on the PTX with the same flags; if ptxas cannot run
+  at all, both are ``None`` and ``notes`` says why.
+* ``shared_bytes``/``num_warps``: the compiled kernel's metadata.
+* ``global_loads``/``global_stores``: every ``ld.global``/``st.global`` instruction of the PTX, by form
+  (``ld.global.v4.b32`` is a 16-byte vector load of four 32-bit words).
+* ``element_loads``/``element_stores``: the same for element data only (see below); ``vectorized`` is true
+  when any element-data load is a ``.v2``/``.v4`` vector load.
+* ``int64_addressing``: whether the element offsets are computed in 64-bit integers, established by a
+  data-flow walk over the PTX (see ``analyze_ptx``).
+
+The plan supplies ``bytes_per_param`` and ``launches_per_step``. Each kernel is compiled in a fresh, temporary
+Triton cache (nothing is read from or written to ``~/.triton/cache``, and ptxas always runs, so its log is
+the cubin's: Triton 3.9 passes ``--regAllocOptLevel=2``, which can cap a kernel at 128 registers and spill
+where a plain ``ptxas -v`` would not).
+
+A process that imported triton with ``TRITON_INTERPRET=1`` cannot compile: Triton decides at import, and its
+standard library (``tl.sum``, ``tl.max`` ...) is then interpreted. ``compile_kernel`` raises a RuntimeError
+there; ``optgen inspect`` re-runs itself without the variable, and the tests compile in a worker process.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import re
 import subprocess
 import tempfile
 from collections import Counter
+from dataclasses import dataclass, field
 
 from .analysis import Plan
 from .codegen.render import load_module
 
+# Launch defaults of the Triton backend (optgen.runtime.triton_backend.LaunchConfig).
+CHUNK = 65536
+BLOCK = 1024
+REDUCE_BLOCK = 256
+NUM_WARPS = 4
+ARCHS = (80, 86, 89, 90)
+
+# Argument types by the templates' naming convention, the same for every optimizer.
 _POINTERS = {
     "_chunk_tensor": "*i32",
     "_chunk_start": "*i64",
@@ -29,18 +59,37 @@ _POINTERS = {
     "_n_chunks": "*i64",
     "_out": "*fp64",
 }
-DEFAULTS = {"CHUNK": 65536, "BLOCK": 1024, "REDUCE_BLOCK": 256, "num_warps": 4}
+_DTYPE_NAMES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
+                "fp16": "float16", "float16": "float16"}
 
 
-def _arch_number(arch: str) -> int:
-    digits = re.sub(r"^sm_?", "", str(arch))
-    if digits not in ("80", "86", "89", "90"):
-        raise ValueError(f"unsupported arch {arch!r}: use sm_80 or sm_90")
+def arch_number(arch) -> int:
+    """``"sm_90"``, ``"sm90"``, ``"90"`` or ``90`` -> 90; other architectures are refused."""
+    text = str(arch).strip().lower()
+    digits = re.sub(r"^sm_?", "", text)
+    if not digits.isdigit() or int(digits) not in ARCHS:
+        raise ValueError(f"unsupported arch {arch!r}: use one of {', '.join(f'sm_{a}' for a in ARCHS)}")
     return int(digits)
 
 
-def _signature(kernel, constexprs: dict) -> tuple[dict, dict]:
-    """Argument types by the templates' naming convention (the same for every optimizer)."""
+def _tl_dtype(value):
+    import triton.language as tl
+
+    if isinstance(value, tl.dtype):
+        return value
+    name = _DTYPE_NAMES.get(str(value).replace("torch.", "").lower())
+    if name is None:
+        raise ValueError(f"unsupported element dtype {value!r}: use fp32, bf16 or fp16")
+    return getattr(tl, name)
+
+
+def signature_of(kernel, constexprs: dict) -> tuple[dict, dict]:
+    """(signature, constexpr values) of a generated kernel, from its argument names alone.
+
+    Runtime arguments: the fixed tables of ``_POINTERS``, ``_<buffer>_addr`` (``*i64``: data_ptr per tensor),
+    ``_table_<k>`` (``*fp64``: reductions of pass k), ``_dev_<name>`` (``*fp32``: device scalars),
+    ``_rows_<k>`` and ``_chunk_offset`` (``i64``). Every other argument is a constexpr taken from ``constexprs``.
+    """
     signature, values = {}, {}
     for name in kernel.arg_names:
         if name in _POINTERS:
@@ -53,109 +102,473 @@ def _signature(kernel, constexprs: dict) -> tuple[dict, dict]:
             signature[name] = "*fp32"
         elif name.startswith("_rows_") or name == "_chunk_offset":
             signature[name] = "i64"
+        elif name.startswith("_"):
+            raise ValueError(f"{_kernel_name(kernel)}: no type known for runtime argument {name!r}")
         else:
+            if name not in constexprs:
+                raise ValueError(f"{_kernel_name(kernel)}: no value for constexpr {name!r}")
             signature[name] = "constexpr"
             values[name] = constexprs[name]
     return signature, values
 
 
-def _ptxas_resources(ptx: str, arch: int) -> tuple[int | None, int | None]:
-    """(registers, spilled bytes) from Triton's bundled ptxas; (None, None) if it cannot run here."""
-    try:
-        from triton.backends.nvidia.compiler import get_ptxas
-
-        ptxas = get_ptxas(arch).path
-    except Exception:
-        return None, None
-    with tempfile.TemporaryDirectory() as tmp:
-        src = os.path.join(tmp, "kernel.ptx")
-        with open(src, "w") as handle:
-            handle.write(ptx)
-        suffix = "a" if arch == 90 else ""
-        try:
-            out = subprocess.run(
-                [ptxas, "-v", f"--gpu-name=sm_{arch}{suffix}", src, "-o", os.path.join(tmp, "kernel.cubin")],
-                capture_output=True,
-                text=True,
-                timeout=120,
-            )
-        except (OSError, subprocess.SubprocessError):
-            return None, None
-    text = out.stdout + out.stderr
-    regs = re.search(r"Used (\d+) registers", text)
-    spills = re.findall(r"(\d+) bytes spill (?:stores|loads)", text)
-    return (int(regs.group(1)) if regs else None), (sum(int(s) for s in spills) if regs else None)
+def _kernel_name(kernel) -> str:
+    fn = getattr(kernel, "fn", kernel)
+    return getattr(fn, "__name__", repr(kernel))
 
 
-def compile_kernel(kernel, arch: str, constexprs: dict, num_warps: int = 4):
+def interpreter_active() -> bool:
+    """Whether ``triton`` was imported with ``TRITON_INTERPRET=1``.
+
+    Triton decides at import time: its standard library (``tl.sum``, ``tl.max``, ``tl.cdiv`` ...) is then made
+    of interpreted functions, which the real compiler cannot inline, so no kernel can be compiled in this
+    process. ``optgen inspect`` re-runs itself in a clean process in that case."""
+    import triton.language as tl
+    from triton.runtime.jit import JITFunction
+
+    return not isinstance(tl.sum, JITFunction)
+
+
+def _jit_function(kernel):
+    """A ``JITFunction`` for ``kernel``: itself, or the Python function of an interpreted kernel."""
+    from triton.runtime.jit import JITFunction
+
+    if isinstance(kernel, JITFunction):
+        return kernel
+    fn = getattr(kernel, "fn", None)
+    if fn is None or not callable(fn):
+        raise TypeError(f"not a Triton kernel: {kernel!r}")
+    return JITFunction(fn)
+
+
+@contextlib.contextmanager
+def _compile_environment(cache_dir: str):
+    """Triton's real compiler, a private cache, the ptxas log printed (and captured), FP fusion explicit."""
+    import triton
+
+    knobs = triton.knobs
+    with knobs.runtime.scope(), knobs.cache.scope(), knobs.nvidia.scope(), knobs.language.scope():
+        knobs.runtime.interpret = False
+        knobs.cache.dir = cache_dir
+        knobs.nvidia.dump_ptxas_log = True
+        if os.environ.get("TRITON_DEFAULT_FP_FUSION") is None:
+            # Triton 3.9's default (fusion on), stated so it does not warn; the scope restores the environment.
+            os.environ["TRITON_DEFAULT_FP_FUSION"] = "1"
+        yield
+
+
+@dataclass
+class AOTKernel:
+    """One kernel compiled ahead of time: the Triton result and what ptxas said about it."""
+
+    name: str
+    arch: int
+    compiled: object  # triton.compiler.CompiledKernel
+    runtime_args: list[str]  # the PTX parameters, in order (``<name>_param_<i>``)
+    registers: int | None
+    spill_store_bytes: int | None
+    spill_load_bytes: int | None
+    stack_frame_bytes: int | None
+    ptxas_log: str
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ptx(self) -> str:
+        return self.compiled.asm["ptx"]
+
+    @property
+    def spills(self) -> int | None:
+        if self.spill_store_bytes is None or self.spill_load_bytes is None:
+            return None
+        return self.spill_store_bytes + self.spill_load_bytes
+
+
+def compile_kernel(
+    kernel,
+    arch="sm_90",
+    dtype_map: dict | None = None,
+    *,
+    n_hyper: int | None = None,
+    aligned: bool = True,
+    chunk: int = CHUNK,
+    block: int | None = None,
+    num_warps: int = NUM_WARPS,
+) -> AOTKernel:
+    """Compile one generated kernel (a pass or a segment-reduce) for ``arch`` with Triton's real compiler.
+
+    ``dtype_map`` gives the element dtype of buffers, by buffer name (``"param"``) or constexpr name
+    (``"DT_param"``), as ``"fp32"``/``"bf16"``/``"fp16"`` or a ``triton.language`` dtype; buffers not named
+    are fp32. ``n_hyper`` (the plan's number of hyperparameters) is required by pass kernels. ``block``
+    defaults to the backend's: 1024 for passes, 256 for segment-reduces.
+    """
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, stated explicitly
-    if not hasattr(kernel, "cache_key"):
-        # The interpreter patches triton.language in this process; the real compiler must run in another.
+    number = arch_number(arch)
+    if interpreter_active():
         raise RuntimeError(
-            "ahead-of-time compilation needs a process without TRITON_INTERPRET=1 "
-            "(run `optgen inspect` or `python -m optgen.inspect_kernels --all` in a clean environment)"
+            "ahead-of-time compilation needs a process in which triton was imported without TRITON_INTERPRET=1 "
+            "(the interpreter replaces triton.language's standard library): run `optgen inspect` or "
+            "`python -m optgen.inspect_kernels` with TRITON_INTERPRET unset"
         )
-    signature, values = _signature(kernel, constexprs)
-    source = ASTSource(fn=kernel, signature=signature, constexprs=values)
-    return triton.compile(source, target=GPUTarget("cuda", _arch_number(arch), 32), options={"num_warps": num_warps})
+    jit = _jit_function(kernel)
+    name = _kernel_name(jit)
+    is_pass = "CHUNK" in jit.arg_names
+    dtypes = {}
+    for key, value in (dtype_map or {}).items():
+        key = key if key.startswith("DT_") else f"DT_{key}"
+        dtypes[key] = _tl_dtype(value)
+    constexprs = {"BLOCK": block or (BLOCK if is_pass else REDUCE_BLOCK), "CHUNK": chunk, "ALIGNED": bool(aligned)}
+    if "N_HYPER" in jit.arg_names:
+        if n_hyper is None:
+            raise ValueError(f"{name}: n_hyper (len(plan.ir.hypers)) is required to compile a pass kernel")
+        constexprs["N_HYPER"] = int(n_hyper)
+    for arg in jit.arg_names:
+        if arg.startswith("DT_"):
+            constexprs[arg] = dtypes.pop(arg, _tl_dtype("fp32"))
+    if dtypes:
+        raise ValueError(f"{name} has no buffer(s) {', '.join(k[3:] for k in sorted(dtypes))}")
+    signature, values = signature_of(jit, constexprs)
+    source = ASTSource(fn=jit, signature=signature, constexprs=values)
+    log = io.StringIO()
+    with tempfile.TemporaryDirectory(prefix="optgen-aot-") as cache_dir, _compile_environment(cache_dir):
+        with contextlib.redirect_stdout(log):
+            compiled = triton.compile(source, target=GPUTarget("cuda", number, 32), options={"num_warps": num_warps})
+    result = AOTKernel(
+        name=name,
+        arch=number,
+        compiled=compiled,
+        runtime_args=[a for a in jit.arg_names if signature[a] != "constexpr"],
+        registers=None,
+        spill_store_bytes=None,
+        spill_load_bytes=None,
+        stack_frame_bytes=None,
+        ptxas_log=log.getvalue(),
+    )
+    resources = _parse_ptxas_log(result.ptxas_log, name)
+    if resources is None:
+        result.ptxas_log, note = _rerun_ptxas(result.ptx, number)
+        resources = _parse_ptxas_log(result.ptxas_log, name)
+        if note:
+            result.notes.append(note)
+    if resources is None:
+        result.notes.append("registers/spills unknown: no ptxas -v report for this kernel")
+    else:
+        result.registers, result.stack_frame_bytes, result.spill_store_bytes, result.spill_load_bytes = resources
+    return result
 
 
-def _memory_ops(ptx: str, kind: str) -> dict[str, int]:
-    return dict(sorted(Counter(re.findall(rf"\b{kind}\.global(?:\.[\w]+)+", ptx)).items()))
+def _parse_ptxas_log(log: str, name: str):
+    """(registers, stack frame, spill store, spill load bytes) of entry ``name`` in a ``ptxas -v`` log."""
+    entry = re.search(rf"Compiling entry function '{re.escape(name)}'(.*?)(?=Compiling entry function|\Z)", log, re.S)
+    if not entry:
+        return None
+    text = entry.group(1)
+    regs = re.search(r"Used (\d+) registers", text)
+    frame = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", text)
+    if not regs or not frame:
+        return None
+    return int(regs.group(1)), int(frame.group(1)), int(frame.group(2)), int(frame.group(3))
 
 
-def inspect_plan(plan: Plan, arch: str = "sm_90", dtype: str = "fp32") -> dict:
-    """Compile each kernel of ``plan`` for ``arch`` (parameters and gradients of ``dtype``) and report."""
-    import triton.language as tl
+def _rerun_ptxas(ptx: str, arch: int) -> tuple[str, str | None]:
+    """Run Triton's ptxas on ``ptx`` with the flags Triton uses for its cubin; (log, note on failure)."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
 
-    element = {"fp32": tl.float32, "bf16": tl.bfloat16, "fp16": tl.float16}[dtype]
-    module = load_module(plan, "triton")
-    arch_number = _arch_number(arch)
-    kernels = []
-    for p, kernel, reduce_kernel in zip(plan.passes, module.PASSES, module.REDUCES):
-        constexprs = {
-            "N_HYPER": len(plan.ir.hypers),
-            "CHUNK": DEFAULTS["CHUNK"],
-            "BLOCK": DEFAULTS["BLOCK"],
-            "ALIGNED": True,
-        }
-        for name in kernel.arg_names:
-            if name.startswith("DT_"):
-                constexprs[name] = element if name in ("DT_param", "DT_grad") else tl.float32
-        entries = [("pass", kernel, constexprs)]
-        if p.reduce_after:
-            entries.append(("segment_reduce", reduce_kernel, {"BLOCK": DEFAULTS["REDUCE_BLOCK"]}))
-        for role, fn, values in entries:
-            compiled = compile_kernel(fn, arch, values, DEFAULTS["num_warps"])
-            ptx = compiled.asm["ptx"]
-            registers, spills = _ptxas_resources(ptx, arch_number)
-            loads, stores = _memory_ops(ptx, "ld"), _memory_ops(ptx, "st")
-            kernels.append(
-                {
-                    "name": fn.fn.__name__,
-                    "role": role,
-                    "pass_index": p.index,
-                    "registers": registers,
-                    "spills": spills,
-                    "shared_bytes": compiled.metadata.shared,
-                    "num_warps": compiled.metadata.num_warps,
-                    "global_loads": loads,
-                    "global_stores": stores,
-                    "vectorized": any(".v2." in k or ".v4." in k for k in loads),
-                    # element offsets are int64: 64-bit integer arithmetic on them (mul.wide/add.s64/shl.b64)
-                    "int64_addressing": bool(re.search(r"\b(?:mul\.wide\.s32|add\.s64|shl\.b64|mad\.wide)", ptx)),
-                    "ptx_bytes": len(ptx),
-                }
+        ptxas = get_ptxas(arch).path
+        gpu = sm_arch_from_capability(arch)
+    except Exception as exc:  # pragma: no cover - depends on the Triton build
+        return "", f"ptxas not found in this Triton install ({exc})"
+    with tempfile.TemporaryDirectory(prefix="optgen-ptxas-") as tmp:
+        src = os.path.join(tmp, "kernel.ptx")
+        with open(src, "w") as handle:
+            handle.write(ptx)
+        cmd = [ptxas, "-lineinfo", "-v", "--regAllocOptLevel=2", f"--gpu-name={gpu}", src, "-o", src + ".o"]
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        except (OSError, subprocess.SubprocessError) as exc:
+            return "", f"ptxas could not run: {exc}"
+    if out.returncode:
+        return out.stdout + out.stderr, f"ptxas failed with exit code {out.returncode}"
+    return out.stdout + out.stderr, "registers/spills from a re-run of ptxas (the compile's log was not captured)"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# PTX data flow
+
+
+@dataclass
+class _Instr:
+    opcode: str
+    dests: tuple[str, ...]
+    uses: tuple[str, ...]
+    address: tuple[str, ...]  # registers inside [...] (loads and stores)
+    param: str | None  # ld.param: the parameter's name
+
+
+_REG = re.compile(r"%[a-z]+\d+")
+_NARROWING = re.compile(r"^cvt(?:\.\w+)*\.[su](?:8|16|32)\.[su]64$")
+
+
+def _split_operands(text: str) -> list[str]:
+    parts, depth, current = [], 0, []
+    for ch in text:
+        if ch in "{[":
+            depth += 1
+        elif ch in "}]":
+            depth -= 1
+        if ch == "," and depth == 0:
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(ch)
+    parts.append("".join(current))
+    return [p.strip() for p in parts if p.strip()]
+
+
+def parse_ptx(ptx: str) -> list[_Instr]:
+    """The instructions of a PTX function body (directives, labels and declarations dropped)."""
+    out = []
+    for line in ptx.splitlines():
+        line = line.split("//", 1)[0].strip()
+        if not line or line.startswith("."):
+            continue
+        for stmt in line.split(";"):
+            stmt = stmt.strip().lstrip("{").rstrip("}").strip()
+            if not stmt or stmt.startswith(".") or stmt.endswith(":") or stmt.startswith(")"):
+                continue
+            if stmt.startswith("@"):
+                stmt = stmt.split(None, 1)[1] if " " in stmt else ""
+            head = stmt.split(None, 1)
+            if not head:
+                continue
+            opcode = head[0]
+            operands = _split_operands(head[1]) if len(head) > 1 else []
+            address = tuple(_REG.findall(" ".join(o for o in operands if o.startswith("["))))
+            param = None
+            if opcode.startswith("ld.param") and len(operands) > 1:
+                param = operands[1].strip("[] ")
+            if opcode.startswith(("st.", "bra", "ret", "bar", "red.", "prefetch", "fence", "membar", "exit", "trap")):
+                dests, uses = (), tuple(_REG.findall(" ".join(operands)))
+            elif operands:
+                dests = tuple(_REG.findall(operands[0]))
+                uses = tuple(_REG.findall(" ".join(operands[1:])))
+            else:
+                dests, uses = (), ()
+            out.append(_Instr(opcode, dests, uses, address, param))
+    return out
+
+
+class _DataFlow:
+    def __init__(self, instrs: list[_Instr]):
+        self.instrs = instrs
+        self.defs: dict[str, list[int]] = {}
+        for i, ins in enumerate(instrs):
+            for reg in ins.dests:
+                self.defs.setdefault(reg, []).append(i)
+        self._params: dict[int, frozenset] = {}
+
+    def slice(self, regs) -> set[int]:
+        """Instructions whose results flow into ``regs`` (predicates excluded: they select, not compute)."""
+        seen: set[int] = set()
+        todo = [r for r in regs if not r.startswith("%p")]
+        visited = set(todo)
+        while todo:
+            reg = todo.pop()
+            for i in self.defs.get(reg, ()):
+                if i in seen:
+                    continue
+                seen.add(i)
+                for use in self.instrs[i].uses:
+                    if use not in visited and not use.startswith("%p"):
+                        visited.add(use)
+                        todo.append(use)
+        return seen
+
+    def params_of_load(self, i: int) -> frozenset:
+        """Parameters from which the address of load ``i`` is computed."""
+        if i not in self._params:
+            self._params[i] = frozenset(
+                self.instrs[j].param for j in self.slice(self.instrs[i].address) if self.instrs[j].param
             )
+        return self._params[i]
+
+    def forward(self, start: set[int], within: set[int]) -> set[int]:
+        """Instructions of ``within`` reachable from ``start`` through register uses."""
+        reached = set(start)
+        regs = {r for i in start for r in self.instrs[i].dests}
+        changed = True
+        while changed:
+            changed = False
+            for i in sorted(within - reached):
+                if any(u in regs for u in self.instrs[i].uses):
+                    reached.add(i)
+                    regs.update(self.instrs[i].dests)
+                    changed = True
+        return reached
+
+
+def analyze_ptx(ptx: str, name: str, runtime_args: list[str]) -> dict:
+    """Global memory operations of a generated kernel, from a data-flow walk over its PTX.
+
+    PTX parameters are ``<name>_param_<i>``, the kernel's runtime arguments in order. For every ``ld.global``
+    and ``st.global`` the backward slice of its address registers (the instructions whose results flow into
+    the address) is computed.
+
+    * Element data (pass kernels): accesses whose address is computed from a pointer that was itself loaded
+      from a ``_<buffer>_addr`` table (the per-tensor ``data_ptr``). Index tables, hyperparameters, reduction
+      tables, partials and the step table are not element data.
+    * ``vectorized``: any element-data load is ``.v2``/``.v4``.
+    * ``int64_addressing``: the index table with the int64 element/row origin -- ``_chunk_start`` (pass
+      kernels: the element data) or ``_first_chunk`` (segment-reduce kernels: the ``_partials`` rows) -- is
+      loaded with a 64-bit load that reaches the address of *every* such access, and no instruction on the
+      way from that load to the address narrows an integer (``cvt`` to a 8/16/32-bit integer type, or the
+      unpacking of a 64-bit register into 32-bit halves). Then the offsets are formed in 64-bit arithmetic and
+      cannot wrap at 2**31 elements. Merely finding ``mul.wide``/``add.s64`` in the PTX would prove nothing:
+      every pointer addition is 64-bit, including those of a 32-bit index widened by ``mul.wide.s32``.
+      ``None`` when the kernel has no such access.
+    """
+    instrs = parse_ptx(ptx)
+    flow = _DataFlow(instrs)
+    param_name = {f"{name}_param_{i}": arg for i, arg in enumerate(runtime_args)}
+    for ins in instrs:
+        if ins.param is not None:
+            ins.param = param_name.get(ins.param, ins.param)
+    accesses = [i for i, ins in enumerate(instrs) if ins.opcode.startswith(("ld.global", "st.global"))]
+    is_pass = "_chunk_start" in runtime_args
+
+    def element(i: int) -> bool:
+        for j in flow.slice(instrs[i].address):
+            if instrs[j].opcode.startswith("ld.global") and any(
+                p.endswith("_addr") for p in flow.params_of_load(j)
+            ):
+                return True
+        return False
+
+    if is_pass:
+        data = [i for i in accesses if element(i)]
+        origin = "_chunk_start"
+    else:
+        data = [i for i in accesses if instrs[i].opcode.startswith("ld.global") and "_partials" in flow.params_of_load(i)]
+        origin = "_first_chunk"
+    int64 = None
+    if data:
+        int64 = True
+        for i in data:
+            backward = flow.slice(instrs[i].address)
+            roots = {
+                j
+                for j in backward
+                if instrs[j].opcode.startswith("ld.global")
+                and instrs[j].opcode.endswith(("b64", "u64", "s64"))
+                and origin in flow.params_of_load(j)
+                and set(flow.params_of_load(j)) <= {origin}
+            }
+            if not roots:
+                int64 = False
+                break
+            path = flow.forward(roots, backward)
+            if any(_narrows(instrs[j]) for j in path):
+                int64 = False
+                break
+
+    def forms(indices, kind):
+        return dict(sorted(Counter(instrs[i].opcode for i in indices if instrs[i].opcode.startswith(kind)).items()))
+
+    element_loads = forms(data, "ld.global") if is_pass else {}
+    return {
+        "global_loads": forms(accesses, "ld.global"),
+        "global_stores": forms(accesses, "st.global"),
+        "element_loads": element_loads,
+        "element_stores": forms(data, "st.global") if is_pass else {},
+        "vectorized": any(".v2." in k or ".v4." in k for k in element_loads),
+        "int64_addressing": int64,
+    }
+
+
+def _narrows(ins: _Instr) -> bool:
+    if _NARROWING.match(ins.opcode):
+        return True
+    # mov.b64 {lo, hi}, %rdN: a 64-bit value split into 32-bit halves
+    return ins.opcode == "mov.b64" and bool(ins.dests) and all(not d.startswith("%rd") for d in ins.dests)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Plans
+
+
+def kernel_report(aot: AOTKernel, role: str, pass_index: int, launched_per_step: bool) -> dict:
+    meta = aot.compiled.metadata
+    report = {
+        "name": aot.name,
+        "role": role,
+        "pass_index": pass_index,
+        "launched_per_step": launched_per_step,
+        "registers": aot.registers,
+        "spills": aot.spills,
+        "spill_store_bytes": aot.spill_store_bytes,
+        "spill_load_bytes": aot.spill_load_bytes,
+        "stack_frame_bytes": aot.stack_frame_bytes,
+        "shared_bytes": meta.shared,
+        "num_warps": meta.num_warps,
+        "ptx_bytes": len(aot.ptx.encode()),
+        "cubin_bytes": len(aot.compiled.asm.get("cubin", b"")),
+    }
+    report.update(analyze_ptx(aot.ptx, aot.name, aot.runtime_args))
+    if aot.notes:
+        report["notes"] = list(aot.notes)
+    return report
+
+
+def plan_kernels(plan: Plan):
+    """(role, pass index, kernel, launched every step) for every kernel of the plan's Triton module.
+
+    Every pass kernel, and every segment-reduce kernel (one per pass that produces partials). A segment-reduce
+    is launched every step after passes with per-layer reductions (``reduce_after``); the others run only when
+    parameters are sharded (the ``[tensors, slots]`` table is what gets all-reduced)."""
+    module = load_module(plan, "triton")
+    if len(module.PASSES) != len(plan.passes) or len(module.REDUCES) != len(plan.passes):
+        raise RuntimeError(f"{module.__name__}: {len(module.PASSES)} pass kernels for {len(plan.passes)} passes")
+    out = []
+    for p, kernel, reduce_kernel in zip(plan.passes, module.PASSES, module.REDUCES):
+        out.append(("pass", p.index, kernel, True))
+        if reduce_kernel is not None:
+            out.append(("segment_reduce", p.index, reduce_kernel, bool(p.reduce_after)))
+        elif p.reduce_after:
+            raise RuntimeError(f"{module.__name__}: pass {p.index} needs a segment-reduce kernel and has none")
+    return out
+
+
+def inspect_plan(plan: Plan, arch: str = "sm_90", dtype="fp32", *, keep_going: bool = False) -> dict:
+    """Compile every kernel of ``plan`` for ``arch`` (parameters and gradients of ``dtype``, states fp32) and
+    report: the plan's figures and, per kernel, resources and global memory operations (JSON-serialisable).
+
+    ``kernels`` lists every pass kernel and every segment-reduce kernel in launch order, each with
+    ``launched_per_step``; ``launches_per_step`` (the plan's) counts those launched every step unsharded.
+    With ``keep_going`` a kernel that fails to compile is reported with ``error`` instead of raising."""
+    number = arch_number(arch)
+    element = _tl_dtype(dtype)
+    kernels = []
+    for role, index, kernel, launched in plan_kernels(plan):
+        dtype_map = {}
+        if role == "pass":
+            dtype_map = {a: element for a in ("DT_param", "DT_grad") if a in kernel.arg_names}
+        try:
+            aot = compile_kernel(kernel, number, dtype_map, n_hyper=len(plan.ir.hypers))
+        except Exception as exc:
+            if not keep_going or (isinstance(exc, RuntimeError) and interpreter_active()):
+                raise
+            kernels.append({"name": _kernel_name(kernel), "role": role, "pass_index": index,
+                            "launched_per_step": launched, "error": f"{type(exc).__name__}: {exc}"[-4000:]})
+            continue
+        kernels.append(kernel_report(aot, role, index, launched))
     return {
         "optimizer": plan.ir.name,
         "flags": dict(plan.ir.flags),
-        "arch": f"sm_{arch_number}",
-        "dtype": dtype,
+        "arch": f"sm_{number}",
+        "dtype": str(dtype),
         "bytes_per_param": plan.bytes_per_param,
         "launches_per_step": plan.launches_per_step,
         "kernels": kernels,
@@ -163,34 +576,35 @@ def inspect_plan(plan: Plan, arch: str = "sm_90", dtype: str = "fp32") -> dict:
 
 
 def main(argv=None) -> int:
-    """``python -m optgen.inspect_kernels --all --arch sm_90``: the JSON reports of every built-in variant."""
+    """``python -m optgen.inspect_kernels [NAME ...] --arch sm_90 --dtype fp32``: a JSON list with the report of
+    every variant of the named built-ins (all built-ins by default); kernels that fail carry ``error``."""
     import argparse
     import json
 
     from .analysis import plan as make_plan
     from .cli import variants
+    from .codegen.render import variant_stem
     from .ir import lower
     from .specs import BUILTINS
 
-    parser = argparse.ArgumentParser(prog="python -m optgen.inspect_kernels")
-    parser.add_argument("--all", action="store_true", required=True)
+    parser = argparse.ArgumentParser(prog="python -m optgen.inspect_kernels", description=main.__doc__)
+    parser.add_argument("names", nargs="*", metavar="NAME", help=f"built-ins: {', '.join(BUILTINS)}")
     parser.add_argument("--arch", default="sm_90")
-    parser.add_argument("--dtype", default="fp32")
+    parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"))
     args = parser.parse_args(argv)
+    unknown = [n for n in args.names if n not in BUILTINS]
+    if unknown:
+        parser.error(f"unknown optimizer(s) {', '.join(unknown)}; built-ins: {', '.join(BUILTINS)}")
     reports = []
-    for factory in BUILTINS.values():
-        for flags in variants(factory()):
-            plan = make_plan(lower(factory(), flags))
-            report = inspect_plan(plan, args.arch, args.dtype)
-            module = load_module(plan, "triton")
-            # the segment-reduce kernels only launched under sharding compile too
-            report["sharded_reduces_compiled"] = sum(
-                1 for r in module.REDUCES if r is not None and compile_kernel(r, args.arch, {"BLOCK": DEFAULTS["REDUCE_BLOCK"]})
-            )
-            report["passes_with_partials"] = sum(1 for p in plan.passes if p.produces)
+    for key in args.names or list(BUILTINS):
+        spec = BUILTINS[key]()
+        for flags in variants(spec):
+            plan = make_plan(lower(spec, flags))
+            report = inspect_plan(plan, args.arch, args.dtype, keep_going=True)
+            report["variant"] = variant_stem(plan)
             reports.append(report)
-    print(json.dumps(reports, sort_keys=True))
-    return 0
+    print(json.dumps(reports, indent=1, sort_keys=True))
+    return 1 if any("error" in k for r in reports for k in r["kernels"]) else 0
 
 
 if __name__ == "__main__":

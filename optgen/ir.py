@@ -12,6 +12,7 @@ Errors are :class:`~optgen.spec.SpecError` naming the problem, the expression an
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 
@@ -64,7 +65,7 @@ class IR:
     step_advance: sympy.Expr = sympy.S.One  # how far the step count moves (0 when a step is skipped)
     options: tuple[tuple[str, bool], ...] = ()  # runtime options applied by optgen.transforms
 
-    @property
+    @functools.cached_property  # the IR is frozen; srepr of the expressions costs milliseconds (per step)
     def hash(self) -> str:
         """A stable digest of the math (not of names of temporaries): keys caches and generated files."""
         parts = [self.name]
