@@ -105,6 +105,31 @@ def elementwise_leaves(expr: sympy.Basic) -> set[sympy.Symbol]:
     return found
 
 
+_SUPPORTED = (
+    sympy.Add, sympy.Mul, sympy.Pow, sympy.Symbol, sympy.Piecewise, sympy.core.relational.Relational,
+    sympy.And, sympy.Or, sympy.Not, sympy.logic.boolalg.BooleanAtom, sympy.Abs, sympy.sign, sympy.Max, sympy.Min,
+    sympy.Mod, sympy.floor, sympy.ceiling, sympy.exp, sympy.log, sympy.sin, sympy.cos, sympy.UnevaluatedExpr,
+    sympy.functions.elementary.piecewise.ExprCondPair, Reduction, TrustRatio, sympy.NumberSymbol,
+)
+
+
+def _check_supported(expr, where_, what):
+    """Only constructs both printers implement, and only finite real numbers."""
+    for node in sympy.preorder_traversal(expr):
+        if isinstance(node, sympy.Number):
+            if not node.is_finite or not node.is_real:
+                raise SpecError(f"{what}: {node} is not a finite real number, in {expr} [{where_}]")
+            continue
+        if node is sympy.I or (isinstance(node, sympy.Expr) and node.is_number and node.is_real is False):
+            raise SpecError(f"{what}: {node} is not real, in {expr} [{where_}]")
+        if not isinstance(node, _SUPPORTED):
+            raise SpecError(
+                f"{what}: {type(node).__name__} ({node}) is not supported in optimizer specs, in {expr} [{where_}]"
+            )
+        if isinstance(node, sympy.Piecewise) and node.args[-1].cond is not sympy.true:
+            raise SpecError(f"{what}: {node} has no default branch; use where(condition, a, b) [{where_}]")
+
+
 def _check_flags_only_in_conditions(expr, where_, what):
     def walk(node, in_condition):
         if isinstance(node, FlagSymbol) and not in_condition:
@@ -117,8 +142,10 @@ def _check_flags_only_in_conditions(expr, where_, what):
                 walk(value, in_condition)
                 walk(condition, True)
             return
+        # inside a condition a flag may stand alone or under And/Or/Not, not inside a comparison
+        nested = in_condition and isinstance(node, (sympy.And, sympy.Or, sympy.Not))
         for arg in node.args:
-            walk(arg, in_condition)
+            walk(arg, nested)
 
     walk(expr, False)
 
@@ -175,6 +202,7 @@ def lower(spec: Spec, flags: dict | None = None) -> IR:
         expr = upd.expr
         _check_flags_only_in_conditions(expr, upd.where, what)
         _check_conditions(expr, upd.where, what)
+        _check_supported(expr, upd.where, what)
         expr = expr.xreplace(flag_subs)
         expr = expr.replace(TrustRatio, lower_trust_ratio)
         for sym in sorted(expr.free_symbols, key=str):
@@ -221,6 +249,7 @@ def lower(spec: Spec, flags: dict | None = None) -> IR:
     states = []
     for state in spec.states:
         init = state.init.xreplace(flag_subs)
+        _check_supported(init, state.where, f"state {state.name!r} initial value")
         bad = [s for s in init.free_symbols if not isinstance(s, (HyperSymbol, ParamSymbol))]
         if bad or init.atoms(Reduction):
             raise SpecError(

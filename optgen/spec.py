@@ -15,6 +15,8 @@ Nothing here computes: the spec is data that :func:`optgen.ir.lower` turns into 
 
 from __future__ import annotations
 
+import builtins
+import keyword
 import math
 import os
 import sys
@@ -53,10 +55,11 @@ class SpecError(ValueError):
 def _caller_location() -> str:
     """File and line of the first frame outside optgen -- where the user wrote the offending spec line."""
     here = os.path.dirname(os.path.abspath(__file__))
+    skip = (here + os.sep, os.path.dirname(os.path.abspath(sympy.__file__)) + os.sep)
     frame = sys._getframe(1)
     while frame is not None:
         filename = os.path.abspath(frame.f_code.co_filename)
-        if not filename.startswith(here + os.sep):
+        if not filename.startswith(skip):
             return f"{frame.f_code.co_filename}:{frame.f_lineno}"
         frame = frame.f_back
     return "<unknown>"
@@ -83,6 +86,14 @@ class BoolHyperSymbol(HyperSymbol):
 
 class FlagSymbol(_SpecSymbol):
     """A compile-time flag: substituted by True/False before code generation."""
+
+    def _not_a_number(self, other):
+        raise SpecError(
+            f"compile-time flag {self.name} used in arithmetic or a comparison; it is a boolean: choose with "
+            f"where({self.name}, a, b) [{_caller_location()}]"
+        )
+
+    __lt__ = __le__ = __gt__ = __ge__ = _not_a_number
 
 
 class StepSymbol(_SpecSymbol):
@@ -159,7 +170,10 @@ def where(condition, if_true, if_false):
     ``condition`` is a comparison, a boolean combination of comparisons, a boolean hyperparameter or a
     compile-time flag.
     """
-    condition = sympy.sympify(condition)
+    try:
+        condition = sympy.sympify(condition)
+    except (sympy.SympifyError, TypeError) as exc:
+        raise SpecError(f"where(): condition {condition!r} is not an expression ({exc}) [{_caller_location()}]") from None
     if isinstance(condition, BoolHyperSymbol):
         condition = sympy.Ne(condition, 0)  # a per-group switch: a runtime 0/1 scalar
     elif isinstance(condition, HyperSymbol):
@@ -167,7 +181,9 @@ def where(condition, if_true, if_false):
             f"where(): hyperparameter {condition} used where only a compile-time flag (spec.flag), a "
             f"boolean hyperparameter or a comparison can go [{_caller_location()}]"
         )
-    elif isinstance(condition, sympy.Symbol) and not isinstance(condition, FlagSymbol):
+    elif (isinstance(condition, sympy.Symbol) and not isinstance(condition, FlagSymbol)) or not isinstance(
+        condition, (sympy.logic.boolalg.Boolean, FlagSymbol)
+    ):
         raise SpecError(
             f"where(): condition {condition} must be a comparison, a boolean hyperparameter or a "
             f"compile-time flag (spec.flag) [{_caller_location()}]"
@@ -334,6 +350,9 @@ class Requirement:
 PARAM = "param"
 _RESERVED = {"w", "g", "t", PARAM, "params", "grad", "step", "backend", "defaults", "layer_adaptation", "tl", "torch"}
 _RESERVED_PREFIXES = ("_", "tmp", "red_", "scratch_")
+# names the generated code or the constructor uses: a spec cannot take them
+_RESERVED |= {"dtype", "self", "triton", "math", "BLOCK", "CHUNK", "N_HYPER", "ALIGNED", "maximize",
+              "master_weights", "state_dtype"}
 
 
 class Spec:
@@ -371,14 +390,16 @@ class Spec:
     # -- declarations ------------------------------------------------------------------------------
 
     def _claim(self, name: str, kind: str) -> None:
-        if not isinstance(name, str) or not name.isidentifier():
+        if not isinstance(name, str) or not name.isidentifier() or keyword.iskeyword(name):
             raise SpecError(f"{kind} name must be a Python identifier, got {name!r} [{_caller_location()}]")
+        if hasattr(builtins, name):
+            raise SpecError(f"{kind} name {name!r} is a Python builtin; choose another name [{_caller_location()}]")
         if name in self._symbols or name in _RESERVED or name.endswith("_new") or name.startswith(_RESERVED_PREFIXES):
             raise SpecError(
                 f"{kind} name {name!r} is already used or reserved in spec {self.name} [{_caller_location()}]"
             )
 
-    def hyper(self, **defaults):
+    def hyper(self, /, **defaults):
         """Declare runtime hyperparameters; returns their symbols in order (tuples are flattened).
 
         A value is a float default (finite, >= 0), a bool (a per-group switch), a :class:`Hyper` with a
@@ -387,6 +408,10 @@ class Spec:
         """
         out = []
         for key, value in defaults.items():
+            if any(h.key == key for h in self.hypers):
+                raise SpecError(
+                    f"hyperparameter name {key!r} is already used or reserved in spec {self.name} [{_caller_location()}]"
+                )
             items = value.default if isinstance(value, Hyper) and isinstance(value.default, tuple) else value
             if isinstance(items, tuple):
                 base = value if isinstance(value, Hyper) else None
@@ -408,6 +433,13 @@ class Spec:
                 raise SpecError(
                     f"hyperparameter {name!r}: default {decl.default!r} is not a number [{_caller_location()}]"
                 )
+            try:
+                float(decl.default)
+            except OverflowError:
+                raise SpecError(
+                    f"hyperparameter {name!r}: default {decl.default!r} is not finite in floating point "
+                    f"[{_caller_location()}]"
+                ) from None
             if math.isnan(decl.default) or (decl.finite and not math.isfinite(decl.default)):
                 raise SpecError(
                     f"hyperparameter {name!r}: default {decl.default!r} is not finite [{_caller_location()}]"
@@ -433,7 +465,7 @@ class Spec:
         self._symbols[name] = symbol
         return symbol
 
-    def flag(self, **defaults):
+    def flag(self, /, **defaults):
         """Declare compile-time flags (constructor keywords that select a variant of the math)."""
         out = []
         for name, default in defaults.items():
@@ -457,7 +489,12 @@ class Spec:
     def state(self, name: str, init=0) -> StateSymbol:
         """Declare a per-parameter state tensor (``exp_avg``...) with its initial value (default 0)."""
         self._claim(name, "state")
-        init = sympy.sympify(init)
+        try:
+            init = sympy.sympify(init)
+        except (sympy.SympifyError, TypeError) as exc:
+            raise SpecError(f"state {name!r}: initial value {init!r} is not an expression ({exc}) [{_caller_location()}]") from None
+        if not isinstance(init, sympy.Expr):
+            raise SpecError(f"state {name!r}: initial value {init!r} is not a scalar expression [{_caller_location()}]")
         self.states.append(StateDecl(name, init, _caller_location()))
         symbol = StateSymbol(name)
         self._symbols[name] = symbol
@@ -479,6 +516,8 @@ class Spec:
             expr = sympy.sympify(expr)
         except (sympy.SympifyError, TypeError) as exc:
             raise SpecError(f"update() of {name}: {expr!r} is not an expression ({exc}) [{where_}]") from None
+        if not isinstance(expr, sympy.Expr):
+            raise SpecError(f"update() of {name}: {expr!r} is not a scalar expression [{where_}]")
         if any(u.target == name for u in self.updates):
             raise SpecError(f"update() of {name}: it is already updated; give each new value once [{where_}]")
         self.updates.append(UpdateDecl(name, expr, where_))
@@ -487,7 +526,13 @@ class Spec:
 
     def require(self, condition, message: str) -> None:
         """A constraint between hyperparameters and flags, checked per param group at construction."""
-        self.requirements.append(Requirement(sympy.sympify(condition), message, _caller_location()))
+        try:
+            condition = sympy.sympify(condition)
+        except (sympy.SympifyError, TypeError) as exc:
+            raise SpecError(f"require(): {condition!r} is not a condition ({exc}) [{_caller_location()}]") from None
+        if not isinstance(condition, sympy.logic.boolalg.Boolean):
+            raise SpecError(f"require(): {condition} is not a condition (a comparison or a boolean) [{_caller_location()}]")
+        self.requirements.append(Requirement(condition, message, _caller_location()))
 
     def __repr__(self) -> str:
         return f"Spec({self.name!r}, hypers={[h.name for h in self.hypers]}, states={[s.name for s in self.states]})"

@@ -69,6 +69,11 @@ class _FloatPrinter(PythonCodePrinter):
     def _print_NumberSymbol(self, expr):
         return repr(float(expr))
 
+    def _print_known_const(self, expr):  # pi, E: float literals, not math.pi
+        return repr(float(expr))
+
+    _print_Pi = _print_Exp1 = _print_EulerGamma = _print_GoldenRatio = _print_NumberSymbol
+
     def _paren(self, expr) -> str:
         """An operand in parentheses unless it is an atom: printed text is spliced into larger code."""
         code = self._print(expr)
@@ -196,8 +201,8 @@ class TorchPrinter(_FloatPrinter):
         return f"torch.pow({self._print(base)}, {self._print(exp)})"
 
     def _minmax(self, expr, fn, bound):
-        numbers = [a for a in expr.args if a.is_Number]
-        others = [a for a in expr.args if not a.is_Number]
+        numbers = [a for a in expr.args if a.is_number]
+        others = [a for a in expr.args if not a.is_number]
         code = self._fold(fn + "({}, {})", others)
         for number in numbers:  # torch.maximum takes tensors only; clamp takes a Python bound
             code = f"torch.clamp({code}, {bound}={self._print(number)})"
