@@ -1,10 +1,12 @@
 """optgen: compile optimizers written as math into fused multi-tensor kernels and torch.optim classes.
 
 Public API: :class:`Spec` (the language), :func:`build` (spec -> ``torch.optim.Optimizer`` subclass), the
-spec helpers (``norm``, ``trust_ratio``, ``where`` ...), and the built-in optimizers.
+spec helpers (``norm``, ``trust_ratio``, ``where`` ...), :func:`layer_adaptive` (a layer-wise trust ratio on any
+optimizer's step), and the built-in optimizers.
 """
 
 from .groups import param_groups
+from .layerwise import layer_adaptive
 from .runtime.optimizer import GeneratedOptimizer, build
 from .spec import (
     Abs,
@@ -38,12 +40,18 @@ AdamW = build(BUILTINS["adamw"]())
 LARS = build(BUILTINS["lars"]())
 LAMB = build(BUILTINS["lamb"]())
 NVLAMB = build(BUILTINS["nvlamb"]())
+LARSOptax = build(BUILTINS["lars_optax"]())
+NovoGrad = build(BUILTINS["novograd"]())
+Lion = build(BUILTINS["lion"]())
+LayerAdaptiveLion = build(BUILTINS["layer_adaptive_lion"]())
+AdaBelief = build(BUILTINS["adabelief"]())
 
 __all__ = [
     "Spec",
     "SpecError",
     "Hyper",
     "build",
+    "layer_adaptive",
     "GeneratedOptimizer",
     "param_groups",
     "where",
@@ -69,5 +77,10 @@ __all__ = [
     "LARS",
     "LAMB",
     "NVLAMB",
+    "LARSOptax",
+    "NovoGrad",
+    "Lion",
+    "LayerAdaptiveLion",
+    "AdaBelief",
     "BUILTINS",
 ]

@@ -1,17 +1,46 @@
 """The built-in optimizers, each a small spec. ``BUILTINS`` maps the CLI name to the spec factory."""
 
+from ..layerwise import layer_adaptive
+from .adabelief import adabelief
 from .adam import adam, adamw
 from .lamb import lamb, nvlamb
 from .lars import lars
+from .lars_optax import lars_optax
+from .lion import lion
+from .novograd import novograd
 from .sgd import sgd
+
+
+def layer_adaptive_lion():
+    """Lion with a layer-wise trust ratio: ``layer_adaptive(lion)``."""
+    return layer_adaptive(lion, name="LayerAdaptiveLion")
+
 
 BUILTINS = {
     "sgd": sgd,
     "adam": adam,
     "adamw": adamw,
     "lars": lars,
+    "lars_optax": lars_optax,
     "lamb": lamb,
     "nvlamb": nvlamb,
+    "novograd": novograd,
+    "lion": lion,
+    "layer_adaptive_lion": layer_adaptive_lion,
+    "adabelief": adabelief,
 }
 
-__all__ = ["BUILTINS", "sgd", "adam", "adamw", "lars", "lamb", "nvlamb"]
+__all__ = [
+    "BUILTINS",
+    "sgd",
+    "adam",
+    "adamw",
+    "lars",
+    "lars_optax",
+    "lamb",
+    "nvlamb",
+    "novograd",
+    "lion",
+    "layer_adaptive_lion",
+    "adabelief",
+]
