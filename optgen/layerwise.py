@@ -137,7 +137,7 @@ def layer_adaptive(spec: Spec | Callable[[], Spec], name: str | None = None) -> 
     delta, per_lr = update_step(spec)
     w = spec.param
     original = next(u for u in spec.updates if u.target == PARAM)
-    # the trust ratio where layer_adaptation is on; the original expression (bitwise the original) where off
+    # the trust ratio where layer_adaptation is on; the original update expression where it is off
     adapted = where(LAYER_ADAPTATION, w - trust_ratio(norm(w), norm(per_lr)) * delta, original.expr)
 
     out = Spec(name or f"LayerAdaptive{spec.name}", doc=DOC.format(base=spec.name) + (spec.doc or ""))
