@@ -60,10 +60,12 @@ def _parse_flags(pairs) -> dict:
 
 
 def cmd_list(args) -> int:
-    for key, factory in BUILTINS.items():
-        spec = factory()
+    specs = {key: factory() for key, factory in BUILTINS.items()}
+    key_width = max(map(len, specs))
+    name_width = max(len(spec.name) for spec in specs.values())
+    for key, spec in specs.items():
         first = (spec.doc or "").strip().splitlines()[0] if spec.doc else ""
-        print(f"{key:10s} {spec.name:8s} {first}")
+        print(f"{key:{key_width}s} {spec.name:{name_width}s} {first}")
     return 0
 
 
@@ -163,6 +165,12 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from .bench import main as bench_main
+
+    return bench_main(args)
+
+
 def cmd_demo(args) -> int:
     from .demo import run
 
@@ -192,6 +200,23 @@ def main(argv=None) -> int:
     insp.add_argument("--json", action="store_true")
     insp.add_argument("--flag", action="append", metavar="NAME=BOOL")
     insp.set_defaults(fn=cmd_inspect)
+
+    bench = sub.add_parser("bench", help="step time of optgen against torch.optim and other optimizers, interleaved")
+    bench.add_argument("--optimizers", default="adamw,lamb", help="comma list of: adamw, adam, sgd, lamb, lars, nvlamb")
+    bench.add_argument(
+        "--model",
+        default=None,
+        help="comma list of parameter sets: bert-base-like, bert-base, bert-large, vit-b32, resnet50, gpt2-small, "
+        "synthetic:N (default synthetic:4000000 on CPU)",
+    )
+    bench.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")
+    bench.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 parameters and gradients")
+    bench.add_argument("--rounds", type=int, default=5, help="timed samples per implementation (interleaved)")
+    bench.add_argument("--warmup", type=int, default=2, help="untimed steps after the first")
+    bench.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads); default: torch's")
+    bench.add_argument("--json", metavar="FILE", help="write the results as JSON")
+    bench.add_argument("--plot", metavar="FILE.png", help="write a PNG: effective GB/s against model size")
+    bench.set_defaults(fn=cmd_bench)
 
     demo = sub.add_parser("demo", help="build LAMB from its spec, inspect it, train on real data with four optimizers")
     demo.add_argument("--out", default="optgen-demo", help="directory for the loss-curve PNG")

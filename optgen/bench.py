@@ -1,0 +1,650 @@
+"""``optgen bench``: optimizer step time of optgen against its peers, measured interleaved in one process.
+
+Parameter sets are built from the tensor shapes of known architectures (shape recipes: nothing is
+downloaded) or ``synthetic:N``. For each optimizer every implementation gets the same parameters and
+gradients; the implementations take turns, one timed sample each per round (round-robin, the order rotated
+every round), so a machine whose speed drifts (other processes, clocks) slows them alike. A row reports the
+median step time and the spread (25th-75th percentile), the effective bandwidth at the optgen plan's bytes
+per parameter (the least traffic the update needs, the same for every row of an optimizer), that bandwidth
+as a share of a measured device-to-device copy, the first step (state creation, compilation) and the host
+time per step. Timing: ``time.perf_counter`` on CPU; CUDA events on GPU (host time: the ``step()`` call
+without synchronising).
+
+A peer that cannot run here (not installed, no GPU, unsupported) is listed as skipped with the reason.
+Benchmarks, not tests: nothing here asserts a duration.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+# -- parameter sets -------------------------------------------------------------------------------------
+
+
+def _bert_layer(h: int, inter: int, prefix: str) -> list[tuple[str, tuple]]:
+    return [
+        (f"{prefix}.attention.self.query.weight", (h, h)),
+        (f"{prefix}.attention.self.query.bias", (h,)),
+        (f"{prefix}.attention.self.key.weight", (h, h)),
+        (f"{prefix}.attention.self.key.bias", (h,)),
+        (f"{prefix}.attention.self.value.weight", (h, h)),
+        (f"{prefix}.attention.self.value.bias", (h,)),
+        (f"{prefix}.attention.output.dense.weight", (h, h)),
+        (f"{prefix}.attention.output.dense.bias", (h,)),
+        (f"{prefix}.attention.output.LayerNorm.weight", (h,)),
+        (f"{prefix}.attention.output.LayerNorm.bias", (h,)),
+        (f"{prefix}.intermediate.dense.weight", (inter, h)),
+        (f"{prefix}.intermediate.dense.bias", (inter,)),
+        (f"{prefix}.output.dense.weight", (h, inter)),
+        (f"{prefix}.output.dense.bias", (h,)),
+        (f"{prefix}.output.LayerNorm.weight", (h,)),
+        (f"{prefix}.output.LayerNorm.bias", (h,)),
+    ]
+
+
+def _bert(layers: int, h: int, vocab: int, pooler: bool = True) -> list[tuple[str, tuple]]:
+    shapes = [
+        ("embeddings.word_embeddings.weight", (vocab, h)),
+        ("embeddings.position_embeddings.weight", (512, h)),
+        ("embeddings.token_type_embeddings.weight", (2, h)),
+        ("embeddings.LayerNorm.weight", (h,)),
+        ("embeddings.LayerNorm.bias", (h,)),
+    ]
+    for i in range(layers):
+        shapes += _bert_layer(h, 4 * h, f"encoder.layer.{i}")
+    if pooler:
+        shapes += [("pooler.dense.weight", (h, h)), ("pooler.dense.bias", (h,))]
+    return shapes
+
+
+def bert_base_like() -> list[tuple[str, tuple]]:
+    """The issue's "BERT-base-like" set: 100 tensors, 49.2M parameters -- BERT-base's hidden size (768),
+    6 of its encoder layers, an 8192-token word embedding, positions and the embedding LayerNorm."""
+    shapes = [
+        ("embeddings.word_embeddings.weight", (8192, 768)),
+        ("embeddings.position_embeddings.weight", (512, 768)),
+        ("embeddings.LayerNorm.weight", (768,)),
+        ("embeddings.LayerNorm.bias", (768,)),
+    ]
+    for i in range(6):
+        shapes += _bert_layer(768, 3072, f"encoder.layer.{i}")
+    return shapes
+
+
+def vit_b32() -> list[tuple[str, tuple]]:
+    """ViT-B/32 (torchvision vit_b_32): 88.2M parameters."""
+    h, mlp = 768, 3072
+    shapes = [
+        ("class_token", (1, 1, h)),
+        ("conv_proj.weight", (h, 3, 32, 32)),
+        ("conv_proj.bias", (h,)),
+        ("encoder.pos_embedding", (1, 50, h)),
+    ]
+    for i in range(12):
+        p = f"encoder.layers.encoder_layer_{i}"
+        shapes += [
+            (f"{p}.ln_1.weight", (h,)),
+            (f"{p}.ln_1.bias", (h,)),
+            (f"{p}.self_attention.in_proj_weight", (3 * h, h)),
+            (f"{p}.self_attention.in_proj_bias", (3 * h,)),
+            (f"{p}.self_attention.out_proj.weight", (h, h)),
+            (f"{p}.self_attention.out_proj.bias", (h,)),
+            (f"{p}.ln_2.weight", (h,)),
+            (f"{p}.ln_2.bias", (h,)),
+            (f"{p}.mlp.0.weight", (mlp, h)),
+            (f"{p}.mlp.0.bias", (mlp,)),
+            (f"{p}.mlp.3.weight", (h, mlp)),
+            (f"{p}.mlp.3.bias", (h,)),
+        ]
+    shapes += [("encoder.ln.weight", (h,)), ("encoder.ln.bias", (h,))]
+    shapes += [("heads.head.weight", (1000, h)), ("heads.head.bias", (1000,))]
+    return shapes
+
+
+def resnet50() -> list[tuple[str, tuple]]:
+    """ResNet-50 (torchvision resnet50): 25.6M parameters in 161 tensors (BatchNorm weights and biases)."""
+    shapes = [("conv1.weight", (64, 3, 7, 7)), ("bn1.weight", (64,)), ("bn1.bias", (64,))]
+    inplanes = 64
+    for stage, (planes, blocks) in enumerate([(64, 3), (128, 4), (256, 6), (512, 3)], start=1):
+        for b in range(blocks):
+            p = f"layer{stage}.{b}"
+            shapes += [
+                (f"{p}.conv1.weight", (planes, inplanes, 1, 1)),
+                (f"{p}.bn1.weight", (planes,)),
+                (f"{p}.bn1.bias", (planes,)),
+                (f"{p}.conv2.weight", (planes, planes, 3, 3)),
+                (f"{p}.bn2.weight", (planes,)),
+                (f"{p}.bn2.bias", (planes,)),
+                (f"{p}.conv3.weight", (planes * 4, planes, 1, 1)),
+                (f"{p}.bn3.weight", (planes * 4,)),
+                (f"{p}.bn3.bias", (planes * 4,)),
+            ]
+            if b == 0:
+                shapes += [
+                    (f"{p}.downsample.0.weight", (planes * 4, inplanes, 1, 1)),
+                    (f"{p}.downsample.1.weight", (planes * 4,)),
+                    (f"{p}.downsample.1.bias", (planes * 4,)),
+                ]
+            inplanes = planes * 4
+    shapes += [("fc.weight", (1000, 2048)), ("fc.bias", (1000,))]
+    return shapes
+
+
+def gpt2_small() -> list[tuple[str, tuple]]:
+    """GPT-2 small (124.4M parameters; the LM head is tied to the token embedding)."""
+    h = 768
+    shapes = [("wte.weight", (50257, h)), ("wpe.weight", (1024, h))]
+    for i in range(12):
+        p = f"h.{i}"
+        shapes += [
+            (f"{p}.ln_1.weight", (h,)),
+            (f"{p}.ln_1.bias", (h,)),
+            (f"{p}.attn.c_attn.weight", (h, 3 * h)),
+            (f"{p}.attn.c_attn.bias", (3 * h,)),
+            (f"{p}.attn.c_proj.weight", (h, h)),
+            (f"{p}.attn.c_proj.bias", (h,)),
+            (f"{p}.ln_2.weight", (h,)),
+            (f"{p}.ln_2.bias", (h,)),
+            (f"{p}.mlp.c_fc.weight", (h, 4 * h)),
+            (f"{p}.mlp.c_fc.bias", (4 * h,)),
+            (f"{p}.mlp.c_proj.weight", (4 * h, h)),
+            (f"{p}.mlp.c_proj.bias", (h,)),
+        ]
+    shapes += [("ln_f.weight", (h,)), ("ln_f.bias", (h,))]
+    return shapes
+
+
+def synthetic(n: int, tensors: int = 100) -> list[tuple[str, tuple]]:
+    """``n`` parameters in about ``tensors`` tensors, shaped like a network's: 60% matrices (rows x 256,
+    the last one takes the remainder) holding nearly everything, 40% bias-like vectors of n/4000 elements."""
+    if n < 1:
+        raise ValueError(f"synthetic:N needs N >= 1, got {n}")
+    vectors = (tensors * 2) // 5
+    matrices = tensors - vectors
+    vec = max(1, n // 4000) if n >= 4 * tensors else 1
+    if vec * vectors >= n:
+        vectors = 0
+    rest = n - vec * vectors
+    matrices = max(1, min(matrices, rest))
+    shapes = []
+    base = rest // matrices
+    if base >= 256:
+        base -= base % 256
+    for i in range(matrices):
+        size = base if i < matrices - 1 else rest - base * (matrices - 1)
+        shapes.append((f"matrix.{i}", (size // 256, 256) if size % 256 == 0 else (size,)))
+    shapes += [(f"vector.{i}", (vec,)) for i in range(vectors)]
+    return shapes
+
+
+RECIPES = {
+    "bert-base-like": bert_base_like,
+    "bert-base": lambda: _bert(12, 768, 30522),
+    "bert-large": lambda: _bert(24, 1024, 30522),
+    "vit-b32": vit_b32,
+    "resnet50": resnet50,
+    "gpt2-small": gpt2_small,
+}
+
+
+def model_shapes(name: str) -> list[tuple[str, tuple]]:
+    """The (name, shape) list of a recipe, or of ``synthetic:N`` (N may be written 4e6 or 4_000_000)."""
+    key = name.strip().lower()
+    if key.startswith("synthetic:"):
+        text = key.split(":", 1)[1].replace("_", "")
+        try:
+            n = int(float(text)) if any(c in text for c in ".e") else int(text)
+        except ValueError:
+            raise SystemExit(f"optgen bench: bad model {name!r}: expected synthetic:N") from None
+        return synthetic(n)
+    if key not in RECIPES:
+        raise SystemExit(f"optgen bench: unknown model {name!r}; known: {', '.join(RECIPES)}, synthetic:N")
+    return RECIPES[key]()
+
+
+def numel(shapes) -> int:
+    return sum(math.prod(s) for _, s in shapes)
+
+
+# -- implementations ------------------------------------------------------------------------------------
+
+OPTIMIZERS = ("adamw", "adam", "sgd", "lamb", "lars", "nvlamb")
+HYPERS = {  # the same settings for every implementation of an optimizer
+    "adamw": dict(lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01),
+    "adam": dict(lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0),
+    "sgd": dict(lr=1e-4, momentum=0.9, weight_decay=0.0),
+    "lamb": dict(lr=1e-4, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01),
+    "lars": dict(lr=1e-4, momentum=0.9, weight_decay=1e-4),
+    "nvlamb": dict(lr=1e-4, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01),
+}
+OPTGEN_CLASS = {"adamw": "AdamW", "adam": "Adam", "sgd": "SGD", "lamb": "LAMB", "lars": "LARS", "nvlamb": "NVLAMB"}
+
+
+@dataclass
+class Impl:
+    optimizer: str
+    impl: str
+    make: object  # params -> torch.optim.Optimizer; raises when it cannot run here
+    env: dict = field(default_factory=dict)  # environment while the optimizer is built and takes its first step
+    skip: str | None = None
+
+
+@contextlib.contextmanager
+def _environ(values: dict):
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def implementations(optimizer: str, device: str) -> list[Impl]:
+    """optgen first, then its peers; each peer that cannot run here is an ``Impl`` with ``skip`` set."""
+    import optgen
+
+    hp = HYPERS[optimizer]
+    cls = getattr(optgen, OPTGEN_CLASS[optimizer])
+    cuda = device == "cuda"
+    impls = [
+        Impl(optimizer, "optgen", lambda ps: cls(ps, **hp)),
+        Impl(optimizer, "optgen eager", lambda ps: cls(ps, backend="torch", **hp), env={"OPTGEN_COMPILE": "0"}),
+    ]
+    if cuda:
+        impls.append(Impl(optimizer, "torch.compile(generated)", lambda ps: cls(ps, backend="torch", **hp), env={"OPTGEN_COMPILE": "1"}))
+    elif optimizer in ("lamb", "lars", "nvlamb"):
+        impls.append(Impl(optimizer, "torch.compile(generated)", None, skip="on CPU this is the 'optgen' row: backend='auto' runs the generated torch code compiled"))
+    if optimizer in ("adamw", "adam", "sgd"):
+        torch_cls = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}[optimizer]
+        for name, kw in (("torch for-loop", {"foreach": False}), ("torch foreach", {"foreach": True}), ("torch fused", {"fused": True})):
+            impls.append(Impl(optimizer, name, lambda ps, kw=kw: torch_cls(ps, **hp, **kw)))
+    if optimizer == "lamb":
+        impls.append(_peer(optimizer, "pytorch-optimizer Lamb", "pytorch_optimizer", lambda m, ps: m.Lamb(ps, **hp)))
+        impls.append(_peer(optimizer, "torch-optimizer Lamb", "torch_optimizer", lambda m, ps: m.Lamb(ps, **hp)))
+        impls.append(_gpu_peer(optimizer, "bitsandbytes LAMB", "bitsandbytes", lambda m, ps: m.optim.LAMB(ps, **hp), cuda))
+        impls.append(_gpu_peer(optimizer, "DeepSpeed FusedLamb", "deepspeed.ops.lamb", lambda m, ps: m.FusedLamb(ps, **hp), cuda))
+    if optimizer == "lars":
+        lars = dict(lr=hp["lr"], momentum=hp["momentum"], weight_decay=hp["weight_decay"])
+        impls.append(_peer(optimizer, "pytorch-optimizer LARS", "pytorch_optimizer", lambda m, ps: m.LARS(ps, **lars)))
+        impls.append(_peer(optimizer, "torch-optimizer LARS", "torch_optimizer", lambda m, ps: m.LARS(ps, **lars)))
+        impls.append(_gpu_peer(optimizer, "bitsandbytes LARS", "bitsandbytes", lambda m, ps: m.optim.LARS(ps, **lars), cuda))
+    return impls
+
+
+def _import(module: str):
+    import importlib
+
+    return importlib.import_module(module)
+
+
+def _peer(optimizer, impl, module, make) -> Impl:
+    try:
+        mod = _import(module)
+    except Exception as exc:  # noqa: BLE001 - any import failure is a reason to skip
+        return Impl(optimizer, impl, None, skip=f"{module} not importable ({type(exc).__name__}: {str(exc)[:120]})")
+    return Impl(optimizer, impl, lambda ps: make(mod, ps))
+
+
+def _gpu_peer(optimizer, impl, module, make, cuda: bool) -> Impl:
+    if not cuda:
+        return Impl(optimizer, impl, None, skip="GPU only")
+    return _peer(optimizer, impl, module, make)
+
+
+# -- measurement ------------------------------------------------------------------------------------------
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def copy_bandwidth(device: str, mib: int | None = None) -> float:
+    """GB/s of ``dst.copy_(src)`` on the device (bytes read + written), median of several copies."""
+    mib = mib or (1024 if device == "cuda" else 256)
+    n = mib * (1 << 20) // 4
+    src = torch.ones(n, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(7):
+        _sync(device)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return 2 * n * 4 / statistics.median(times) / 1e9
+
+
+def bytes_per_param(optimizer: str, dtype: torch.dtype) -> float:
+    """Bytes the optgen plan moves per parameter per step, for ``dtype`` parameters and gradients (states
+    in fp32, fp64 for fp64 parameters)."""
+    import optgen
+
+    cls = getattr(optgen, OPTGEN_CLASS[optimizer])
+    plan = cls([torch.nn.Parameter(torch.zeros(1))])._plan
+    own = torch.empty((), dtype=dtype).element_size()
+    state = torch.empty((), dtype=torch.promote_types(dtype, torch.float32)).element_size()
+    total = 0
+    for p in plan.passes:
+        buffers = [ld.buffer for ld in p.loads] + [b for b, _ in p.stores]
+        total += sum(own if b in ("param", "grad") else state for b in buffers)
+    return total
+
+
+def _quantile(values, q: float) -> float:
+    values = sorted(values)
+    pos = (len(values) - 1) * q
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return values[lo] + (values[hi] - values[lo]) * (pos - lo)
+
+
+def _make_params(shapes, device, dtype, seed: int):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    params = []
+    for _, shape in shapes:
+        p = torch.nn.Parameter((torch.randn(shape, generator=g) * 0.02).to(device=device, dtype=dtype))
+        p.grad = (torch.randn(shape, generator=g) * 1e-3).to(device=device, dtype=dtype)
+        params.append(p)
+    return params
+
+
+def _path(opt) -> str | None:
+    backends = getattr(opt, "_backends", None)
+    if not backends:
+        return None
+    names = []
+    for b in backends.values():
+        if b.name == "torch":
+            names.append("torch+compile" if getattr(b, "last_step_compiled", False) else "torch eager")
+        else:
+            names.append(b.name)
+    return ",".join(sorted(set(names)))
+
+
+def measure_optimizer(optimizer, model, shapes, device, dtype, rounds, warmup, log) -> tuple[list, list]:
+    """Rows and skipped entries for one optimizer on one parameter set (implementations interleaved)."""
+    n = numel(shapes)
+    params = _make_params(shapes, device, dtype, seed=0)
+    rows, skipped, live = [], [], []
+    for impl in implementations(optimizer, device):
+        if impl.skip:
+            skipped.append({"optimizer": optimizer, "impl": impl.impl, "model": model, "reason": impl.skip})
+            continue
+        try:
+            with _environ(impl.env):
+                opt = impl.make(params)
+                _sync(device)
+                t0 = time.perf_counter()
+                opt.step()
+                _sync(device)
+                first = time.perf_counter() - t0
+        except Exception as exc:  # noqa: BLE001 - a peer that cannot run is skipped, with the reason
+            skipped.append({"optimizer": optimizer, "impl": impl.impl, "model": model, "reason": f"{type(exc).__name__}: {str(exc)[:200]}"})
+            continue
+        live.append({"impl": impl, "opt": opt, "first": first, "times": [], "host": []})
+        log(f"  {optimizer:7s} {impl.impl:28s} first step {first:8.3f} s")
+    if not live:
+        return rows, skipped
+    # warm-up, and how many steps make one sample (>= ~20 ms on CPU, ~5 ms on GPU)
+    target = 0.005 if device == "cuda" else 0.02
+    for entry in live:
+        t = []
+        for _ in range(max(1, warmup)):
+            _sync(device)
+            t0 = time.perf_counter()
+            entry["opt"].step()
+            _sync(device)
+            t.append(time.perf_counter() - t0)
+        entry["inner"] = max(1, min(50, math.ceil(target / max(min(t), 1e-6))))
+    for r in range(rounds):
+        order = live[r % len(live):] + live[: r % len(live)]
+        for entry in order:
+            opt, inner = entry["opt"], entry["inner"]
+            if device == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                start.record()
+                for _ in range(inner):
+                    opt.step()
+                end.record()
+                host = time.perf_counter() - t0
+                end.synchronize()
+                entry["times"].append(start.elapsed_time(end) / 1e3 / inner)
+                entry["host"].append(host / inner)
+            else:
+                t0 = time.perf_counter()
+                for _ in range(inner):
+                    opt.step()
+                dt = (time.perf_counter() - t0) / inner
+                entry["times"].append(dt)
+                entry["host"].append(dt)
+    bpp = bytes_per_param(optimizer, dtype)
+    for entry in live:
+        ts = entry["times"]
+        med = statistics.median(ts)
+        rows.append(
+            {
+                "optimizer": optimizer,
+                "impl": entry["impl"].impl,
+                "model": model,
+                "params": n,
+                "tensors": len(shapes),
+                "dtype": str(dtype).replace("torch.", ""),
+                "step_ms": med * 1e3,
+                "p25_ms": _quantile(ts, 0.25) * 1e3,
+                "p75_ms": _quantile(ts, 0.75) * 1e3,
+                "min_ms": min(ts) * 1e3,
+                "spread_pct": (_quantile(ts, 0.75) - _quantile(ts, 0.25)) / med * 100,
+                "samples": len(ts),
+                "steps_per_sample": entry["inner"],
+                "bytes_per_param": bpp,
+                "gbps": n * bpp / med / 1e9,
+                "first_step_s": entry["first"],
+                "host_ms": statistics.median(entry["host"]) * 1e3,
+                "path": _path(entry["opt"]),
+            }
+        )
+    for row in rows:
+        row["vs"] = {o["impl"]: o["step_ms"] / row["step_ms"] for o in rows if o is not row}
+    del live
+    return rows, skipped
+
+
+def versions() -> dict:
+    import optgen
+
+    out = {"python": platform.python_version(), "torch": torch.__version__, "optgen": optgen.__version__}
+    for module, dist in (
+        ("triton", "triton"),
+        ("pytorch_optimizer", "pytorch-optimizer"),
+        ("torch_optimizer", "torch-optimizer"),
+        ("bitsandbytes", "bitsandbytes"),
+        ("deepspeed", "deepspeed"),
+        ("matplotlib", "matplotlib"),
+    ):
+        try:
+            from importlib.metadata import version
+
+            out[module] = version(dist)
+        except Exception:  # noqa: BLE001 - not installed
+            out[module] = None
+    return out
+
+
+def device_info(device: str) -> dict:
+    info = {"type": device, "threads": torch.get_num_threads()}
+    if device == "cuda":
+        info["name"] = torch.cuda.get_device_name()
+    else:
+        name = platform.processor() or platform.machine()
+        with contextlib.suppress(OSError):
+            with open("/proc/cpuinfo") as f:
+                for line in f:
+                    if line.startswith("model name"):
+                        name = line.split(":", 1)[1].strip()
+                        break
+        info["name"] = name
+        info["cores"] = os.cpu_count()
+    return info
+
+
+def run(
+    optimizers=("adamw", "lamb"),
+    models=("synthetic:4000000",),
+    device: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    rounds: int = 5,
+    warmup: int = 2,
+    log=print,
+) -> dict:
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("optgen bench: --device cuda but torch.cuda.is_available() is False")
+    for o in optimizers:
+        if o not in OPTIMIZERS:
+            raise SystemExit(f"optgen bench: unknown optimizer {o!r}; choose from {', '.join(OPTIMIZERS)}")
+    started = time.perf_counter()
+    info = device_info(device)
+    info["copy_gbps"] = copy_bandwidth(device)
+    log(f"optgen bench on {info['name']} ({device}, {info['threads']} threads): copy {info['copy_gbps']:.1f} GB/s")
+    results, skipped = [], []
+    for model in models:
+        shapes = model_shapes(model)
+        log(f"{model}: {numel(shapes) / 1e6:.2f}M parameters in {len(shapes)} tensors")
+        for optimizer in optimizers:
+            rows, skips = measure_optimizer(optimizer, model, shapes, device, dtype, rounds, warmup, log)
+            results += rows
+            skipped += skips
+    # the copy measured again at the end: on a shared machine the better of the two is the device's
+    info["copy_gbps_start"] = info["copy_gbps"]
+    info["copy_gbps_end"] = copy_bandwidth(device)
+    info["copy_gbps"] = max(info["copy_gbps_start"], info["copy_gbps_end"])
+    for row in results:
+        row["copy_pct"] = row["gbps"] / info["copy_gbps"] * 100
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return {
+        "device": info,
+        "versions": versions(),
+        "date": datetime.date.today().isoformat(),
+        "config": {
+            "optimizers": list(optimizers),
+            "models": list(models),
+            "dtype": str(dtype).replace("torch.", ""),
+            "rounds": rounds,
+            "warmup": warmup,
+            "timer": "cuda events" if device == "cuda" else "time.perf_counter",
+            "argv": sys.argv[1:],
+        },
+        "load_average": list(load) if load else None,
+        "wall_s": time.perf_counter() - started,
+        "results": results,
+        "skipped": skipped,
+    }
+
+
+# -- output -----------------------------------------------------------------------------------------------
+
+
+def format_table(report: dict) -> str:
+    lines = []
+    by_key: dict = {}
+    for row in report["results"]:
+        by_key.setdefault((row["model"], row["optimizer"]), []).append(row)
+    header = f"{'impl':28s} {'median ms':>10s} {'p25-p75 ms':>15s} {'GB/s':>7s} {'%copy':>6s} {'optgen x':>9s} {'1st step s':>10s} {'host ms':>8s}  path"
+    for (model, optimizer), rows in by_key.items():
+        first = rows[0]
+        lines.append(f"\n{optimizer} on {model} ({first['params'] / 1e6:.2f}M params, {first['tensors']} tensors, {first['dtype']}; {first['bytes_per_param']:g} B/param)")
+        lines.append(header)
+        ref = next((r for r in rows if r["impl"] == "optgen"), None)
+        for r in rows:
+            speed = f"{r['step_ms'] / ref['step_ms']:8.2f}x" if ref else "        -"
+            lines.append(
+                f"{r['impl']:28s} {r['step_ms']:10.2f} {r['p25_ms']:7.2f}-{r['p75_ms']:<7.2f} {r['gbps']:7.2f} "
+                f"{r['copy_pct']:5.0f}% {speed} {r['first_step_s']:10.2f} {r['host_ms']:8.2f}  {r['path'] or ''}"
+            )
+    if report["skipped"]:
+        lines.append("\nskipped:")
+        seen = set()
+        for s in report["skipped"]:
+            key = (s["optimizer"], s["impl"], s["reason"])
+            if key not in seen:
+                seen.add(key)
+                lines.append(f"  {s['optimizer']}: {s['impl']}: {s['reason']}")
+    lines.append(
+        "\n'optgen x': this row's step time / optgen's (above 1: optgen is that many times faster). GB/s: "
+        "parameters x the optgen plan's bytes per parameter / step time; %copy: of the measured copy bandwidth "
+        f"({report['device']['copy_gbps']:.1f} GB/s)."
+    )
+    return "\n".join(lines)
+
+
+def plot(report: dict, path: str) -> None:
+    """Effective GB/s against model size, one line per implementation, one panel per optimizer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    optimizers = list(dict.fromkeys(r["optimizer"] for r in report["results"]))
+    if not optimizers:
+        optimizers = ["(no results)"]
+    fig, axes = plt.subplots(1, len(optimizers), figsize=(6 * len(optimizers), 4.5), squeeze=False)
+    for ax, optimizer in zip(axes[0], optimizers):
+        rows = [r for r in report["results"] if r["optimizer"] == optimizer]
+        for impl in dict.fromkeys(r["impl"] for r in rows):
+            pts = sorted((r["params"], r["gbps"]) for r in rows if r["impl"] == impl)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=impl, linewidth=2.5 if impl == "optgen" else 1.2)
+        ax.axhline(report["device"]["copy_gbps"], color="gray", linestyle="--", linewidth=1, label="copy bandwidth")
+        ax.set_xscale("log")
+        ax.set_xlabel("parameters")
+        ax.set_ylabel("effective GB/s (plan bytes/param / step time)")
+        ax.set_title(f"{optimizer} ({report['config']['dtype']})")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    dev = report["device"]
+    fig.suptitle(f"optgen bench: {dev['name']} ({dev['type']}, {dev['threads']} threads), torch {report['versions']['torch']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def main(args) -> int:
+    optimizers = [o.strip().lower() for o in args.optimizers.split(",") if o.strip()]
+    device = args.device
+    models = [m.strip() for m in (args.model or "").split(",") if m.strip()]
+    if not models:
+        models = ["synthetic:4000000"] if (device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cpu" else ["synthetic:4000000", "bert-large"]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.dtype not in DTYPES:
+        raise SystemExit(f"optgen bench: --dtype {args.dtype}: choose from {', '.join(DTYPES)}")
+    report = run(optimizers, models, device, DTYPES[args.dtype], rounds=args.rounds, warmup=args.warmup, log=print)
+    print(format_table(report))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+        print(f"wrote {args.json}")
+    if args.plot:
+        plot(report, args.plot)
+        print(f"wrote {args.plot}")
+    return 0

@@ -1,0 +1,59 @@
+"""``optgen bench``: a smoke test (no timing is asserted) and the parameter-set recipes."""
+
+import json
+
+import pytest
+import torch
+
+from optgen import bench
+from optgen.cli import main
+
+
+def test_bench_smoke_json_and_plot(tmp_path, capsys):
+    out_json, out_png = tmp_path / "bench.json", tmp_path / "bench.png"
+    rc = main(
+        [
+            "bench",
+            "--model",
+            "synthetic:200000",
+            "--optimizers",
+            "adamw,lamb",
+            "--rounds",
+            "2",
+            "--warmup",
+            "1",
+            "--json",
+            str(out_json),
+            "--plot",
+            str(out_png),
+        ]
+    )
+    assert rc == 0
+    report = json.loads(out_json.read_text())
+    assert {"device", "versions", "results"} <= set(report)
+    assert report["device"]["type"] == "cpu"
+    assert report["versions"]["torch"] == torch.__version__
+    impls = {(r["optimizer"], r["impl"]) for r in report["results"]}
+    assert {("adamw", "optgen"), ("adamw", "torch fused"), ("lamb", "optgen")} <= impls
+    for row in report["results"]:
+        assert {"optimizer", "impl", "step_ms"} <= set(row)
+        assert row["step_ms"] > 0 and row["params"] == 200000
+    # on CPU the GPU-only peers are listed as skipped, with the reason
+    assert any(s["impl"] == "bitsandbytes LAMB" and s["reason"] for s in report["skipped"])
+    assert out_png.stat().st_size > 0 and out_png.read_bytes()[:4] == b"\x89PNG"
+    table = capsys.readouterr().out
+    assert "adamw on synthetic:200000" in table and "skipped:" in table
+
+
+def test_bench_recipes_shapes():
+    counts = {name: (bench.numel(bench.model_shapes(name)), len(bench.model_shapes(name))) for name in bench.RECIPES}
+    assert counts["bert-base-like"] == (49_213_440, 100)
+    assert abs(counts["bert-large"][0] - 335_141_888) < 1e6
+    assert abs(counts["gpt2-small"][0] - 124_439_808) < 1e3
+    assert abs(counts["resnet50"][0] - 25_557_032) < 1e3 and counts["resnet50"][1] == 161
+    assert abs(counts["vit-b32"][0] - 88_224_232) < 1e3
+    for n in (1, 7, 99, 100, 1000, 200_000, 4_000_000):
+        shapes = bench.model_shapes(f"synthetic:{n}")
+        assert bench.numel(shapes) == n and len(shapes) <= 100
+    with pytest.raises(SystemExit):
+        bench.model_shapes("no-such-model")
