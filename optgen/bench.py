@@ -377,7 +377,7 @@ def _path(opt) -> str | None:
     return ",".join(sorted(set(names)))
 
 
-def measure_optimizer(optimizer, model, shapes, device, dtype, rounds, warmup, log) -> tuple[list, list]:
+def measure_optimizer(optimizer, model, shapes, device, dtype, rounds, warmup, log, sample_s=None) -> tuple[list, list]:
     """Rows and skipped entries for one optimizer on one parameter set (implementations interleaved)."""
     n = numel(shapes)
     params = _make_params(shapes, device, dtype, seed=0)
@@ -401,8 +401,8 @@ def measure_optimizer(optimizer, model, shapes, device, dtype, rounds, warmup, l
         log(f"  {optimizer:7s} {impl.impl:28s} first step {first:8.3f} s")
     if not live:
         return rows, skipped
-    # warm-up, and how many steps make one sample (>= ~20 ms on CPU, ~5 ms on GPU)
-    target = 0.005 if device == "cuda" else 0.02
+    # warm-up, and how many steps make one sample (>= ~20 ms on CPU, ~5 ms on GPU by default)
+    target = sample_s if sample_s is not None else (0.005 if device == "cuda" else 0.02)
     for entry in live:
         t = []
         for _ in range(max(1, warmup)):
@@ -513,6 +513,7 @@ def run(
     rounds: int = 5,
     warmup: int = 2,
     log=print,
+    sample_ms: float | None = None,
 ) -> dict:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
@@ -529,7 +530,8 @@ def run(
         shapes = model_shapes(model)
         log(f"{model}: {numel(shapes) / 1e6:.2f}M parameters in {len(shapes)} tensors")
         for optimizer in optimizers:
-            rows, skips = measure_optimizer(optimizer, model, shapes, device, dtype, rounds, warmup, log)
+            sample_s = None if sample_ms is None else sample_ms / 1e3
+            rows, skips = measure_optimizer(optimizer, model, shapes, device, dtype, rounds, warmup, log, sample_s)
             results += rows
             skipped += skips
     # the copy measured again at the end: on a shared machine the better of the two is the device's
@@ -549,6 +551,7 @@ def run(
             "dtype": str(dtype).replace("torch.", ""),
             "rounds": rounds,
             "warmup": warmup,
+            "sample_ms": sample_ms,
             "timer": "cuda events" if device == "cuda" else "time.perf_counter",
             "argv": sys.argv[1:],
         },
@@ -638,7 +641,9 @@ def main(args) -> int:
         torch.set_num_threads(args.threads)
     if args.dtype not in DTYPES:
         raise SystemExit(f"optgen bench: --dtype {args.dtype}: choose from {', '.join(DTYPES)}")
-    report = run(optimizers, models, device, DTYPES[args.dtype], rounds=args.rounds, warmup=args.warmup, log=print)
+    report = run(
+        optimizers, models, device, DTYPES[args.dtype], rounds=args.rounds, warmup=args.warmup, log=print, sample_ms=args.sample_ms
+    )
     print(format_table(report))
     if args.json:
         with open(args.json, "w") as f:

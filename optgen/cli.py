@@ -213,6 +213,7 @@ def main(argv=None) -> int:
     bench.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 parameters and gradients")
     bench.add_argument("--rounds", type=int, default=5, help="timed samples per implementation (interleaved)")
     bench.add_argument("--warmup", type=int, default=2, help="untimed steps after the first")
+    bench.add_argument("--sample-ms", type=float, default=None, help="steps per timed sample: enough for this long (default 20 on CPU, 5 on GPU)")
     bench.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads); default: torch's")
     bench.add_argument("--json", metavar="FILE", help="write the results as JSON")
     bench.add_argument("--plot", metavar="FILE.png", help="write a PNG: effective GB/s against model size")

@@ -22,6 +22,8 @@ def test_bench_smoke_json_and_plot(tmp_path, capsys):
             "2",
             "--warmup",
             "1",
+            "--sample-ms",
+            "0",
             "--json",
             str(out_json),
             "--plot",
