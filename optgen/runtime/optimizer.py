@@ -271,21 +271,21 @@ class GeneratedOptimizer(torch.optim.Optimizer):
         amp_mode, device_scalars = self._amp()
         plan = self._variant(amp_mode)
         reducer = self._reducer([p for _, p, _ in collected])
+        backends = {}  # one backend per device for this step's plan
         for _, p, grad in collected:  # unsupported dtypes fail before any state exists
-            backend = self._backend_for(p.device, plan)
-            check = getattr(backend, "check", None)
+            if p.device not in backends:
+                backends[p.device] = self._backend_for(p.device, plan)
+            check = getattr(backends[p.device], "check", None)
             if check is not None:
                 check(distributed.local(p), distributed.local(grad))
-        items = []
+        by_backend: dict[int, tuple] = {}
         for group, p, grad in collected:
+            backend = backends[p.device]
             state = self._init_state(p, group)
             if distributed.is_dtensor(p):  # FSDP2: the backends work on the local shards
                 state = self._local_state(p, state)
                 p, grad = p.to_local(), distributed.local(grad)
-            items.append((p, grad, state, self._group_values(group)))
-        by_backend: dict[int, tuple] = {}
-        for item in items:
-            backend = self._backend_for(item[0].device, plan)
+            item = (p, grad, state, self._group_values(group))
             by_backend.setdefault(id(backend), (backend, []))[1].append(item)
         for backend, backend_items in by_backend.values():
             device = backend_items[0][0].device
