@@ -219,7 +219,7 @@ def numel(shapes) -> int:
 
 # -- implementations ------------------------------------------------------------------------------------
 
-OPTIMIZERS = ("adamw", "adam", "sgd", "lamb", "lars", "nvlamb")
+OPTIMIZERS = ("adamw", "adam", "sgd", "lamb", "lars", "nvlamb")  # the ones with peers to compare against
 HYPERS = {  # the same settings for every implementation of an optimizer
     "adamw": dict(lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01),
     "adam": dict(lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0),
@@ -228,7 +228,27 @@ HYPERS = {  # the same settings for every implementation of an optimizer
     "lars": dict(lr=1e-4, momentum=0.9, weight_decay=1e-4),
     "nvlamb": dict(lr=1e-4, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01),
 }
-OPTGEN_CLASS = {"adamw": "AdamW", "adam": "Adam", "sgd": "SGD", "lamb": "LAMB", "lars": "LARS", "nvlamb": "NVLAMB"}
+
+
+def resolve_optimizer(entry) -> tuple[str, type]:
+    """``(name, optimizer class)`` for a bench entry: a built-in name (``lamb``, ``lion`` ...), a
+    ``path/to/file.py:VARIABLE`` holding a spec, or an optimizer class made by :func:`optgen.build`.
+
+    Built-ins keep their CLI name (and their peers when they have some); other specs are named after the spec
+    and run with its default hyperparameters."""
+    from .runtime.optimizer import GeneratedOptimizer, build
+
+    if isinstance(entry, type) and issubclass(entry, GeneratedOptimizer):
+        return entry._spec.name, entry
+    if not isinstance(entry, str):
+        raise SystemExit(f"optgen bench: {entry!r} is neither an optimizer name nor a class made by optgen.build")
+    from .cli import resolve_spec
+    from .specs import BUILTINS
+
+    spec = resolve_spec(entry)
+    if entry.lower() in BUILTINS:
+        return entry.lower(), build(spec)
+    return spec.name, build(spec)
 
 
 @dataclass
@@ -254,12 +274,9 @@ def _environ(values: dict):
                 os.environ[k] = v
 
 
-def implementations(optimizer: str, device: str) -> list[Impl]:
+def implementations(optimizer: str, cls: type, device: str) -> list[Impl]:
     """optgen first, then its peers; each peer that cannot run here is an ``Impl`` with ``skip`` set."""
-    import optgen
-
-    hp = HYPERS[optimizer]
-    cls = getattr(optgen, OPTGEN_CLASS[optimizer])
+    hp = HYPERS.get(optimizer, {})
     cuda = device == "cuda"
     impls = [
         Impl(optimizer, "optgen", lambda ps: cls(ps, **hp)),
@@ -267,7 +284,7 @@ def implementations(optimizer: str, device: str) -> list[Impl]:
     ]
     if cuda:
         impls.append(Impl(optimizer, "torch.compile(generated)", lambda ps: cls(ps, backend="torch", **hp), env={"OPTGEN_COMPILE": "1"}))
-    elif optimizer in ("lamb", "lars", "nvlamb"):
+    elif len(_plan_of(cls).passes) > 1:
         impls.append(Impl(optimizer, "torch.compile(generated)", None, skip="on CPU this is the 'optgen' row: backend='auto' runs the generated torch code compiled"))
     if optimizer in ("adamw", "adam", "sgd"):
         torch_cls = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}[optimizer]
@@ -331,13 +348,15 @@ def copy_bandwidth(device: str, mib: int | None = None) -> float:
     return 2 * n * 4 / statistics.median(times) / 1e9
 
 
-def bytes_per_param(optimizer: str, dtype: torch.dtype) -> float:
-    """Bytes the optgen plan moves per parameter per step, for ``dtype`` parameters and gradients (states
-    in fp32, fp64 for fp64 parameters)."""
-    import optgen
+def _plan_of(cls: type):
+    """The default plan of an optimizer class (flags as constructed with no options)."""
+    return cls([torch.nn.Parameter(torch.zeros(1))])._plan
 
-    cls = getattr(optgen, OPTGEN_CLASS[optimizer])
-    plan = cls([torch.nn.Parameter(torch.zeros(1))])._plan
+
+def bytes_per_param(cls: type, dtype: torch.dtype) -> float:
+    """Bytes the optgen plan of ``cls`` moves per parameter per step, for ``dtype`` parameters and gradients
+    (states in fp32, fp64 for fp64 parameters)."""
+    plan = _plan_of(cls)
     own = torch.empty((), dtype=dtype).element_size()
     state = torch.empty((), dtype=torch.promote_types(dtype, torch.float32)).element_size()
     total = 0
@@ -377,12 +396,12 @@ def _path(opt) -> str | None:
     return ",".join(sorted(set(names)))
 
 
-def measure_optimizer(optimizer, model, shapes, device, dtype, rounds, warmup, log, sample_s=None) -> tuple[list, list]:
+def measure_optimizer(optimizer, cls, model, shapes, device, dtype, rounds, warmup, log, sample_s=None) -> tuple[list, list]:
     """Rows and skipped entries for one optimizer on one parameter set (implementations interleaved)."""
     n = numel(shapes)
     params = _make_params(shapes, device, dtype, seed=0)
     rows, skipped, live = [], [], []
-    for impl in implementations(optimizer, device):
+    for impl in implementations(optimizer, cls, device):
         if impl.skip:
             skipped.append({"optimizer": optimizer, "impl": impl.impl, "model": model, "reason": impl.skip})
             continue
@@ -435,7 +454,7 @@ def measure_optimizer(optimizer, model, shapes, device, dtype, rounds, warmup, l
                 dt = (time.perf_counter() - t0) / inner
                 entry["times"].append(dt)
                 entry["host"].append(dt)
-    bpp = bytes_per_param(optimizer, dtype)
+    bpp = bytes_per_param(cls, dtype)
     for entry in live:
         ts = entry["times"]
         med = statistics.median(ts)
@@ -518,9 +537,7 @@ def run(
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("optgen bench: --device cuda but torch.cuda.is_available() is False")
-    for o in optimizers:
-        if o not in OPTIMIZERS:
-            raise SystemExit(f"optgen bench: unknown optimizer {o!r}; choose from {', '.join(OPTIMIZERS)}")
+    subjects = [resolve_optimizer(o) for o in optimizers]  # bad names fail before anything is measured
     started = time.perf_counter()
     info = device_info(device)
     info["copy_gbps"] = copy_bandwidth(device)
@@ -529,9 +546,9 @@ def run(
     for model in models:
         shapes = model_shapes(model)
         log(f"{model}: {numel(shapes) / 1e6:.2f}M parameters in {len(shapes)} tensors")
-        for optimizer in optimizers:
+        for optimizer, cls in subjects:
             sample_s = None if sample_ms is None else sample_ms / 1e3
-            rows, skips = measure_optimizer(optimizer, model, shapes, device, dtype, rounds, warmup, log, sample_s)
+            rows, skips = measure_optimizer(optimizer, cls, model, shapes, device, dtype, rounds, warmup, log, sample_s)
             results += rows
             skipped += skips
     # the copy measured again at the end: on a shared machine the better of the two is the device's
@@ -546,7 +563,7 @@ def run(
         "versions": versions(),
         "date": datetime.date.today().isoformat(),
         "config": {
-            "optimizers": list(optimizers),
+            "optimizers": [name for name, _ in subjects],
             "models": list(models),
             "dtype": str(dtype).replace("torch.", ""),
             "rounds": rounds,
@@ -632,7 +649,7 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 
 
 def main(args) -> int:
-    optimizers = [o.strip().lower() for o in args.optimizers.split(",") if o.strip()]
+    optimizers = [o.strip() for o in args.optimizers.split(",") if o.strip()]
     device = args.device
     models = [m.strip() for m in (args.model or "").split(",") if m.strip()]
     if not models:

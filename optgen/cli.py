@@ -202,7 +202,7 @@ def main(argv=None) -> int:
     insp.set_defaults(fn=cmd_inspect)
 
     bench = sub.add_parser("bench", help="step time of optgen against torch.optim and other optimizers, interleaved")
-    bench.add_argument("--optimizers", default="adamw,lamb", help="comma list of: adamw, adam, sgd, lamb, lars, nvlamb")
+    bench.add_argument("--optimizers", default="adamw,lamb", help="comma list of built-ins (adamw, adam, sgd, lamb, lars, nvlamb have peers; also lion, novograd, ...) or path/file.py:SPEC")
     bench.add_argument(
         "--model",
         default=None,

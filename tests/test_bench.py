@@ -59,3 +59,19 @@ def test_bench_recipes_shapes():
         assert bench.numel(shapes) == n and len(shapes) <= 100
     with pytest.raises(SystemExit):
         bench.model_shapes("no-such-model")
+
+
+def test_bench_takes_any_catalog_entry_or_built_class():
+    import optgen
+
+    name, cls = bench.resolve_optimizer("lion")
+    assert (name, cls._spec.name) == ("lion", "Lion")
+    custom = optgen.build(optgen.layer_adaptive(optgen.BUILTINS["lion"], name="MyLion"))
+    assert bench.resolve_optimizer(custom) == ("MyLion", custom)
+    assert bench.bytes_per_param(custom, torch.float32) == 32  # the plan's bytes, not a table's
+    assert bench.bytes_per_param(optgen.LAMB, torch.bfloat16) == 40 - 4 * 2  # param and grad read/written as bf16
+    report = bench.run([custom], models=["synthetic:1000"], rounds=1, warmup=1, log=lambda line: None, sample_ms=0)
+    assert {r["impl"] for r in report["results"]} == {"optgen", "optgen eager"}
+    assert all(r["optimizer"] == "MyLion" for r in report["results"])
+    with pytest.raises(SystemExit, match="unknown optimizer"):  # before anything is measured
+        bench.run(["lamb", "no-such"], models=["synthetic:1000"], log=lambda line: None)

@@ -34,3 +34,33 @@ def test_builtin_docstrings_carry_the_algorithm(name):
     cls = getattr(optgen, optgen.BUILTINS[name]().name)
     assert "math::" in cls.__doc__ and r"\begin{aligned}" in cls.__doc__, name
     assert "Args:" in cls.__doc__
+
+
+def test_readme_tutorial_commands_run_on_the_users_spec(tmp_path):
+    """The tutorial's command-line block (the lines naming ``my_lamb.py``) runs on the tutorial's spec saved as
+    ``my_lamb.py``, as the README says."""
+    import shlex
+    import subprocess
+    import sys
+
+    spec_block = next(b for b in python_blocks() if 'optgen.Spec("MyLAMB")' in b)
+    (tmp_path / "my_lamb.py").write_text(spec_block)
+    bash = re.findall(r"^```bash\n(.*?)^```", README.read_text(), re.S | re.M)
+    tutorial = next(b for b in bash if "my_lamb.py" in b)
+    commands = [line.split("#")[0].strip() for line in tutorial.splitlines() if line.strip()]
+    assert any(c.startswith("optgen bench") for c in commands) and any(c.startswith("optgen inspect") for c in commands)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    for command in commands:
+        argv = shlex.split(command)
+        assert argv[0] == "optgen"
+        if argv[1] == "bench":
+            argv += ["--rounds", "2", "--sample-ms", "0"]  # a smoke run: the command as written, fewer samples
+        done = subprocess.run([sys.executable, "-m", "optgen.cli", *argv[1:]], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, f"{command}\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
+        if argv[1] == "show" and "--plan" in argv:
+            assert "MyLAMB" in done.stdout and "40 B/param" in done.stdout
+        if argv[1] == "show" and "triton" in argv:
+            assert "@triton.jit" in done.stdout
+        if argv[1] == "inspect":
+            assert "sm_90" in done.stdout
+    assert (tmp_path / "r.json").exists() and (tmp_path / "r.png").exists()
