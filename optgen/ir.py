@@ -33,6 +33,7 @@ from .spec import (
     SpecError,
     StateDecl,
     TrustRatio,
+    Where,
 )
 
 LAYER_ADAPTATION = HyperDecl(
@@ -109,7 +110,7 @@ _SUPPORTED = (
     sympy.Add, sympy.Mul, sympy.Pow, sympy.Symbol, sympy.Piecewise, sympy.core.relational.Relational,
     sympy.And, sympy.Or, sympy.Not, sympy.logic.boolalg.BooleanAtom, sympy.Abs, sympy.sign, sympy.Max, sympy.Min,
     sympy.Mod, sympy.floor, sympy.ceiling, sympy.exp, sympy.log, sympy.sin, sympy.cos, sympy.UnevaluatedExpr,
-    sympy.functions.elementary.piecewise.ExprCondPair, Reduction, TrustRatio, sympy.NumberSymbol,
+    sympy.functions.elementary.piecewise.ExprCondPair, Reduction, TrustRatio, sympy.NumberSymbol, Where,
 )
 
 
@@ -142,6 +143,12 @@ def _check_flags_only_in_conditions(expr, where_, what):
                 walk(value, in_condition)
                 walk(condition, True)
             return
+        if isinstance(node, Where):
+            condition, if_true, if_false = node.args
+            walk(condition, True)
+            walk(if_true, in_condition)
+            walk(if_false, in_condition)
+            return
         # inside a condition a flag may stand alone or under And/Or/Not, not inside a comparison
         nested = in_condition and isinstance(node, (sympy.And, sympy.Or, sympy.Not))
         for arg in node.args:
@@ -152,12 +159,22 @@ def _check_flags_only_in_conditions(expr, where_, what):
 
 def _check_conditions(expr, where_, what):
     """A float hyperparameter alone is no condition (where() rejects it too; this catches raw Piecewise)."""
-    for piecewise in expr.atoms(sympy.Piecewise):
-        for _, condition in piecewise.args:
+    choices = [p.args for p in expr.atoms(sympy.Piecewise)] + [[(None, w.args[0])] for w in expr.atoms(Where)]
+    for pairs in choices:
+        for _, condition in pairs:
             if isinstance(condition, HyperSymbol) and not isinstance(condition, BoolHyperSymbol):
                 raise SpecError(
                     f"{what}: hyperparameter {condition} used where only a compile-time flag can go [{where_}]"
                 )
+
+
+def _fold_constants(expr):
+    """Constant subexpressions that sympy keeps symbolic (``sqrt(3)``, ``1 + sqrt(3)``, ``Max(1, sqrt(2))``) as
+    floats: otherwise sympy.cse may name one and the printers would apply tensor functions to a Python float."""
+    return expr.replace(
+        lambda e: isinstance(e, sympy.Expr) and not e.is_Atom and e.is_number and not isinstance(e, Reduction),
+        lambda e: sympy.Float(e.evalf(20)),
+    )
 
 
 def lower(spec: Spec, flags: dict | None = None) -> IR:
@@ -203,7 +220,7 @@ def lower(spec: Spec, flags: dict | None = None) -> IR:
         _check_flags_only_in_conditions(expr, upd.where, what)
         _check_conditions(expr, upd.where, what)
         _check_supported(expr, upd.where, what)
-        expr = expr.xreplace(flag_subs)
+        expr = _fold_constants(expr.xreplace(flag_subs))
         expr = expr.replace(TrustRatio, lower_trust_ratio)
         for sym in sorted(expr.free_symbols, key=str):
             if sym in declared or sym in new_symbols or sym == layer_adaptation:

@@ -129,13 +129,58 @@ ELEMENTWISE_LEAVES = (ParamSymbol, GradSymbol, StateSymbol, NewStateSymbol)
 # --------------------------------------------------------------------------------------------------
 
 
+class Where(sympy.Function):
+    """``where(c, a, b)`` inside a reduction's argument: an element-wise choice sympy leaves alone.
+
+    sympy folds a ``Piecewise`` found anywhere inside a ``Piecewise`` condition into that condition
+    (``ExprCondPair`` calls ``piecewise_fold``), and the fold goes through function arguments: the condition
+    ``layer_sum(where(g > 0, g, -g)) > 3`` would become ``ITE(g > 0, LayerSum(g) > 3, LayerSum(-g) > 3)``, an
+    element-wise choice between two other reductions. A reduction therefore holds its ``where``s as this node,
+    which no sympy rewrite looks into; the printers print it like a ``Piecewise``.
+    """
+
+    nargs = 3
+
+    @classmethod
+    def eval(cls, condition, if_true, if_false):
+        if condition == sympy.true:
+            return if_true
+        if condition == sympy.false:
+            return if_false
+        if if_true == if_false:
+            return if_true
+        return None
+
+    def _eval_is_real(self):
+        return sympy.core.logic.fuzzy_and([self.args[1].is_real, self.args[2].is_real])
+
+
+def _as_where(piecewise):
+    """A ``Piecewise`` with a default branch as nested :class:`Where` (one without a default is left for
+    the IR's check, which names it)."""
+    if piecewise.args[-1].cond != sympy.true:
+        return piecewise
+    code = piecewise.args[-1].expr
+    for value, condition in reversed(piecewise.args[:-1]):
+        code = Where(condition, value, code)
+    return code
+
+
 class Reduction(sympy.Function):
-    """A reduction of an element-wise expression; ``op`` is how partials combine, ``scope`` over what."""
+    """A reduction of an element-wise expression; ``op`` is how partials combine, ``scope`` over what.
+
+    Its argument holds no ``Piecewise``: every ``where`` in it becomes a :class:`Where` (see there why)."""
 
     op: str = ""
     scope: str = ""
     is_real = True
     nargs = 1
+
+    @classmethod
+    def eval(cls, x):
+        if isinstance(x, sympy.Basic) and x.has(sympy.Piecewise):
+            return cls(x.replace(lambda e: isinstance(e, sympy.Piecewise), _as_where))
+        return None
 
 
 class LayerSum(Reduction):
@@ -164,6 +209,20 @@ class TrustRatio(sympy.Function):
     nargs = (2, 3, 4)
 
 
+def _switches_as_comparisons(condition):
+    """``And(on, g < 0)``: a boolean hyperparameter under And/Or/Not is a runtime 0/1 scalar, compared to 0
+    like a bare one (both backends would otherwise and a float with a boolean)."""
+    args = [
+        sympy.Ne(a, 0)
+        if isinstance(a, BoolHyperSymbol)
+        else _switches_as_comparisons(a)
+        if isinstance(a, (sympy.And, sympy.Or, sympy.Not))
+        else a
+        for a in condition.args
+    ]
+    return condition.func(*args) if isinstance(condition, (sympy.And, sympy.Or, sympy.Not)) else condition
+
+
 def where(condition, if_true, if_false):
     """``if_true`` where ``condition`` holds, else ``if_false`` (element-wise, per layer or per step).
 
@@ -176,6 +235,8 @@ def where(condition, if_true, if_false):
         raise SpecError(f"where(): condition {condition!r} is not an expression ({exc}) [{_caller_location()}]") from None
     if isinstance(condition, BoolHyperSymbol):
         condition = sympy.Ne(condition, 0)  # a per-group switch: a runtime 0/1 scalar
+    elif isinstance(condition, sympy.logic.boolalg.BooleanFunction):
+        condition = _switches_as_comparisons(condition)
     elif isinstance(condition, HyperSymbol):
         raise SpecError(
             f"where(): hyperparameter {condition} used where only a compile-time flag (spec.flag), a "
@@ -351,7 +412,7 @@ PARAM = "param"
 _RESERVED = {"w", "g", "t", PARAM, "params", "grad", "step", "backend", "defaults", "layer_adaptation", "tl", "torch"}
 _RESERVED_PREFIXES = ("_", "tmp", "red_", "scratch_")
 # names the generated code or the constructor uses: a spec cannot take them
-_RESERVED |= {"dtype", "self", "triton", "math", "BLOCK", "CHUNK", "N_HYPER", "ALIGNED", "maximize",
+_RESERVED |= {"dtype", "self", "triton", "math", "BLOCK", "CHUNK", "N_HYPER", "ALIGNED", "maximize", "autotune",
               "master_weights", "state_dtype"}
 
 

@@ -55,21 +55,12 @@ from optgen.spec import (
 )
 
 # Known bugs (each has an xfail regression test at the end of this file) are kept out of the valid-spec
-# strategy while AVOID_KNOWN_BUGS is set:
-# * the torch backend's stale read (test_bug_torch_backend_reads_new_value_of_state_stored_earlier_in_the_
-#   pass): an update reads the OLD value of a state only if that state is stored after it in the pass
-#   (states are stored in declaration order, then the parameter);
-# * sympy folding a where() inside a condition (test_bug_where_inside_a_reduction_in_a_condition_is_folded,
-#   test_bug_trust_ratio_of_a_where_is_rejected, and the mixed conditions of test_bug_triton_condition_
-#   mixing_elementwise_and_per_step_comparisons it creates): no where() in a comparison or in the vector
-#   of a trust ratio (``_unfold``); And/Or combine comparisons of one kind;
-# * Triton's x**p of a negative base (test_bug_power_with_symbolic_exponent_of_negative_base): a symbolic
-#   exponent only on the positive base 1 + x**2, or beta**t;
-# * fp32 constants in the fp64 torch path (test_bug_torch_backend_where_of_two_constants_is_fp32): a where()
-#   has a non-constant branch (``_where``);
-# * irrational constants in the torch printer (test_bug_torch_backend_irrational_constants): constants in
-#   Max/Min become floats (``_number``); no pi or E.
-AVOID_KNOWN_BUGS = True
+# strategy while AVOID_KNOWN_BUGS is set. None is known now; the fixed ones keep their regression tests (named
+# test_bug_...) and the strategies draw their inputs again: where()s inside reductions inside conditions and
+# in the vector of a trust ratio (sympy folded them), And/Or of element-wise and per-step comparisons
+# (the Triton interpreter refused them), integer-valued symbolic powers of negative bases (NaN in Triton),
+# where()s of two constants (fp32 in the fp64 torch path), stale reads of states and irrational constants.
+AVOID_KNOWN_BUGS = False
 
 SHAPES = [(1,), (7,), (300,), (), (7,), (0,)]
 ZERO = 4  # index of the all-zero tensor (norm(w) = 0)
@@ -267,15 +258,17 @@ def _elementwise_condition(draw, ctx, depth):
         return op(a, k)
 
     first = comparison()
-    combine = draw(st.sampled_from(["one", "and", "or"]))
+    combine = draw(st.sampled_from(["one", "and", "or", "and_scalar", "or_scalar"]))
     if combine == "one":
         return first
-    return (sympy.And if combine == "and" else sympy.Or)(first, comparison())
+    # an element-wise comparison with a per-step or per-layer one (the Triton printer's and/or of the two)
+    second = _scalar_condition(draw, ctx, depth) if combine.endswith("_scalar") else comparison()
+    return (sympy.And if combine.startswith("and") else sympy.Or)(first, second)
 
 
 KINDS = [
     "leaf", "add", "sub", "mul", "div", "sqrt", "abs", "max", "min", "max2", "clip", "where", "where_scalar",
-    "pow", "sign", "bounded", "reduction", "trust_ratio", "bias", "decay", "hyper_pow",
+    "pow", "sign", "bounded", "reduction", "trust_ratio", "bias", "decay", "hyper_pow", "step_pow",
 ]  # fmt: skip
 
 
@@ -335,6 +328,9 @@ def _expr(draw, ctx, depth):
         return sub() / (1 - ctx.beta**ctx.t)
     if kind == "decay":
         return sub() * ctx.beta**ctx.t
+    if kind == "step_pow":  # a symbolic integer-valued exponent of a base of either sign (real, as torch.pow)
+        x = sub()
+        return (x / (1 + optgen.Abs(x))) ** (ctx.t + draw(st.sampled_from([0, 1])))
     # hyper_pow: a hyperparameter exponent of a positive base (the general power in both printers)
     return (1 + sub() ** 2) ** (-ctx.beta)
 
@@ -498,6 +494,7 @@ class _Reference:
             "GlobalSum": lambda x: np.full(self.n, np.sum(self._array(x))),
             "GlobalMax": lambda x: np.full(self.n, np.max(self._array(x), initial=-np.inf)),
             "TrustRatio": self._trust_ratio,
+            "Where": lambda c, a, b: np.where(c, a, b),  # a where() inside a reduction
         }
         flag_values = {case.symbols[k]: sympy.true if v else sympy.false for k, v in case.flags.items()}
 
@@ -1191,14 +1188,6 @@ def _step_once(cls, values, grads, backend, dtype=torch.float32, **kwargs):
     return p.detach()
 
 
-def _only(backend, reason):
-    """Parameters for the two backends with ``backend`` marked as a known bug."""
-    return [
-        pytest.param(b, marks=pytest.mark.xfail(strict=True, reason=reason)) if b == backend else b
-        for b in ("torch", "triton")
-    ]
-
-
 @pytest.mark.parametrize("backend", ["torch", "triton"])  # fixed (was a torch-backend bug)
 def test_bug_torch_backend_reads_new_value_of_state_stored_earlier_in_the_pass(backend):
     spec = optgen.Spec("StaleRead")
@@ -1211,81 +1200,73 @@ def test_bug_torch_backend_reads_new_value_of_state_stored_earlier_in_the_pass(b
     assert got.tolist() == [0.0, 0.0]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: sympy's Piecewise folds a where() inside a reduction inside a "
-    "where() condition: layer_sum(where(g > 0, g, -g)) > 3 becomes ITE(g > 0, LayerSum(g) > 3, "
-    "LayerSum(-g) > 3), an element-wise choice between two other reductions; both backends compute that",
-)
-def test_bug_where_inside_a_reduction_in_a_condition_is_folded():
+# was: sympy's Piecewise folded a where() inside a reduction inside a where() condition:
+# layer_sum(where(g > 0, g, -g)) > 3 became ITE(g > 0, LayerSum(g) > 3, LayerSum(-g) > 3), an element-wise
+# choice between two other reductions, on both backends
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_bug_where_inside_a_reduction_in_a_condition_is_folded(backend):
     spec = optgen.Spec("Folded")
     lr = spec.hyper(lr=0.1)
     w, g = spec.param, spec.grad
     large = optgen.layer_sum(where(g > 0, g, -g)) > 3  # sum |g| over the layer > 3
     spec.update(w, w - lr * where(large, 1, -1))
-    got = _step_once(optgen.build(spec), [0.0] * 4, [2.0, 2.0, -0.5, -0.5], "torch")  # sum |g| = 5
+    got = _step_once(optgen.build(spec), [0.0] * 4, [2.0, 2.0, -0.5, -0.5], backend)  # sum |g| = 5
     assert torch.allclose(got, torch.full((4,), -0.1))
+    got = _step_once(optgen.build(spec), [0.0] * 4, [2.0, -0.5, 0.25, 0.0], backend)  # sum |g| = 2.75
+    assert torch.allclose(got, torch.full((4,), 0.1))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a valid spec is rejected: in trust_ratio(norm(w), norm(u)) with "
-    "u = where(g > 0, g, 1/2), the lowered condition norm(u) > 0 is folded by sympy into "
-    "ITE(g > 0, LayerSum(g**2) > 0, LayerSum(1/4) > 0) and build() reports "
-    "'LayerSum(1/4) reduces an expression that is not element-wise'",
-)
-def test_bug_trust_ratio_of_a_where_is_rejected():
+# was: a valid spec rejected: in trust_ratio(norm(w), norm(u)) with u = where(g > 0, g, 1/2), sympy folded
+# the lowered condition norm(u) > 0 into ITE(g > 0, LayerSum(g**2) > 0, LayerSum(1/4) > 0) and build()
+# reported 'LayerSum(1/4) reduces an expression that is not element-wise'
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_bug_trust_ratio_of_a_where_is_rejected(backend):
     spec = optgen.Spec("TrustWhere")
     lr = spec.hyper(lr=0.1)
     w, g = spec.param, spec.grad
     u = where(g > 0, g, sympy.Rational(1, 2))
     spec.update(w, w - lr * optgen.trust_ratio(optgen.norm(w), optgen.norm(u)) * u)
-    optgen.build(spec)
+    got = _step_once(optgen.build(spec), [3.0, 4.0], [-1.0, 1.0], backend)  # u = (1/2, 1): ratio 5 / sqrt(5/4)
+    ratio = 5.0 / math.sqrt(1.25)
+    assert torch.allclose(got, torch.tensor([3.0 - 0.1 * ratio * 0.5, 4.0 - 0.1 * ratio]))
 
 
-@pytest.mark.parametrize(
-    "backend",
-    _only(
-        "triton",
-        "BUG: Triton backend (interpreter): And/Or of an element-wise and a per-step comparison, "
-        "(g > 0.0) & (lr > 0.05), raises InterpreterError TypeError(\"ufunc 'bitwise_and' not supported\"); "
-        "sympy also creates such conditions itself when it folds nested where()s",
-    ),
-)
+# was: Triton backend (interpreter): And/Or of an element-wise and a per-step comparison, (g > 0.0) &
+# (lr > 0.05), raised InterpreterError TypeError("ufunc 'bitwise_and' not supported")
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_bug_triton_condition_mixing_elementwise_and_per_step_comparisons(backend):
     spec = optgen.Spec("MixedCondition")
     lr = spec.hyper(lr=0.1)
     w, g = spec.param, spec.grad
-    spec.update(w, w - lr * where(sympy.And(g > 0, lr > 0.05), g, -g))
-    got = _step_once(optgen.build(spec), [0.0, 0.0], [1.0, -1.0], backend)
-    assert torch.allclose(got, torch.tensor([-0.1, -0.1]))
+    spec.update(w, w - lr * where(sympy.And(g > 0, lr > 0.05), g, -g) - lr * where(sympy.Or(g > 0, lr > 0.5), 1, 0))
+    cls = optgen.build(spec)
+    assert torch.allclose(_step_once(cls, [0.0, 0.0], [1.0, -1.0], backend), torch.tensor([-0.2, -0.1]))
+    got = _step_once(cls, [0.0, 0.0], [1.0, -1.0], backend, lr=0.04)  # the per-step half false
+    assert torch.allclose(got, torch.tensor([0.04 - 0.04, -0.04]))
 
 
+# was: Triton printer: x**p with a symbolic exponent (a hyperparameter, the step t) was exp2(p*log2(x)),
+# NaN for x < 0 even where p is an integer (g**2.0, g**t); torch.pow gives the real power
 @pytest.mark.parametrize("exponent", ["hyper", "step"])
-@pytest.mark.parametrize(
-    "backend",
-    _only(
-        "triton",
-        "BUG: Triton printer: x**p with a symbolic exponent (a hyperparameter, the step t) is "
-        "exp2(p*log2(x)), NaN for x < 0 even where p is an integer (g**2.0, g**t); torch.pow gives the real "
-        "power, so the backends disagree (the printer's comment says 'like C's pow', but C's pow(-2, 2.0) is 4)",
-    ),
-)
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_bug_power_with_symbolic_exponent_of_negative_base(backend, exponent):
     spec = optgen.Spec("NegativeBase")
-    lr, p = spec.hyper(lr=0.1, p=2.0)
+    lr, p = spec.hyper(lr=0.1, p=optgen.Hyper(2.0, lo=-math.inf))  # any real exponent
     w, g, t = spec.param, spec.grad, spec.step
     spec.update(w, w - lr * g ** (p if exponent == "hyper" else t + 1))  # t + 1 = 2 on the first step
-    got = _step_once(optgen.build(spec), [0.0, 0.0], [-2.0, 3.0], backend)
-    assert torch.allclose(got, torch.tensor([-0.4, -0.9]))
+    cls = optgen.build(spec)
+    got = _step_once(cls, [0.0, 0.0, 0.0], [-2.0, 3.0, 0.0], backend)
+    assert torch.allclose(got, torch.tensor([-0.4, -0.9, 0.0]))
+    if exponent == "hyper":  # as torch.pow: odd powers keep the sign, 0**0 = 1, a fractional power of x < 0 NaN
+        for power, expected in ((3.0, [0.8, -2.7, 0.0]), (0.0, [-0.1, -0.1, -0.1]), (-1.0, [0.05, -0.1 / 3, -math.inf])):
+            got = _step_once(cls, [0.0, 0.0, 0.0], [-2.0, 3.0, 0.0], backend, p=power)
+            assert torch.allclose(got, torch.tensor(expected)), (power, got)
+        got = _step_once(cls, [0.0, 0.0], [-2.0, 4.0], backend, p=0.5)
+        assert got[0].isnan() and torch.allclose(got[1], torch.tensor(-0.2))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: torch backend: where(cond, 1/3, 2/3) prints as torch.where(cond, "
-    "0.333..., 0.666...), a tensor of torch's default dtype (fp32) even for fp64 parameters, so the fp64 "
-    "path rounds the constants to fp32 (relative error ~1e-8)",
-)
+# was: torch backend: where(cond, 1/3, 2/3) printed as torch.where(cond, 0.333..., 0.666...), a tensor of
+# torch's default dtype (fp32) even for fp64 parameters: the fp64 path rounded the constants to fp32
 def test_bug_torch_backend_where_of_two_constants_is_fp32():
     spec = optgen.Spec("ConstantBranches")
     lr = spec.hyper(lr=1.0)

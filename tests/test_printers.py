@@ -21,6 +21,18 @@ POS = [0.5, 1.0, 2.0, 3.75, 1e-3, 100.0, 0.125, 9.0]
 POS_Y = [2.0, 0.5, -1.5, 3.0, 0.25, -0.5, 1.0, 2.5]
 NONZERO_Y = [2.0, -3.0, 0.75, 4.0, -0.5, 1.0, 3.0, -2.5]
 Z = [1.0, -2.0, 0.5, 3.0, -0.25, 2.0, -1.0, 0.0]
+# a symbolic power: negative bases to integer and fractional powers, 0**0, 0**2, 0**-1
+POW_X = [-2.0, -2.0, -0.5, 0.0, 0.0, 0.0, 1.5, 3.0]
+POW_Y = [2.0, 3.0, 0.5, 0.0, 2.0, -1.0, -1.5, 0.25]
+
+
+def _real_pow(a, b):
+    """The real power, as torch.pow and C's pow: NaN for a negative base to a non-integer power."""
+    if a < 0 and not float(b).is_integer():
+        return math.nan
+    if a == 0 and b < 0:
+        return math.inf
+    return a**b
 
 
 def _sign(v):
@@ -37,7 +49,10 @@ CASES = {
     "rsqrt": (x ** sympy.Rational(-1, 2), "(1.0 / tl.sqrt_rn(x))", "(1.0 / torch.sqrt(x))",
               lambda a, b, c: a**-0.5, (POS, POS_Y, Z)),
     "pow_float": (x**1.5, "tl.exp2(1.5 * tl.log2(x))", "torch.pow(x, 1.5)", lambda a, b, c: a**1.5, (POS, POS_Y, Z)),
-    "pow_symbol": (x**y, "tl.exp2(y * tl.log2(x))", "torch.pow(x, y)", lambda a, b, c: a**b, (POS, POS_Y, Z)),
+    "pow_symbol": (x**y, "tl.where(y == 0.0, 1.0, tl.where(x < 0.0, tl.where(y == tl.floor(y), tl.where((y - 2.0 * "
+                   "tl.floor(0.5 * y) == 1.0), -tl.exp2(y * tl.log2(tl.abs(x))), tl.exp2(y * tl.log2(tl.abs(x)))), "
+                   "float('nan')), tl.exp2(y * tl.log2(tl.abs(x)))))", "torch.pow(x, y)", lambda a, b, c: _real_pow(a, b),
+                   (POW_X, POW_Y, Z)),
     "pow_third": (x ** sympy.Rational(1, 3), "tl.exp2(0.3333333333333333 * tl.log2(x))",
                   "torch.pow(x, 0.3333333333333333)", lambda a, b, c: a ** (1 / 3), (POS, POS_Y, Z)),
     "rational": (sympy.Rational(1, 3), "0.3333333333333333", "0.3333333333333333", lambda a, b, c: 1 / 3,
@@ -66,12 +81,12 @@ CASES = {
             (ANY, NONZERO_Y, Z)),
     "eq": (sympy.Eq(x, y), "(x == y)", "(x == y)", lambda a, b, c: a == b, (ANY, ANY_Y, Z)),
     "ne": (sympy.Ne(x, y), "(x != y)", "(x != y)", lambda a, b, c: a != b, (ANY, ANY_Y, Z)),
-    "and": (sympy.And(x > 0, y > 0), "((x > 0.0) & (y > 0.0))", "((x > 0.0) & (y > 0.0))",
+    "and": (sympy.And(x > 0, y > 0), "tl.where((x > 0.0), (y > 0.0), False)", "((x > 0.0) & (y > 0.0))",
             lambda a, b, c: a > 0 and b > 0, (ANY, ANY_Y, Z)),
-    "or": (sympy.Or(x > 0, y < 0), "((x > 0.0) | (y < 0.0))", "((x > 0.0) | (y < 0.0))",
+    "or": (sympy.Or(x > 0, y < 0), "tl.where((x > 0.0), True, (y < 0.0))", "((x > 0.0) | (y < 0.0))",
            lambda a, b, c: a > 0 or b < 0, (ANY, ANY_Y, Z)),
     "where_and": (sympy.Piecewise((x, sympy.And(x > 0, y > 0)), (z, True)),
-                  "tl.where(((x > 0.0) & (y > 0.0)), x, z)", "torch.where(((x > 0.0) & (y > 0.0)), x, z)",
+                  "tl.where(tl.where((x > 0.0), (y > 0.0), False), x, z)", "torch.where(((x > 0.0) & (y > 0.0)), x, z)",
                   lambda a, b, c: a if (a > 0 and b > 0) else c, (ANY, ANY_Y, Z)),
 }
 BOOLEAN = {"eq", "ne", "and", "or"}
@@ -174,6 +189,15 @@ def test_torch_string(name):
     expr, _, expected, _, _ = CASES[name]
     assert torch_code(expr) == expected
     assert TorchPrinter().doprint(expr) == expected
+
+
+def test_symbolic_power_guards_only_what_the_signs_leave_open():
+    # beta**t with beta >= 0 declared and t >= 1: no guard; a positive base: none either
+    assert triton_code(x**y, positive=frozenset({"y"}), nonnegative=frozenset({"x"})) == "tl.exp2(y * tl.log2(x))"
+    assert triton_code(x**y, positive=frozenset({"x"})) == "tl.exp2(y * tl.log2(x))"
+    assert triton_code((1 + x**2) ** y) == "tl.exp2(y * tl.log2((x*x) + 1.0))"
+    # a base >= 0 to an exponent that may be 0: 0**0 = 1
+    assert triton_code(x**y, nonnegative=frozenset({"x"})) == "tl.where(y == 0.0, 1.0, tl.exp2(y * tl.log2(x)))"
 
 
 def test_triton_scalar_printer_uses_tl_sqrt():

@@ -19,7 +19,12 @@ from sympy.printing.pycode import PythonCodePrinter
 
 
 class _FloatPrinter(PythonCodePrinter):
-    """Shared rules: fp32 float literals, names printed as they are, powers by a common decomposition."""
+    """Shared rules: fp32 float literals, names printed as they are, powers by a common decomposition.
+
+    Settings ``positive`` and ``nonnegative``: names of symbols known to be > 0 / >= 0 (the step count,
+    hyperparameters by their declared ranges); they spare guards a general formula needs."""
+
+    _default_settings = dict(PythonCodePrinter._default_settings, positive=frozenset({"t"}), nonnegative=frozenset())
 
     sqrt_fn = ""
     where_fn = ""
@@ -110,6 +115,10 @@ class _FloatPrinter(PythonCodePrinter):
             code = f"{self.where_fn}({self._print(cond)}, {self._print(value)}, {code})"
         return code
 
+    def _print_Where(self, expr):  # optgen.spec.Where: a where() inside a reduction
+        condition, if_true, if_false = expr.args
+        return self._print_Piecewise(sympy.Piecewise((if_true, condition), (if_false, True), evaluate=False))
+
     def _print_Relational(self, expr):
         ops = {"==": "==", "!=": "!=", "<": "<", "<=": "<=", ">": ">", ">=": ">="}
         return f"({self._print(expr.lhs)} {ops[expr.rel_op]} {self._print(expr.rhs)})"
@@ -152,14 +161,40 @@ class TritonPrinter(_FloatPrinter):
 
     def _print_general_pow(self, base, exp):
         # Triton has no ``**`` on tensors and libdevice.pow does not run in the interpreter: exp2/log2 of
-        # |base|, with the sign restored for odd integer exponents; other exponents need a base > 0 (as
-        # beta ** t has), like C's pow.
+        # |base|, with the sign restored for odd integer exponents -- the real power torch.pow and C's pow
+        # give: a negative base to an integer-valued exponent is real (g**p with p = 2.0, g**t), to any other
+        # exponent NaN; anything to the power 0 is 1. What the declared ranges rule out is not guarded
+        # (beta**t: beta >= 0, t >= 1 is plain exp2(t*log2(beta)), 0 for beta = 0).
+        b, e = self._paren(base), self._paren(exp)
         if exp.is_Integer:
-            magnitude = f"tl.exp2({self._paren(exp)} * tl.log2(tl.abs({self._print(base)})))"
-            if int(exp) % 2:
-                return f"tl.where({self._paren(base)} < 0.0, -{magnitude}, {magnitude})"
-            return magnitude
-        return f"tl.exp2({self._paren(exp)} * tl.log2({self._print(base)}))"
+            magnitude = f"tl.exp2({e} * tl.log2(tl.abs({self._print(base)})))"
+            return f"tl.where({b} < 0.0, -{magnitude}, {magnitude})" if int(exp) % 2 else magnitude
+        plain = f"tl.exp2({e} * tl.log2({self._print(base)}))"
+        base_sign, exp_sign = self._known_sign(base), self._known_sign(exp)
+        zero_power = f"tl.where({e} == 0.0, 1.0, {{}})"  # 0**0 = 1 where exp2(0 * log2(0)) is NaN
+        if exp.is_number or base_sign.is_positive:  # a constant non-integer exponent: NaN for a base < 0
+            return plain
+        if base_sign.is_nonnegative:
+            return plain if exp_sign.is_nonzero else zero_power.format(plain)
+        magnitude = f"tl.exp2({e} * tl.log2(tl.abs({self._print(base)})))"
+        odd = f"({e} - 2.0 * tl.floor(0.5 * {e}) == 1.0)"
+        negative = f"tl.where({e} == tl.floor({e}), tl.where({odd}, -{magnitude}, {magnitude}), float('nan'))"
+        signed = f"tl.where({b} < 0.0, {negative}, {magnitude})"
+        return signed if exp_sign.is_nonzero else zero_power.format(signed)
+
+    def _known_sign(self, expr):
+        """``expr`` over stand-ins that carry what is known of each symbol: the step count is >= 1,
+        hyperparameters have their declared ranges (``positive``/``nonnegative`` settings), the rest is real."""
+        positive, nonnegative = self._settings["positive"], self._settings["nonnegative"]
+
+        def stand_in(symbol):
+            if symbol.name in positive:
+                return sympy.Dummy(positive=True)
+            if symbol.name in nonnegative:
+                return sympy.Dummy(nonnegative=True)
+            return sympy.Dummy(real=True)
+
+        return expr.xreplace({s: stand_in(s) for s in expr.free_symbols})
 
     def _print_Max(self, expr):
         return self._fold("tl.maximum({}, {}, propagate_nan=tl.PropagateNan.ALL)", expr.args)
@@ -180,12 +215,47 @@ class TritonPrinter(_FloatPrinter):
     def _print_Not(self, expr):
         return f"({self._print(expr.args[0])} == 0)"
 
+    # And/Or as selections: ``&`` of an element-wise and a per-program comparison (g > 0 and lr > 0.05) is
+    # refused by the interpreter (numpy's bitwise_and of a bool array and a bool scalar); where() broadcasts,
+    # and the compiler turns a select of booleans back into and/or.
+    def _print_And(self, expr):
+        args = sorted(expr.args, key=sympy.default_sort_key)
+        code = self._print(args[-1])
+        for arg in reversed(args[:-1]):
+            code = f"tl.where({self._print(arg)}, {code}, False)"
+        return code
+
+    def _print_Or(self, expr):
+        args = sorted(expr.args, key=sympy.default_sort_key)
+        code = self._print(args[-1])
+        for arg in reversed(args[:-1]):
+            code = f"tl.where({self._print(arg)}, True, {code})"
+        return code
+
 
 class TorchPrinter(_FloatPrinter):
-    """Prints fp32 torch code; every symbol is a tensor (0-d for scalars), constants are Python floats."""
+    """Prints torch code; every symbol is a tensor (0-d for scalars), constants are Python floats.
 
+    Element-wise code computes in the module's ``dtype`` (fp32, fp64 for fp64 parameters); with
+    ``scalar=True`` the code is for per-step scalars, computed in fp64 like torch.optim's Python floats."""
+
+    _default_settings = dict(_FloatPrinter._default_settings, scalar=False)
     sqrt_fn = "torch.sqrt"
     where_fn = "torch.where"
+
+    def _print_Piecewise(self, expr):
+        if all(value.is_number for value, _ in expr.args):
+            # torch.where of Python floats only makes a tensor of torch's default dtype (fp32): the default
+            # branch is made in the compute dtype so the others promote to it
+            dtype = "torch.float64" if self._settings["scalar"] else "dtype"
+            *choices, (default, _) = expr.args
+            first_condition = choices[0][1] if choices else sympy.true
+            default_code = f"torch.full_like({self._print(first_condition)}, {self._print(default)}, dtype={dtype})"
+            code = default_code
+            for value, cond in reversed(choices):
+                code = f"{self.where_fn}({self._print(cond)}, {self._print(value)}, {code})"
+            return code
+        return super()._print_Piecewise(expr)
     known_functions = {
         "Abs": "torch.abs",
         "sign": "torch.sign",
@@ -225,9 +295,9 @@ class TorchPrinter(_FloatPrinter):
         return f"torch.sign({self._print(expr.args[0])})"
 
 
-def triton_code(expr, scalar: bool = False) -> str:
-    return TritonPrinter({"scalar": scalar}).doprint(expr)
+def triton_code(expr, scalar: bool = False, **settings) -> str:
+    return TritonPrinter({"scalar": scalar, **settings}).doprint(expr)
 
 
-def torch_code(expr) -> str:
-    return TorchPrinter().doprint(expr)
+def torch_code(expr, scalar: bool = False) -> str:
+    return TorchPrinter({"scalar": scalar}).doprint(expr)

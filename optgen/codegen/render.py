@@ -182,12 +182,27 @@ def _scalar_casts(plan: Plan, p: Pass) -> list[str]:
     return [n for n in scalar_names if any(s.name == n for s in used)]
 
 
+def _known_signs(plan: Plan) -> dict:
+    """Printer settings: the step count t >= 1 and the hyperparameters whose declared range excludes
+    negative numbers (or 0 too)."""
+    positive, nonnegative = {"t"}, set()
+    for h in plan.ir.hypers:
+        if h.is_bool:
+            nonnegative.add(h.name)
+        elif h.lo > 0 or (h.lo == 0 and h.lo_open):
+            positive.add(h.name)
+        elif h.lo == 0:
+            nonnegative.add(h.name)
+    return {"positive": frozenset(positive), "nonnegative": frozenset(nonnegative)}
+
+
 def render(plan: Plan, target: str) -> str:
     """The source of ``plan`` for ``target`` ("torch" or "triton"); byte-stable for a given plan."""
     if target not in TARGETS:
         raise ValueError(f"unknown target {target!r}; expected one of {TARGETS}")
-    printer = TorchPrinter() if target == "torch" else TritonPrinter()
-    scalar_printer = TorchPrinter() if target == "torch" else TritonPrinter({"scalar": True})
+    signs = _known_signs(plan)
+    printer = TorchPrinter(signs) if target == "torch" else TritonPrinter(signs)
+    scalar_printer = TorchPrinter({**signs, "scalar": True}) if target == "torch" else TritonPrinter({**signs, "scalar": True})
     context = {
         "name": plan.ir.name,
         "prefix": re.sub(r"\W", "_", variant_stem(plan)),
