@@ -118,3 +118,70 @@ def test_adjacent_views_of_one_buffer_are_fine(backend):
     optgen.AdamW(twins, backend=backend).step()
     for p, t in zip(params, twins):
         assert_bitwise(p.detach(), t.detach())
+
+
+# -- int64 indexing: a tensor past 2**31 elements ----------------------------------------------------------
+# A real one takes 8 GiB per fp32 buffer (32 GiB for LAMB), more than this machine has. The kernels' index math
+# is exercised instead on a small allocation seen through shifted tables: every buffer's base address moves
+# down by SHIFT elements and every chunk start and tensor size up by SHIFT, so each program computes offsets
+# in [SHIFT, SHIFT + n) -- past 2**31 and 2**32 -- that land on the real elements only if the offset
+# arithmetic is 64-bit all the way (an int32 wrap would address memory gigabytes away). The PTX side (64-bit
+# address arithmetic in the compiled kernels) is checked by tests/test_aot.py.
+SHIFT = 2**32 + 2**31 + 256  # a multiple of 16 elements: the buffers stay 16-byte aligned
+
+
+class _ShiftedTables:
+    """The backend's tables as a tensor at element offset SHIFT of a much larger allocation would have them."""
+
+    def __init__(self, tables):
+        self._tables = tables
+
+    def __getattr__(self, name):
+        return getattr(self._tables, name)
+
+    @property
+    def chunk_start(self):
+        return self._tables.chunk_start + SHIFT
+
+    @property
+    def numel(self):
+        return self._tables.numel + SHIFT
+
+    @property
+    def addr(self):
+        size = {name: tensors[0].element_size() for name, tensors in self._tables.buffers.items()}
+        return {name: a - SHIFT * size[name] for name, a in self._tables.addr.items()}
+
+
+@pytest.mark.parametrize("name", ["AdamW", "LAMB", "NVLAMB"])
+def test_kernel_offsets_past_2_pow_31_elements_are_int64(name, monkeypatch):
+    from optgen.runtime.triton_backend import TritonBackend
+
+    cls = getattr(optgen, name)
+    torch.manual_seed(0)
+    sizes = [3 * 256 + 5, 256, 17]  # chunk-straddling, whole chunks and a tail (OPTGEN_CHUNK=256 in conftest)
+    params = [torch.nn.Parameter(torch.randn(n)) for n in sizes]
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    grads = [[torch.randn(n) for n in sizes] for _ in range(3)]
+    expected_opt, shifted_opt = cls(twins, backend="triton", lr=1e-2), cls(params, backend="triton", lr=1e-2)
+    original = TritonBackend._tables_for
+    shifted = []
+
+    def tables_for(self, items, scratch_of):
+        tables = _ShiftedTables(original(self, items, scratch_of))
+        shifted.append(tables)
+        return tables
+
+    for step_grads in grads:
+        for p, q, g in zip(params, twins, step_grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        expected_opt.step()
+        with monkeypatch.context() as m:
+            m.setattr(TritonBackend, "_tables_for", tables_for)
+            shifted_opt.step()
+    assert shifted and int(shifted[-1].chunk_start.max()) > 2**32 and shifted[-1].chunk_start.dtype == torch.int64
+    for p, q in zip(params, twins):
+        assert torch.equal(p, q)  # the same elements, the same arithmetic: bitwise
+    for p, q in zip(params, twins):
+        for key, value in expected_opt.state[q].items():
+            assert torch.equal(shifted_opt.state[p][key], value), key
