@@ -283,6 +283,8 @@ def implementations(optimizer: str, cls: type, device: str) -> list[Impl]:
         Impl(optimizer, "optgen eager", lambda ps: cls(ps, backend="torch", **hp), env={"OPTGEN_COMPILE": "0"}),
     ]
     if cuda:
+        # tuned on copies at its first step (cached on disk: a second run reuses the configs)
+        impls.append(Impl(optimizer, "optgen autotuned", lambda ps: cls(ps, autotune=True, **hp)))
         impls.append(Impl(optimizer, "torch.compile(generated)", lambda ps: cls(ps, backend="torch", **hp), env={"OPTGEN_COMPILE": "1"}))
     elif len(_plan_of(cls).passes) > 1:
         impls.append(Impl(optimizer, "torch.compile(generated)", None, skip="on CPU this is the 'optgen' row: backend='auto' runs the generated torch code compiled"))

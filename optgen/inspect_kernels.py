@@ -193,6 +193,7 @@ def compile_kernel(
     chunk: int = CHUNK,
     block: int | None = None,
     num_warps: int = NUM_WARPS,
+    num_stages: int = 3,
 ) -> AOTKernel:
     """Compile one generated kernel (a pass or a segment-reduce) for ``arch`` with Triton's real compiler.
 
@@ -234,7 +235,7 @@ def compile_kernel(
     log = io.StringIO()
     with tempfile.TemporaryDirectory(prefix="optgen-aot-") as cache_dir, _compile_environment(cache_dir):
         with contextlib.redirect_stdout(log):
-            compiled = triton.compile(source, target=GPUTarget("cuda", number, 32), options={"num_warps": num_warps})
+            compiled = triton.compile(source, target=GPUTarget("cuda", number, 32), options={"num_warps": num_warps, "num_stages": num_stages})
     result = AOTKernel(
         name=name,
         arch=number,

@@ -31,6 +31,7 @@ from optgen.inspect_kernels import (
     plan_kernels,
 )
 from optgen.ir import lower
+from optgen.runtime import autotune
 from optgen.specs import BUILTINS
 
 ARCHS = ["sm_80", "sm_90"]
@@ -69,6 +70,12 @@ def narrow_pass(_chunk_start, _numel, _x_addr, DT_x: tl.constexpr, CHUNK: tl.con
     tl.store(ptr + offs, tl.load(ptr + offs) * 2)
 
 
+TUNE_CORNERS = [
+    (max(autotune.CHUNKS), max(autotune.BLOCKS), max(autotune.WARPS), min(autotune.STAGES)),
+    (min(autotune.CHUNKS), min(autotune.BLOCKS), min(autotune.WARPS), max(autotune.STAGES)),
+]
+
+
 def _guard(fn):
     try:
         return fn()
@@ -92,6 +99,22 @@ def worker(arch: str) -> dict:
                         compile_kernel(k, arch, low, n_hyper=n), "pass", i, True
                     )
                 )
+    # the corners of the autotuner's search space, for LAMB's default variant (the autotuner times whatever
+    # compiles; a config that fails to compile on the GPU is skipped there, so here they must all compile)
+    out["tuned"] = {}
+    lamb = next(stem for stem in LAMB if stem.startswith("lamb__bias_correction_1__eps_inside_sqrt_0"))
+    for role, index, kernel, _ in plan_kernels(PLANS[lamb]):
+        if role != "pass":
+            continue
+        for chunk, block, warps, stages in TUNE_CORNERS:
+            out["tuned"][f"{kernel.fn.__name__}/{block}/{warps}/{stages}"] = _guard(
+                lambda k=kernel, i=index, c=chunk, b=block, w=warps, s=stages: kernel_report(
+                    compile_kernel(k, arch, n_hyper=len(PLANS[lamb].ir.hypers), chunk=c, block=b, num_warps=w, num_stages=s),
+                    "pass",
+                    i,
+                    True,
+                )
+            )
     adamw = plan_kernels(PLANS["adamw"])[0][2]
     controls = {
         "adamw_unaligned": lambda: compile_kernel(adamw, arch, n_hyper=len(PLANS["adamw"].ir.hypers), aligned=False),
@@ -232,6 +255,16 @@ def test_lamb_pass_kernels_compile_with_bf16_parameters(compiled, arch, stem, in
     expected = sum(vector_loads_per_buffer(2 if ld.buffer in ("param", "grad") else 4) for ld in p.loads)
     assert kernel["vectorized"]
     assert kernel["element_loads"].get("ld.global.v4.b32") == expected, kernel["element_loads"]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_autotune_search_space_corners_compile(compiled, arch):
+    tuned = compiled[arch]["tuned"]
+    assert len(tuned) == 2 * len(TUNE_CORNERS)
+    for name, kernel in tuned.items():
+        assert "error" not in kernel, f"{name} does not compile for {arch}:\n{kernel['error']}"
+        assert 0 < kernel["registers"] <= 255 and kernel["int64_addressing"] is True, (name, kernel)
+        assert kernel["num_warps"] == int(name.split("/")[2])
 
 
 def test_compile_refuses_an_interpreting_process():

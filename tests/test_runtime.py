@@ -383,9 +383,9 @@ def test_generated_signature_and_defaults():
     parameters = inspect.signature(optgen.LAMB).parameters
     assert list(parameters) == ["params", "lr", "betas", "eps", "weight_decay", "trust_clip", "layer_adaptation",
                                 "bias_correction", "eps_inside_sqrt", "max_grad_norm", "maximize",
-                                "master_weights", "state_dtype", "backend"]
+                                "master_weights", "state_dtype", "backend", "autotune"]
     assert parameters["betas"].default == (0.9, 0.999)
-    for option in ("max_grad_norm", "maximize", "master_weights", "state_dtype", "backend"):
+    for option in ("max_grad_norm", "maximize", "master_weights", "state_dtype", "backend", "autotune"):
         assert parameters[option].kind is inspect.Parameter.KEYWORD_ONLY
     opt = optgen.LAMB(make_params([(3,)]))
     assert opt.defaults == dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01,

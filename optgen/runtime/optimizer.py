@@ -52,6 +52,9 @@ class GeneratedOptimizer(torch.optim.Optimizer):
         maximize = arguments.pop("maximize")
         master = arguments.pop("master_weights")
         state_dtype = arguments.pop("state_dtype")
+        autotune = arguments.pop("autotune")
+        if autotune is None:
+            autotune = os.environ.get("OPTGEN_AUTOTUNE", "0") not in ("", "0")
         clip = "max_grad_norm" in arguments and not self._spec_clips()
         if clip and arguments["max_grad_norm"] is None:
             arguments.pop("max_grad_norm")
@@ -62,7 +65,7 @@ class GeneratedOptimizer(torch.optim.Optimizer):
                 arguments[key] = self._signature.parameters[key].default
         if backend not in BACKENDS:
             raise ValueError(f"Invalid backend: {backend!r} (expected one of {BACKENDS})")
-        for name, value in {**flags, "maximize": maximize, "master_weights": master}.items():
+        for name, value in {**flags, "maximize": maximize, "master_weights": master, "autotune": autotune}.items():
             if not isinstance(value, bool):
                 raise ValueError(f"Invalid {name} value: {value!r} (expected True or False)")
         if state_dtype not in (None, torch.float32, torch.bfloat16, torch.float16, torch.float64):
@@ -82,6 +85,7 @@ class GeneratedOptimizer(torch.optim.Optimizer):
             self._check_value(key, value)
         self._check_requirements(defaults, "defaults")
         self._backend_choice = backend
+        self._autotune = autotune
         self._backends = _Backends()
         self._scratch: dict[tuple[int, str], torch.Tensor] = {}
         super().__init__(params, defaults)
@@ -242,7 +246,7 @@ class GeneratedOptimizer(torch.optim.Optimizer):
             else:
                 from .triton_backend import TritonBackend
 
-                self._backends[key] = TritonBackend(plan)
+                self._backends[key] = TritonBackend(plan, autotune=self._autotune)
         return self._backends[key]
 
     def _amp(self):
@@ -415,6 +419,7 @@ def _signature_for(spec: Spec) -> inspect.Signature:
     params.append(inspect.Parameter("master_weights", keyword, default=False))
     params.append(inspect.Parameter("state_dtype", keyword, default=None))
     params.append(inspect.Parameter("backend", keyword, default="auto"))
+    params.append(inspect.Parameter("autotune", keyword, default=None))
     return inspect.Signature(params)
 
 
@@ -459,6 +464,11 @@ def _arguments_doc(spec: Spec) -> str:
     lines.append("    master_weights: keep fp32 copies of bf16/fp16 parameters as state; write the model's weights from them.")
     lines.append("    state_dtype: dtype of the optimizer states (default fp32; fp64 for fp64 parameters).")
     lines.append("    backend: 'auto' (Triton on CUDA tensors, torch otherwise), 'torch' or 'triton'.")
+    lines.append(
+        "    autotune: time the Triton backend's launch configs on copies of the tensors at the first step and"
+        " keep the fastest (cached on disk per kernel, GPU, dtypes and size); default: OPTGEN_AUTOTUNE=1 in the"
+        " environment, else off."
+    )
     return "\n".join(lines)
 
 

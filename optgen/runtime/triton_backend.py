@@ -16,7 +16,7 @@ folds into ``[tensors, slots]`` (``ReductionTables``): the object that sharded t
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -35,21 +35,24 @@ def _tl_dtype(dtype: torch.dtype):
     return _TL_DTYPES[dtype]
 
 
-@dataclass
+@dataclass(frozen=True)
 class LaunchConfig:
-    chunk: int = 65536
-    block: int = 1024
+    """One step's launch parameters (``optgen.runtime.autotune`` searches them)."""
+
+    chunk: int = 65536  # elements per program; shapes the chunk and partial tables
+    block: int = 1024  # elements per loop iteration of a program
     reduce_block: int = 256
     num_warps: int = 4
+    num_stages: int = 3
 
 
 def default_config() -> LaunchConfig:
     """``OPTGEN_CHUNK``/``OPTGEN_BLOCK`` override the defaults (tests use small chunks)."""
     config = LaunchConfig()
     if os.environ.get("OPTGEN_CHUNK"):
-        config.chunk = int(os.environ["OPTGEN_CHUNK"])
+        config = replace(config, chunk=int(os.environ["OPTGEN_CHUNK"]))
     if os.environ.get("OPTGEN_BLOCK"):
-        config.block = int(os.environ["OPTGEN_BLOCK"])
+        config = replace(config, block=int(os.environ["OPTGEN_BLOCK"]))
     if config.chunk % config.block:
         raise ValueError(f"chunk size {config.chunk} must be a multiple of the block size {config.block}")
     return config
@@ -200,10 +203,11 @@ def _key(items):
 class TritonBackend:
     name = "triton"
 
-    def __init__(self, plan, config: LaunchConfig | None = None):
+    def __init__(self, plan, config: LaunchConfig | None = None, autotune: bool = False):
         self.plan = plan
         self.module = load_module(plan, "triton")
         self.config = config or default_config()
+        self.autotune = autotune  # choose self.config by timing candidates whenever the tables are rebuilt
         self._tables: _Tables | None = None
         self._staging: dict[int, tuple] = {}
         self.launches = 0  # kernel launches issued (tests count them)
@@ -220,6 +224,10 @@ class TritonBackend:
     def _tables_for(self, items, scratch_of) -> _Tables:
         tables = self._tables
         if tables is None or not tables.still_valid(items):
+            if self.autotune:
+                from . import autotune
+
+                self.config = autotune.tune(self.plan, items, default_config())
             tables = _Tables(self.plan, items, scratch_of, self.config)
             self._tables = tables
         else:
@@ -291,6 +299,7 @@ class TritonBackend:
                     BLOCK=cfg.block,
                     ALIGNED=t.aligned(partition),
                     num_warps=cfg.num_warps,
+                    num_stages=cfg.num_stages,
                 )
                 self.launches += 1
             # Sharded: every pass with partials is folded per tensor and all-reduced (one collective), so

@@ -1,0 +1,177 @@
+"""Autotuning of the Triton backend's launch configuration, on copies, with an on-disk cache.
+
+A step's launches share one :class:`~optgen.runtime.triton_backend.LaunchConfig`: the chunk size (work per
+program, and the layout of the chunk and partial tables), the block size (elements per loop iteration),
+``num_warps`` and ``num_stages``. The chunk size shapes the tables the whole step uses, so a config is chosen
+per step, not per kernel: each candidate runs complete steps of the optimizer's plan, timed with
+``triton.testing.do_bench``.
+
+The trials never touch the training run. They step a private copy of the parameters, gradients and states
+(up to ``OPTGEN_AUTOTUNE_MAX_ELEMENTS`` elements, 2**27 by default: the largest tensors first, which
+dominate the time), so a tuned step gives the result the same config would give untuned: bitwise for
+element-wise optimizers, and up to the summation order of the fp64 norms for layer-wise ones.
+
+Results are cached in ``<cache dir>/autotune.json`` under the key (generated source hash, GPU name, buffer
+dtypes, size bucket = the power of two of the element count), so a given model tunes once per machine.
+Under ``TRITON_INTERPRET=1`` there is no GPU to time: the default config is used unless a test passes its
+own ``timer``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, replace
+
+import torch
+
+from ..codegen.render import cache_dir, source_hash
+
+BLOCKS = (512, 1024, 2048, 4096)
+CHUNKS = (16384, 65536, 262144)
+WARPS = (4, 8)
+STAGES = (1, 2, 3)
+
+
+def candidates(default) -> list:
+    """The search space: every (chunk, block, warps, stages) with the block dividing the chunk, the
+    default first (a tie keeps it)."""
+    out = [default]
+    for chunk, block, warps, stages in itertools.product(CHUNKS, BLOCKS, WARPS, STAGES):
+        if chunk % block == 0 and chunk >= block:
+            config = replace(default, chunk=chunk, block=block, num_warps=warps, num_stages=stages)
+            if config not in out:
+                out.append(config)
+    return out
+
+
+def size_bucket(numel: int) -> int:
+    return max(0, math.ceil(math.log2(max(numel, 1))))
+
+
+def cache_key(plan, items, device: torch.device) -> str:
+    """(kernel source, GPU, buffer dtypes, size bucket): what the best config depends on."""
+    numel = sum(item[0].numel() for item in items)
+    dtypes = sorted({str(t.dtype).replace("torch.", "") for item in items for t in _buffers(item)})
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    return f"{source_hash(plan)}|{name}|{','.join(dtypes)}|2^{size_bucket(numel)}"
+
+
+def _buffers(item):
+    p, grad, state, _ = item
+    return [p, grad, *(v for k, v in state.items() if k != "step" and isinstance(v, torch.Tensor))]
+
+
+def _cache_path():
+    return cache_dir() / "autotune.json"
+
+
+def load_cached(key: str, default):
+    try:
+        entry = json.loads(_cache_path().read_text()).get(key)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(entry, dict):
+        return None
+    try:
+        return replace(default, **{k: int(v) for k, v in entry.items() if k in asdict(default)})
+    except (TypeError, ValueError):
+        return None
+
+
+def store(key: str, config) -> None:
+    path = _cache_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        table = json.loads(path.read_text())
+    except (OSError, ValueError):
+        table = {}
+    table[key] = asdict(config)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(table, indent=1, sort_keys=True))
+    os.replace(tmp, path)  # atomic: concurrent processes never read a half-written file
+
+
+def _gpu_timer(fn: Callable[[], None], config) -> float:
+    """Median milliseconds of ``fn`` (one optimizer step under ``config``) by Triton's benchmark helper."""
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
+
+
+def _timer_for(device: torch.device):
+    """How candidates are timed on ``device``: CUDA only (tests substitute a timer for the interpreter)."""
+    return _gpu_timer if device.type == "cuda" else None
+
+
+def _copies(items, max_elements: int):
+    """Private copies of the largest items up to ``max_elements`` elements (at least one item)."""
+    order = sorted(range(len(items)), key=lambda i: -items[i][0].numel())
+    chosen, total = [], 0
+    for i in order:
+        n = items[i][0].numel()
+        if chosen and total + n > max_elements:
+            continue
+        chosen.append(i)
+        total += n
+    copies = []
+    for i in sorted(chosen):
+        p, grad, state, values = items[i]
+        twin = {k: (v.detach().clone() if isinstance(v, torch.Tensor) else v) for k, v in state.items()}
+        copies.append((p.detach().clone(), grad.detach().clone(), twin, values))
+    return copies
+
+
+def tune(plan, items, default, *, timer=None, progress=True, make_backend=None):
+    """The fastest config for ``plan`` on ``items`` (cached), timed on copies of them.
+
+    ``timer(fn, config)`` returns the time of ``fn``, a step under ``config``; by default ``do_bench`` on CUDA
+    and nothing elsewhere (then ``default`` is returned and nothing is cached)."""
+    device = items[0][0].device
+    key = cache_key(plan, items, device)
+    cached = load_cached(key, default)
+    if cached is not None:
+        return cached
+    timer = timer or _timer_for(device)
+    if timer is None:
+        return default  # the interpreter: nothing to time
+    from .triton_backend import TritonBackend
+
+    make_backend = make_backend or (lambda config: TritonBackend(plan, config))
+    max_elements = int(os.environ.get("OPTGEN_AUTOTUNE_MAX_ELEMENTS", 2**27))
+    trial_items = _copies(items, max_elements)
+    scratch: dict = {}
+
+    def trial_scratch(p, name):
+        if (id(p), name) not in scratch:
+            scratch[(id(p), name)] = torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32))
+        return scratch[(id(p), name)]
+
+    configs = candidates(default)
+    best, best_time = default, math.inf
+    for n, config in enumerate(configs, 1):
+        backend = make_backend(config)
+        try:
+            backend.step(trial_items, trial_scratch)  # compiles this config's kernels
+            elapsed = timer(lambda backend=backend: backend.step(trial_items, trial_scratch), config)
+        except Exception as exc:  # noqa: BLE001 - a config the GPU cannot run (shared memory, registers) is skipped
+            elapsed = math.inf
+            if progress:
+                print(f"\noptgen autotune: {config} failed: {type(exc).__name__}: {str(exc)[:120]}", file=sys.stderr)
+        if elapsed < best_time:
+            best, best_time = config, elapsed
+        if progress:
+            done = int(30 * n / len(configs))
+            print(
+                f"\roptgen autotune {plan.ir.name}: [{'#' * done}{' ' * (30 - done)}] {n}/{len(configs)}"
+                f"  best {best_time * 1e3 if best_time < math.inf else math.nan:.1f} us",
+                end="" if n < len(configs) else "\n",
+                file=sys.stderr,
+                flush=True,
+            )
+    store(key, best)
+    return best

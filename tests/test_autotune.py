@@ -1,0 +1,139 @@
+"""Autotuning of the Triton backend's launch config: on copies (a tuned step equals an untuned one with
+the same config), cached per (kernel source, GPU, dtypes, size bucket), the default under the interpreter.
+
+No GPU here: a substitute timer ranks the candidates (``autotune._timer_for``); which config is fastest on a
+real GPU is measured by ``optgen bench`` where one is available, never asserted by a test."""
+
+import json
+
+import pytest
+import torch
+
+import optgen
+from optgen.runtime import autotune, triton_backend
+from optgen.runtime.triton_backend import LaunchConfig
+
+DEFAULT = triton_backend.default_config()  # conftest: OPTGEN_CHUNK=256
+SMALL_SPACE = [
+    DEFAULT,
+    LaunchConfig(chunk=512, block=128, num_warps=8, num_stages=1),
+    LaunchConfig(chunk=1024, block=256, num_warps=4, num_stages=2),
+]
+FASTEST = SMALL_SPACE[1]
+
+
+def test_search_space():
+    configs = autotune.candidates(LaunchConfig())
+    assert configs[0] == LaunchConfig() and len(configs) == len(set(configs))
+    assert all(c.chunk % c.block == 0 for c in configs)
+    assert {c.num_warps for c in configs} == set(autotune.WARPS) and {c.num_stages for c in configs} == set(autotune.STAGES)
+    assert {c.block for c in configs} == set(autotune.BLOCKS) and {c.chunk for c in configs} == set(autotune.CHUNKS)
+
+
+def test_size_bucket():
+    assert [autotune.size_bucket(n) for n in (0, 1, 2, 3, 1024, 1025)] == [0, 0, 1, 2, 10, 11]
+
+
+class FakeTimer:
+    """Runs the trial (so every candidate really executes) and ranks FASTEST first."""
+
+    def __init__(self):
+        self.timed = []
+
+    def __call__(self, fn, config):
+        fn()
+        self.timed.append(config)
+        return 1.0 if config == FASTEST else 2.0 + len(self.timed) * 1e-3
+
+
+def _params(sizes, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(n, generator=g)) for n in sizes]
+
+
+def _grads(sizes, steps, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [[torch.randn(n, generator=g) for n in sizes] for _ in range(steps)]
+
+
+def _run(cls, params, grads, **kwargs):
+    opt = cls(params, backend="triton", lr=1e-2, **kwargs)
+    for step_grads in grads:
+        for p, g in zip(params, step_grads):
+            p.grad = g.clone()
+        opt.step()
+    return opt
+
+
+@pytest.mark.parametrize("name", ["AdamW", "LAMB"])
+def test_tuned_step_equals_untuned_step_with_the_chosen_config(name, tmp_path, monkeypatch):
+    monkeypatch.setenv("OPTGEN_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(autotune, "candidates", lambda default: SMALL_SPACE)
+    timer = FakeTimer()
+    monkeypatch.setattr(autotune, "_timer_for", lambda device: timer)
+    cls = getattr(optgen, name)
+    sizes = [3 * 256 + 5, 1000, 17, 1]
+    grads = _grads(sizes, 3)
+    tuned_params = _params(sizes)
+    tuned = _run(cls, tuned_params, grads, autotune=True)
+    backend = next(iter(tuned._backends.values()))
+    assert backend.config == FASTEST
+    assert timer.timed == SMALL_SPACE  # every candidate ran, on copies
+    # the reference: no tuning, the chosen config from the start
+    monkeypatch.setattr(triton_backend, "default_config", lambda: FASTEST)
+    reference_params = _params(sizes)
+    reference = _run(cls, reference_params, grads, autotune=False)
+    for p, q in zip(tuned_params, reference_params):
+        assert torch.equal(p, q)  # bitwise: the trials touched nothing of the run
+        for key, value in reference.state[q].items():
+            assert torch.equal(tuned.state[p][key], value), key
+    assert float(tuned.state[tuned_params[0]]["step"]) == 3.0
+
+
+def test_cache_is_used_and_keyed(tmp_path, monkeypatch):
+    monkeypatch.setenv("OPTGEN_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(autotune, "candidates", lambda default: SMALL_SPACE)
+    timer = FakeTimer()
+    monkeypatch.setattr(autotune, "_timer_for", lambda device: timer)
+    sizes = [300, 40]
+    _run(optgen.AdamW, _params(sizes), _grads(sizes, 1), autotune=True)
+    assert len(timer.timed) == len(SMALL_SPACE)
+    table = json.loads((tmp_path / "autotune.json").read_text())
+    (key, entry), = table.items()
+    assert key.split("|")[1:] == ["cpu", "float32", "2^9"] and entry["chunk"] == FASTEST.chunk
+
+    def no_timing(device):
+        raise AssertionError("a cached config must not be timed again")
+
+    monkeypatch.setattr(autotune, "_timer_for", no_timing)
+    opt = _run(optgen.AdamW, _params(sizes), _grads(sizes, 1), autotune=True)  # same key: from the cache
+    assert next(iter(opt._backends.values())).config == FASTEST
+    monkeypatch.setattr(autotune, "_timer_for", lambda device: timer)
+    _run(optgen.AdamW, _params([5000]), _grads([5000], 1), autotune=True)  # another size bucket: tuned
+    assert len(timer.timed) == 2 * len(SMALL_SPACE)
+    assert len(json.loads((tmp_path / "autotune.json").read_text())) == 2
+
+
+def test_interpreter_uses_the_default_config(tmp_path, monkeypatch):
+    monkeypatch.setenv("OPTGEN_CACHE_DIR", str(tmp_path))
+    sizes = [300]
+    opt = _run(optgen.LAMB, _params(sizes), _grads(sizes, 1), autotune=True)
+    assert next(iter(opt._backends.values())).config == DEFAULT
+    assert not (tmp_path / "autotune.json").exists()
+
+
+def test_autotune_env_default_and_validation(monkeypatch):
+    monkeypatch.setenv("OPTGEN_AUTOTUNE", "1")
+    assert optgen.AdamW(_params([3]), backend="triton")._autotune is True
+    monkeypatch.delenv("OPTGEN_AUTOTUNE")
+    assert optgen.AdamW(_params([3]), backend="triton")._autotune is False
+    with pytest.raises(ValueError, match="autotune"):
+        optgen.AdamW(_params([3]), autotune="yes")
+
+
+def test_trials_are_bounded_to_the_largest_tensors(monkeypatch):
+    monkeypatch.setenv("OPTGEN_AUTOTUNE_MAX_ELEMENTS", "1000")
+    items = [(torch.zeros(n), torch.zeros(n), {"step": torch.zeros(()), "m": torch.zeros(n)}, (0.1,)) for n in (10, 900, 200, 50)]
+    copies = autotune._copies(items, 1000)
+    assert [c[0].numel() for c in copies] == [10, 900, 50]  # largest first while they fit, in their order
+    assert all(c[0].data_ptr() not in {i[0].data_ptr() for i in items} for c in copies)
