@@ -172,7 +172,7 @@ def _fold_constants(expr):
     """Constant subexpressions that sympy keeps symbolic (``sqrt(3)``, ``1 + sqrt(3)``, ``Max(1, sqrt(2))``) as
     floats: otherwise sympy.cse may name one and the printers would apply tensor functions to a Python float."""
     return expr.replace(
-        lambda e: isinstance(e, sympy.Expr) and not e.is_Atom and e.is_number and not isinstance(e, Reduction),
+        lambda e: isinstance(e, sympy.Expr) and not e.is_Atom and e.is_number and not e.has(Reduction, TrustRatio, Where),
         lambda e: sympy.Float(e.evalf(20)),
     )
 
