@@ -108,7 +108,7 @@ def elementwise_leaves(expr: sympy.Basic) -> set[sympy.Symbol]:
 
 _SUPPORTED = (
     sympy.Add, sympy.Mul, sympy.Pow, sympy.Symbol, sympy.Piecewise, sympy.core.relational.Relational,
-    sympy.And, sympy.Or, sympy.Not, sympy.logic.boolalg.BooleanAtom, sympy.Abs, sympy.sign, sympy.Max, sympy.Min,
+    sympy.And, sympy.Or, sympy.Not, sympy.logic.boolalg.ITE, sympy.logic.boolalg.BooleanAtom, sympy.Abs, sympy.sign, sympy.Max, sympy.Min,
     sympy.Mod, sympy.floor, sympy.ceiling, sympy.exp, sympy.log, sympy.sin, sympy.cos, sympy.UnevaluatedExpr,
     sympy.functions.elementary.piecewise.ExprCondPair, Reduction, TrustRatio, sympy.NumberSymbol, Where,
 )
@@ -150,7 +150,8 @@ def _check_flags_only_in_conditions(expr, where_, what):
             walk(if_false, in_condition)
             return
         # inside a condition a flag may stand alone or under And/Or/Not, not inside a comparison
-        nested = in_condition and isinstance(node, (sympy.And, sympy.Or, sympy.Not))
+        # (sympy writes a where() inside a comparison, where(g > 0, g, w) > 0, as ITE(g > 0, g > 0, w > 0))
+        nested = in_condition and isinstance(node, (sympy.And, sympy.Or, sympy.Not, sympy.logic.boolalg.ITE))
         for arg in node.args:
             walk(arg, nested)
 

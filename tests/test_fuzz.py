@@ -1216,6 +1216,18 @@ def test_bug_where_inside_a_reduction_in_a_condition_is_folded(backend):
     assert torch.allclose(got, torch.full((4,), 0.1))
 
 
+# was: a valid spec rejected: sympy folds a where() inside a comparison into the condition as an ITE
+# (where(where(w > 0, w, g) > 0, ...) has the condition ITE(w > 0, w > 0, g > 0)), which lower() refused
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_bug_where_inside_a_comparison_becomes_an_ite(backend):
+    spec = optgen.Spec("IteCondition")
+    lr = spec.hyper(lr=1.0)
+    w, g = spec.param, spec.grad
+    spec.update(w, w - lr * where(where(w > 0, w, g) > 0, 1, 2))
+    got = _step_once(optgen.build(spec), [1.0, -1.0, -1.0, 0.0], [-5.0, 3.0, -3.0, 1.0], backend)
+    assert got.tolist() == [0.0, -2.0, -3.0, -1.0]
+
+
 # was: a valid spec rejected: in trust_ratio(norm(w), norm(u)) with u = where(g > 0, g, 1/2), sympy folded
 # the lowered condition norm(u) > 0 into ITE(g > 0, LayerSum(g**2) > 0, LayerSum(1/4) > 0) and build()
 # reported 'LayerSum(1/4) reduces an expression that is not element-wise'
