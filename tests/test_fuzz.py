@@ -29,6 +29,7 @@ matching restriction in the strategy should go too.
 
 from __future__ import annotations
 
+import builtins
 import functools
 import keyword
 import math
@@ -732,6 +733,7 @@ def _fresh_names():
         lambda n: (
             n.isidentifier()
             and not keyword.iskeyword(n)
+            and not hasattr(builtins, n)  # refused by the language (shadowing builtins in generated code)
             and n not in RESERVED
             and n not in UNSAFE
             and n not in {"lr", "beta", "m", "v", "flag", "on"}
