@@ -1218,6 +1218,31 @@ def test_bug_where_inside_a_reduction_in_a_condition_is_folded(backend):
     assert torch.allclose(got, torch.full((4,), 0.1))
 
 
+# was: torch backend: a state set to another state's old value (b := a, a updated in the same pass) got the new
+# value: ``a = _a.to(dtype)`` is the buffer itself when no conversion is needed, and the store of a came first
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_bug_state_set_to_another_states_old_value(backend, dtype):
+    if backend == "triton" and dtype == torch.float64:
+        pytest.skip("the Triton backend takes fp32/bf16/fp16")
+    spec = optgen.Spec("Swap")
+    lr = spec.hyper(lr=1.0)
+    w, g = spec.param, spec.grad
+    a, b, c = spec.state("a", init=1), spec.state("b", init=2), spec.state("c", init=w)
+    spec.update(a, b)  # a swap: each reads the other's old value
+    spec.update(b, a)
+    spec.update(c, w)  # the parameter's old value, the parameter updated in the same pass
+    spec.update(w, w - lr * g)
+    cls = optgen.build(spec)
+    p = torch.nn.Parameter(torch.tensor([5.0, 6.0], dtype=dtype))
+    opt = cls([p], backend=backend)
+    p.grad = torch.tensor([1.0, 1.0], dtype=dtype)
+    opt.step()
+    state = opt.state[p]
+    assert state["a"].tolist() == [2.0, 2.0] and state["b"].tolist() == [1.0, 1.0]
+    assert state["c"].tolist() == [5.0, 6.0] and p.tolist() == [4.0, 5.0]
+
+
 # was: a valid spec rejected: sympy folds a where() inside a comparison into the condition as an ITE
 # (where(where(w > 0, w, g) > 0, ...) has the condition ITE(w > 0, w > 0, g > 0)), which lower() refused
 @pytest.mark.parametrize("backend", ["torch", "triton"])

@@ -139,6 +139,9 @@ def _pass_context(plan: Plan, p: Pass, printer, scalar_printer) -> dict:
                 "code": code(e),
                 "dtype_arg": f"DT_{b}",
                 "scalar": not _is_elementwise(e, elementwise_names),
+                # the value is a loaded buffer itself (b := old a): in torch ``.to(dtype)`` may return that
+                # buffer, which a store of this pass may overwrite before it is copied
+                "aliases_load": isinstance(e, sympy.Symbol) and e.name in {ld.symbol for ld in p.loads},
             }
             for b, e in p.stores
         ],
