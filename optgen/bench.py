@@ -230,25 +230,31 @@ HYPERS = {  # the same settings for every implementation of an optimizer
 }
 
 
-def resolve_optimizer(entry) -> tuple[str, type]:
-    """``(name, optimizer class)`` for a bench entry: a built-in name (``lamb``, ``lion`` ...), a
-    ``path/to/file.py:VARIABLE`` holding a spec, or an optimizer class made by :func:`optgen.build`.
+def resolve_optimizer(entry) -> tuple[str, type, bool]:
+    """``(name, optimizer class, is a built-in)`` for a bench entry: a built-in name (``lamb``, ``lion`` ...),
+    a ``path/to/file.py:VARIABLE`` holding a spec, or an optimizer class made by :func:`optgen.build`.
 
-    Built-ins keep their CLI name (and their peers when they have some); other specs are named after the spec
-    and run with its default hyperparameters."""
+    Built-ins (also their classes, ``optgen.LAMB``) keep their CLI name, benchmark settings and peers; other
+    specs are named after the spec and run with its default hyperparameters, without peers (whatever their
+    name)."""
+    import optgen
+
     from .runtime.optimizer import GeneratedOptimizer, build
+    from .specs import BUILTINS
 
     if isinstance(entry, type) and issubclass(entry, GeneratedOptimizer):
-        return entry._spec.name, entry
+        for key, factory in BUILTINS.items():
+            if getattr(optgen, factory().name, None) is entry:
+                return key, entry, True
+        return entry._spec.name, entry, False
     if not isinstance(entry, str):
         raise SystemExit(f"optgen bench: {entry!r} is neither an optimizer name nor a class made by optgen.build")
     from .cli import resolve_spec
-    from .specs import BUILTINS
 
-    spec = resolve_spec(entry)
     if entry.lower() in BUILTINS:
-        return entry.lower(), build(spec)
-    return spec.name, build(spec)
+        return entry.lower(), getattr(optgen, BUILTINS[entry.lower()]().name), True
+    spec = resolve_spec(entry)
+    return spec.name, build(spec), False
 
 
 @dataclass
@@ -274,9 +280,10 @@ def _environ(values: dict):
                 os.environ[k] = v
 
 
-def implementations(optimizer: str, cls: type, device: str) -> list[Impl]:
+def implementations(optimizer: str, cls: type, device: str, builtin: bool = True) -> list[Impl]:
     """optgen first, then its peers; each peer that cannot run here is an ``Impl`` with ``skip`` set."""
-    hp = HYPERS.get(optimizer, {})
+    hp = HYPERS.get(optimizer, {}) if builtin else {}
+    peers_of = optimizer if builtin else None  # a user's spec: optgen's rows only, whatever its name
     cuda = device == "cuda"
     impls = [
         Impl(optimizer, "optgen", lambda ps: cls(ps, **hp)),
@@ -288,16 +295,16 @@ def implementations(optimizer: str, cls: type, device: str) -> list[Impl]:
         impls.append(Impl(optimizer, "torch.compile(generated)", lambda ps: cls(ps, backend="torch", **hp), env={"OPTGEN_COMPILE": "1"}))
     elif len(_plan_of(cls).passes) > 1:
         impls.append(Impl(optimizer, "torch.compile(generated)", None, skip="on CPU this is the 'optgen' row: backend='auto' runs the generated torch code compiled"))
-    if optimizer in ("adamw", "adam", "sgd"):
-        torch_cls = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}[optimizer]
+    if peers_of in ("adamw", "adam", "sgd"):
+        torch_cls = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}[peers_of]
         for name, kw in (("torch for-loop", {"foreach": False}), ("torch foreach", {"foreach": True}), ("torch fused", {"fused": True})):
             impls.append(Impl(optimizer, name, lambda ps, kw=kw: torch_cls(ps, **hp, **kw)))
-    if optimizer == "lamb":
+    if peers_of == "lamb":
         impls.append(_peer(optimizer, "pytorch-optimizer Lamb", "pytorch_optimizer", lambda m, ps: m.Lamb(ps, **hp)))
         impls.append(_peer(optimizer, "torch-optimizer Lamb", "torch_optimizer", lambda m, ps: m.Lamb(ps, **hp)))
         impls.append(_gpu_peer(optimizer, "bitsandbytes LAMB", "bitsandbytes", lambda m, ps: m.optim.LAMB(ps, **hp), cuda))
         impls.append(_gpu_peer(optimizer, "DeepSpeed FusedLamb", "deepspeed.ops.lamb", lambda m, ps: m.FusedLamb(ps, **hp), cuda))
-    if optimizer == "lars":
+    if peers_of == "lars":
         lars = dict(lr=hp["lr"], momentum=hp["momentum"], weight_decay=hp["weight_decay"])
         impls.append(_peer(optimizer, "pytorch-optimizer LARS", "pytorch_optimizer", lambda m, ps: m.LARS(ps, **lars)))
         impls.append(_peer(optimizer, "torch-optimizer LARS", "torch_optimizer", lambda m, ps: m.LARS(ps, **lars)))
@@ -398,12 +405,12 @@ def _path(opt) -> str | None:
     return ",".join(sorted(set(names)))
 
 
-def measure_optimizer(optimizer, cls, model, shapes, device, dtype, rounds, warmup, log, sample_s=None) -> tuple[list, list]:
+def measure_optimizer(optimizer, cls, model, shapes, device, dtype, rounds, warmup, log, sample_s=None, builtin=True) -> tuple[list, list]:
     """Rows and skipped entries for one optimizer on one parameter set (implementations interleaved)."""
     n = numel(shapes)
     params = _make_params(shapes, device, dtype, seed=0)
     rows, skipped, live = [], [], []
-    for impl in implementations(optimizer, cls, device):
+    for impl in implementations(optimizer, cls, device, builtin):
         if impl.skip:
             skipped.append({"optimizer": optimizer, "impl": impl.impl, "model": model, "reason": impl.skip})
             continue
@@ -548,9 +555,9 @@ def run(
     for model in models:
         shapes = model_shapes(model)
         log(f"{model}: {numel(shapes) / 1e6:.2f}M parameters in {len(shapes)} tensors")
-        for optimizer, cls in subjects:
+        for optimizer, cls, builtin in subjects:
             sample_s = None if sample_ms is None else sample_ms / 1e3
-            rows, skips = measure_optimizer(optimizer, cls, model, shapes, device, dtype, rounds, warmup, log, sample_s)
+            rows, skips = measure_optimizer(optimizer, cls, model, shapes, device, dtype, rounds, warmup, log, sample_s, builtin)
             results += rows
             skipped += skips
     # the copy measured again at the end: on a shared machine the better of the two is the device's
@@ -565,7 +572,7 @@ def run(
         "versions": versions(),
         "date": datetime.date.today().isoformat(),
         "config": {
-            "optimizers": [name for name, _ in subjects],
+            "optimizers": [name for name, _, _ in subjects],
             "models": list(models),
             "dtype": str(dtype).replace("torch.", ""),
             "rounds": rounds,

@@ -31,10 +31,10 @@ def resolve_spec(name: str) -> Spec:
         if not hasattr(module, variable):
             raise SystemExit(f"optgen: {path} has no {variable!r}")
         value = getattr(module, variable)
-        if callable(value) and not isinstance(value, Spec):
-            value = value()
-        if isinstance(value, type) and hasattr(value, "_spec"):
+        if isinstance(value, type) and hasattr(value, "_spec"):  # a class made by optgen.build
             value = value._spec
+        elif callable(value) and not isinstance(value, Spec):
+            value = value()
         if not isinstance(value, Spec):
             raise SystemExit(f"optgen: {name} is a {type(value).__name__}, not an optgen.Spec")
         return value

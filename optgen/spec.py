@@ -179,7 +179,9 @@ class Reduction(sympy.Function):
     @classmethod
     def eval(cls, x):
         if isinstance(x, sympy.Basic) and x.has(sympy.Piecewise):
-            return cls(x.replace(lambda e: isinstance(e, sympy.Piecewise), _as_where))
+            converted = x.replace(lambda e: isinstance(e, sympy.Piecewise), _as_where)
+            if converted != x:  # (a Piecewise without a default stays, for the IR's check to name)
+                return cls(converted)
         return None
 
 

@@ -100,7 +100,10 @@ def test_cache_is_used_and_keyed(tmp_path, monkeypatch):
     assert len(timer.timed) == len(SMALL_SPACE)
     table = json.loads((tmp_path / "autotune.json").read_text())
     (key, entry), = table.items()
-    assert key.split("|")[1:] == ["cpu", "float32", "2^9"] and entry["chunk"] == FASTEST.chunk
+    import triton
+
+    assert key.split("|")[1:] == ["cpu", "float32", "2^9", f"triton {triton.__version__}"]
+    assert entry["chunk"] == FASTEST.chunk
 
     def no_timing(device):
         raise AssertionError("a cached config must not be timed again")
@@ -137,3 +140,68 @@ def test_trials_are_bounded_to_the_largest_tensors(monkeypatch):
     copies = autotune._copies(items, 1000)
     assert [c[0].numel() for c in copies] == [10, 900, 50]  # largest first while they fit, in their order
     assert all(c[0].data_ptr() not in {i[0].data_ptr() for i in items} for c in copies)
+
+
+def test_tuning_under_grad_scaler_runs_the_trials_with_its_scalars(tmp_path, monkeypatch):
+    """GradScaler's fused contract sets grad_scale/found_inf: the trials need them (found_inf zero, so they
+    time the update), and the tuned run equals the untuned one."""
+    monkeypatch.setenv("OPTGEN_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(autotune, "candidates", lambda default: SMALL_SPACE)
+    timer = FakeTimer()
+    monkeypatch.setattr(autotune, "_timer_for", lambda device: timer)
+    sizes = [300, 40]
+    grads = _grads(sizes, 2)
+
+    def run(params, **kwargs):
+        opt = optgen.AdamW(params, backend="triton", lr=1e-2, **kwargs)
+        for step_grads in grads:
+            for p, g in zip(params, step_grads):
+                p.grad = g.clone() * 4.0
+            opt.grad_scale, opt.found_inf = torch.tensor(4.0), torch.tensor(0.0)
+            opt.step()
+        return opt
+
+    tuned_params = _params(sizes)
+    tuned = run(tuned_params, autotune=True)
+    assert timer.timed == SMALL_SPACE and next(iter(tuned._backends.values())).config == FASTEST
+    monkeypatch.setattr(triton_backend, "default_config", lambda: FASTEST)
+    reference_params = _params(sizes)
+    run(reference_params, autotune=False)
+    for p, q in zip(tuned_params, reference_params):
+        assert torch.equal(p, q)
+
+
+def test_nothing_is_cached_when_no_candidate_runs(tmp_path, monkeypatch):
+    monkeypatch.setenv("OPTGEN_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(autotune, "candidates", lambda default: SMALL_SPACE)
+
+    def broken(fn, config):
+        raise RuntimeError("out of resources")
+
+    monkeypatch.setattr(autotune, "_timer_for", lambda device: broken)
+    opt = _run(optgen.AdamW, _params([300]), _grads([300], 1), autotune=True)
+    assert next(iter(opt._backends.values())).config == DEFAULT
+    assert not (tmp_path / "autotune.json").exists()
+
+
+@pytest.mark.parametrize(
+    "content",
+    ["[]", "null", "not json", '{"KEY": [1, 2]}', '{"KEY": {"chunk": 1000, "block": 64}}', '{"KEY": {"chunk": 512, "block": 0}}',
+     '{"KEY": {"chunk": 512, "block": 96}}', '{"KEY": {"chunk": true, "block": 1}}', '{"KEY": {"chunk": 512, "nonsense": 1}}'],
+)  # fmt: skip
+def test_a_bad_cache_file_or_entry_means_tuning_again(content, tmp_path, monkeypatch):
+    monkeypatch.setenv("OPTGEN_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(autotune, "candidates", lambda default: SMALL_SPACE)
+    timer = FakeTimer()
+    monkeypatch.setattr(autotune, "_timer_for", lambda device: timer)
+    sizes = [300]
+    params = _params(sizes)
+    opt = optgen.AdamW(params, backend="triton", autotune=True)
+    plan = opt._plan
+    state = {"step": torch.zeros(()), "exp_avg": torch.zeros(300), "exp_avg_sq": torch.zeros(300)}
+    items = [(params[0], torch.zeros(300), state, opt._group_values(opt.param_groups[0]))]
+    key = autotune.cache_key(plan, items, params[0].device)
+    (tmp_path / "autotune.json").write_text(content.replace("KEY", key.replace('"', '\\\\"')))
+    assert autotune.load_cached(key, DEFAULT) is None
+    assert autotune.tune(plan, items, DEFAULT, progress=False) == FASTEST  # tuned, and the file repaired
+    assert autotune.load_cached(key, DEFAULT) == FASTEST

@@ -64,10 +64,14 @@ def test_bench_recipes_shapes():
 def test_bench_takes_any_catalog_entry_or_built_class():
     import optgen
 
-    name, cls = bench.resolve_optimizer("lion")
-    assert (name, cls._spec.name) == ("lion", "Lion")
+    assert bench.resolve_optimizer("lion") == ("lion", optgen.Lion, True)
+    assert bench.resolve_optimizer(optgen.LAMB) == ("lamb", optgen.LAMB, True)  # its peers and settings
     custom = optgen.build(optgen.layer_adaptive(optgen.BUILTINS["lion"], name="MyLion"))
-    assert bench.resolve_optimizer(custom) == ("MyLion", custom)
+    assert bench.resolve_optimizer(custom) == ("MyLion", custom, False)
+    sgd_named = optgen.build(optgen.BUILTINS["lion"]())
+    sgd_named._spec.name = "sgd"  # a user's spec named like a built-in: no peers, no built-in settings
+    impls = bench.implementations("sgd", sgd_named, "cpu", builtin=False)
+    assert [i.impl for i in impls] == ["optgen", "optgen eager"]
     assert bench.bytes_per_param(custom, torch.float32) == 32  # the plan's bytes, not a table's
     assert bench.bytes_per_param(optgen.LAMB, torch.bfloat16) == 40 - 4 * 2  # param and grad read/written as bf16
     report = bench.run([custom], models=["synthetic:1000"], rounds=1, warmup=1, log=lambda line: None, sample_ms=0)
@@ -75,3 +79,15 @@ def test_bench_takes_any_catalog_entry_or_built_class():
     assert all(r["optimizer"] == "MyLion" for r in report["results"])
     with pytest.raises(SystemExit, match="unknown optimizer"):  # before anything is measured
         bench.run(["lamb", "no-such"], models=["synthetic:1000"], log=lambda line: None)
+
+
+def test_a_built_class_in_a_users_file(tmp_path):
+    from optgen.cli import resolve_spec
+
+    (tmp_path / "mine.py").write_text(
+        "import optgen\nspec = optgen.Spec('Mine')\nlr = spec.hyper(lr=0.1)\n"
+        "spec.update(spec.param, spec.param - lr * spec.grad)\nMine = optgen.build(spec)\n"
+    )
+    assert resolve_spec(f"{tmp_path / 'mine.py'}:Mine").name == "Mine"
+    name, cls, builtin = bench.resolve_optimizer(f"{tmp_path / 'mine.py'}:Mine")
+    assert (name, builtin) == ("Mine", False) and bench.bytes_per_param(cls, torch.float32) == 12

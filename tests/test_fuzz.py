@@ -1243,6 +1243,32 @@ def test_bug_state_set_to_another_states_old_value(backend, dtype):
     assert state["c"].tolist() == [5.0, 6.0] and p.tolist() == [4.0, 5.0]
 
 
+def test_bug_piecewise_without_default_in_a_reduction_is_a_spec_error():
+    # was: RecursionError while the spec was written (the reduction kept converting the Piecewise)
+    spec = optgen.Spec("NoDefault")
+    lr = spec.hyper(lr=0.1)
+    w, g = spec.param, spec.grad
+    spec.update(w, w - lr * optgen.layer_sum(sympy.Piecewise((g, g > 0))) * g)
+    with pytest.raises(SpecError, match="no default branch"):
+        optgen.build(spec)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_bug_state_initialised_to_a_where_of_constants(backend):
+    # was: NameError 'dtype' (the printer's constant where() names the compute dtype; init code lacked it)
+    spec = optgen.Spec("WhereInit")
+    lr = spec.hyper(lr=1.0)
+    w, g = spec.param, spec.grad
+    m = spec.state("m", init=where(w > 0, 1, -1))
+    spec.update(m, m)
+    spec.update(w, w - lr * m * g)
+    p = torch.nn.Parameter(torch.tensor([2.0, -3.0]))
+    opt = optgen.build(spec)([p], backend=backend)
+    p.grad = torch.tensor([1.0, 1.0])
+    opt.step()
+    assert opt.state[p]["m"].tolist() == [1.0, -1.0] and p.tolist() == [1.0, -2.0]
+
+
 # was: a valid spec rejected: sympy folds a where() inside a comparison into the condition as an ITE
 # (where(where(w > 0, w, g) > 0, ...) has the condition ITE(w > 0, w > 0, g > 0)), which lower() refused
 @pytest.mark.parametrize("backend", ["torch", "triton"])

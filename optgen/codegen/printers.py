@@ -244,6 +244,8 @@ class TorchPrinter(_FloatPrinter):
     where_fn = "torch.where"
 
     def _print_Piecewise(self, expr):
+        if expr.args[-1].cond is not sympy.true:
+            raise ValueError(f"Piecewise without a default branch cannot be printed: {expr}")
         if all(value.is_number for value, _ in expr.args):
             # torch.where of Python floats only makes a tensor of torch's default dtype (fp32): the default
             # branch is made in the compute dtype so the others promote to it

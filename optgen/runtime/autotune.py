@@ -54,11 +54,13 @@ def size_bucket(numel: int) -> int:
 
 
 def cache_key(plan, items, device: torch.device) -> str:
-    """(kernel source, GPU, buffer dtypes, size bucket): what the best config depends on."""
+    """(kernel source, GPU, buffer dtypes, size bucket, Triton version): what the best config depends on."""
+    import triton
+
     numel = sum(item[0].numel() for item in items)
     dtypes = sorted({str(t.dtype).replace("torch.", "") for item in items for t in _buffers(item)})
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-    return f"{source_hash(plan)}|{name}|{','.join(dtypes)}|2^{size_bucket(numel)}"
+    return f"{source_hash(plan)}|{name}|{','.join(dtypes)}|2^{size_bucket(numel)}|triton {triton.__version__}"
 
 
 def _buffers(item):
@@ -70,26 +72,41 @@ def _cache_path():
     return cache_dir() / "autotune.json"
 
 
-def load_cached(key: str, default):
+def _read_table() -> dict:
+    """The cache file's table; empty when it is missing, unreadable or not a JSON object."""
     try:
-        entry = json.loads(_cache_path().read_text()).get(key)
+        table = json.loads(_cache_path().read_text())
     except (OSError, ValueError):
-        return None
+        return {}
+    return table if isinstance(table, dict) else {}
+
+
+def valid(config) -> bool:
+    """A config the kernels can run: positive sizes, power-of-two blocks (``tl.arange``), whole blocks per
+    chunk (the unmasked loop and the alignment hints rely on it)."""
+    sizes = (config.chunk, config.block, config.reduce_block, config.num_warps)
+    if not all(type(v) is int and v > 0 for v in (*sizes, config.num_stages)):
+        return False
+    powers = (config.block, config.reduce_block, config.num_warps)
+    return all(v & (v - 1) == 0 for v in powers) and config.chunk % config.block == 0
+
+
+def load_cached(key: str, default):
+    """The cached config for ``key``, or None (missing, or an entry that is not a valid config)."""
+    entry = _read_table().get(key)
     if not isinstance(entry, dict):
         return None
-    try:
-        return replace(default, **{k: int(v) for k, v in entry.items() if k in asdict(default)})
-    except (TypeError, ValueError):
+    fields = asdict(default)
+    if any(k not in fields or type(v) is not int for k, v in entry.items()):
         return None
+    config = replace(default, **entry)
+    return config if valid(config) else None
 
 
 def store(key: str, config) -> None:
     path = _cache_path()
     path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        table = json.loads(path.read_text())
-    except (OSError, ValueError):
-        table = {}
+    table = _read_table()
     table[key] = asdict(config)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps(table, indent=1, sort_keys=True))
@@ -126,11 +143,13 @@ def _copies(items, max_elements: int):
     return copies
 
 
-def tune(plan, items, default, *, timer=None, progress=True, make_backend=None):
+def tune(plan, items, default, *, device_scalars=None, timer=None, progress=True, make_backend=None):
     """The fastest config for ``plan`` on ``items`` (cached), timed on copies of them.
 
     ``timer(fn, config)`` returns the time of ``fn``, a step under ``config``; by default ``do_bench`` on CUDA
-    and nothing elsewhere (then ``default`` is returned and nothing is cached)."""
+    and nothing elsewhere (then ``default`` is returned and nothing is cached). ``device_scalars`` are the
+    step's (GradScaler's ``grad_scale``/``found_inf``): the trials run with them, ``found_inf`` zero so that
+    they time the update rather than a skipped step. If no candidate runs, nothing is cached."""
     device = items[0][0].device
     key = cache_key(plan, items, device)
     cached = load_cached(key, default)
@@ -143,7 +162,13 @@ def tune(plan, items, default, *, timer=None, progress=True, make_backend=None):
 
     make_backend = make_backend or (lambda config: TritonBackend(plan, config))
     max_elements = int(os.environ.get("OPTGEN_AUTOTUNE_MAX_ELEMENTS", 2**27))
-    trial_items = _copies(items, max_elements)
+    try:
+        trial_items = _copies(items, max_elements)
+    except torch.OutOfMemoryError:  # no room for copies: the default config, tuned another time
+        if progress:
+            print("optgen autotune: out of memory for the trial copies; using the default config", file=sys.stderr)
+        return default
+    scalars = {k: (torch.zeros_like(v) if k == "found_inf" else v) for k, v in (device_scalars or {}).items()}
     scratch: dict = {}
 
     def trial_scratch(p, name):
@@ -156,8 +181,8 @@ def tune(plan, items, default, *, timer=None, progress=True, make_backend=None):
     for n, config in enumerate(configs, 1):
         backend = make_backend(config)
         try:
-            backend.step(trial_items, trial_scratch)  # compiles this config's kernels
-            elapsed = timer(lambda backend=backend: backend.step(trial_items, trial_scratch), config)
+            backend.step(trial_items, trial_scratch, scalars)  # compiles this config's kernels
+            elapsed = timer(lambda backend=backend: backend.step(trial_items, trial_scratch, scalars), config)
         except Exception as exc:  # noqa: BLE001 - a config the GPU cannot run (shared memory, registers) is skipped
             elapsed = math.inf
             if progress:
@@ -173,5 +198,6 @@ def tune(plan, items, default, *, timer=None, progress=True, make_backend=None):
                 file=sys.stderr,
                 flush=True,
             )
-    store(key, best)
+    if best_time < math.inf:
+        store(key, best)
     return best

@@ -183,7 +183,7 @@ class GeneratedOptimizer(torch.optim.Optimizer):
             state["step"] = torch.tensor(0.0, dtype=torch.float32, device=param.device)
         if missing:
             compute = torch.promote_types(param.dtype, torch.float32)
-            env = {"torch": torch, "w": param.detach().to(compute)}
+            env = {"torch": torch, "w": param.detach().to(compute), "dtype": compute}  # the printer's names
             for decl, value in zip(self._ir.hypers, self._group_values(group)):
                 env[decl.name] = torch.as_tensor(value, dtype=compute, device=param.device)
             for decl in missing:

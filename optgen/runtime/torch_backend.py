@@ -728,7 +728,7 @@ _ELEMENTWISE_FUNCTIONS = {
     torch.abs, torch.sign, torch.exp, torch.log, torch.log1p, torch.expm1, torch.reciprocal, torch.square,
     torch.neg, torch.sin, torch.cos, torch.tanh, torch.sigmoid, torch.floor, torch.ceil, torch.trunc,
     torch.isnan, torch.isinf, torch.isfinite, torch.logical_and, torch.logical_or, torch.logical_not,
-    torch.fmin, torch.fmax, torch.add, torch.sub, torch.mul, torch.div, torch.true_divide,
+    torch.fmin, torch.fmax, torch.add, torch.sub, torch.mul, torch.div, torch.true_divide, torch.full_like,
 }  # fmt: skip
 _ELEMENTWISE_METHODS = {"to", "double", "float", "abs", "sqrt", "neg", "clamp", "reciprocal", "square"}
 

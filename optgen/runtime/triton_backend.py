@@ -221,13 +221,13 @@ class TritonBackend:
     def invalidate(self) -> None:
         self._tables = None
 
-    def _tables_for(self, items, scratch_of) -> _Tables:
+    def _tables_for(self, items, scratch_of, device_scalars=None) -> _Tables:
         tables = self._tables
         if tables is None or not tables.still_valid(items):
             if self.autotune:
                 from . import autotune
 
-                self.config = autotune.tune(self.plan, items, default_config())
+                self.config = autotune.tune(self.plan, items, default_config(), device_scalars=device_scalars)
             tables = _Tables(self.plan, items, scratch_of, self.config)
             self._tables = tables
         else:
@@ -268,7 +268,7 @@ class TritonBackend:
     def step(self, items, scratch_of, device_scalars=None, reducer=None) -> None:
         items, staged = self._contiguous(items)
         device_scalars = device_scalars or {}
-        t = self._tables_for(items, scratch_of)
+        t = self._tables_for(items, scratch_of, device_scalars)
         cfg = self.config
         plan = self.plan
         reduced = set()  # passes whose partials were folded into [tensors, slots] this step
