@@ -219,17 +219,17 @@ class TritonPrinter(_FloatPrinter):
     # refused by the interpreter (numpy's bitwise_and of a bool array and a bool scalar); where() broadcasts,
     # and the compiler turns a select of booleans back into and/or.
     def _print_And(self, expr):
-        args = sorted(expr.args, key=sympy.default_sort_key)
-        code = self._print(args[-1])
-        for arg in reversed(args[:-1]):
-            code = f"tl.where({self._print(arg)}, {code}, False)"
-        return code
+        return self._selections(expr, "tl.where({}, {}, False)")
 
     def _print_Or(self, expr):
+        return self._selections(expr, "tl.where({0}, True, {1})")
+
+    def _selections(self, expr, form: str) -> str:
+        """The operands in canonical order, each selecting between the rest and its short-circuit value."""
         args = sorted(expr.args, key=sympy.default_sort_key)
         code = self._print(args[-1])
         for arg in reversed(args[:-1]):
-            code = f"tl.where({self._print(arg)}, True, {code})"
+            code = form.format(self._print(arg), code)
         return code
 
 
