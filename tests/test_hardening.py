@@ -167,8 +167,8 @@ def test_kernel_offsets_past_2_pow_31_elements_are_int64(name, monkeypatch):
     original = TritonBackend._tables_for
     shifted = []
 
-    def tables_for(self, items, scratch_of):
-        tables = _ShiftedTables(original(self, items, scratch_of))
+    def tables_for(self, items, scratch_of, *rest):
+        tables = _ShiftedTables(original(self, items, scratch_of, *rest))
         shifted.append(tables)
         return tables
 
