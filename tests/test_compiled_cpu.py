@@ -96,3 +96,27 @@ def test_compile_failure_warns_once_and_falls_back_to_eager(monkeypatch):
     messages = [str(w.message) for w in caught if "fast path failed" in str(w.message)]
     assert len(messages) == 1, messages
     assert_bitwise(fallback, eager, what="eager fallback")
+
+
+def test_a_state_set_to_another_buffers_old_value_is_right_when_compiling(monkeypatch):
+    """b := a, a := b and c := w in one pass: Inductor drops the clones of such bare copies and copies in
+    program order (b would get the new a); those passes run eagerly inside a compiled step."""
+    spec = optgen.Spec("Swap")
+    lr = spec.hyper(lr=1.0)
+    w, g = spec.param, spec.grad
+    a, b, c = spec.state("a", init=1), spec.state("b", init=2), spec.state("c", init=w)
+    spec.update(a, b)
+    spec.update(b, a)
+    spec.update(c, w)
+    spec.update(w, w - lr * g)
+    cls = optgen.build(spec)
+    monkeypatch.setenv("OPTGEN_COMPILE", "1")
+    p = torch.nn.Parameter(torch.arange(100.0))
+    opt = cls([p], backend="torch")
+    p.grad = torch.ones(100)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an eager pass by design, not a compile failure
+        opt.step()
+    state = opt.state[p]
+    assert torch.equal(state["a"], torch.full((100,), 2.0)) and torch.equal(state["b"], torch.ones(100))
+    assert torch.equal(state["c"], torch.arange(100.0)) and torch.equal(p.detach(), torch.arange(100.0) - 1)

@@ -362,6 +362,14 @@ class _CompiledPass:
             for node in graph.nodes
             if node.op == "call_method" and node.target == "copy_" and node.args[0].op == "placeholder"
         ]
+        # A buffer stored as another buffer's old value, unchanged (b := a, a swap): Inductor (torch 2.13)
+        # drops the clone and copies in program order, so b gets a's NEW value. Such passes stay eager.
+        self.copies_a_buffer = any(
+            node.op == "call_method"
+            and node.target == "copy_"
+            and _bare_buffer(node.args[1]) not in (None, node.args[0])
+            for node in graph.nodes
+        )
         self._dynamo_body = None
         self._artifacts: dict = {}
         from torch import _inductor
@@ -463,9 +471,16 @@ def _compiled_pass(fn, dtype, buffers=None):
                 stacklevel=3,
             )
         _COMPILED[key] = entry
-    if entry is False or entry.failed:
+    if entry is False or entry.failed or entry.copies_a_buffer:
         return None
     return entry
+
+
+def _bare_buffer(node):
+    """The placeholder whose value ``node`` is unchanged (through ``to``/``clone``), else None."""
+    while isinstance(node, torch.fx.Node) and node.op == "call_method" and node.target in ("to", "clone", "contiguous"):
+        node = node.args[0]
+    return node if isinstance(node, torch.fx.Node) and node.op == "placeholder" else None
 
 
 def _counting_inductor(gm, example_inputs):
@@ -595,6 +610,8 @@ def _reorder_stores_first(graph) -> None:
     for c in copies:
         dst, src = c.args[0], c.args[1]
         if dst.op != "placeholder" or not isinstance(src, torch.fx.Node) or c.users:
+            return
+        if src.op == "placeholder":  # a buffer stored as it was (b := a): that copy reads a's old value
             return
         dval, sval = dst.meta.get("val"), src.meta.get("val")
         if dval is None or sval is None or dval.dtype != sval.dtype or dval.shape != sval.shape:
