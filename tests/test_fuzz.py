@@ -33,6 +33,7 @@ import builtins
 import functools
 import keyword
 import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -582,16 +583,26 @@ def _inputs(seed: int):
 
 
 def _run(cls, case: Case, backend: str, dtype: torch.dtype, params, grads):
+    """``backend``: "torch", "triton", or "compiled" (the torch backend with its compiled CPU path forced on;
+    the torch backend reads OPTGEN_COMPILE when it is created, at the first step)."""
     tensors = [torch.nn.Parameter(p.to(dtype).clone()) for p in params]
     groups = [
         {"params": [p for p, grp in zip(tensors, GROUP_OF) if grp == 0]},
         {"params": [p for p, grp in zip(tensors, GROUP_OF) if grp == 1], **case.group1},
     ]
-    opt = cls(groups, backend=backend, **case.defaults, **case.flags)
-    for step_grads in grads:
-        for p, g in zip(tensors, step_grads):
-            p.grad = g.to(dtype).clone()
-        opt.step()
+    saved = os.environ.get("OPTGEN_COMPILE")
+    os.environ["OPTGEN_COMPILE"] = "1" if backend == "compiled" else "0"
+    try:
+        opt = cls(groups, backend="torch" if backend == "compiled" else backend, **case.defaults, **case.flags)
+        for step_grads in grads:
+            for p, g in zip(tensors, step_grads):
+                p.grad = g.to(dtype).clone()
+            opt.step()
+    finally:
+        if saved is None:
+            os.environ.pop("OPTGEN_COMPILE", None)
+        else:
+            os.environ["OPTGEN_COMPILE"] = saved
     states = {name: [opt.state[p][name].detach().clone() for p in tensors] for name, _ in case.states}
     return [p.detach().clone() for p in tensors], states
 
@@ -674,6 +685,18 @@ def test_random_specs_agree_across_backends_and_with_float64(case):
 def test_random_specs_torch_backend_matches_float64(case):
     """More examples on the (fast) torch backend alone: fp32 and fp64 runs against the float64 evaluation."""
     _check_case(case, backends=("torch",))
+
+
+@settings(max_examples=8, **SETTINGS)
+@given(valid_cases())
+def test_random_specs_compiled_cpu_path_matches_float64(case):
+    """The compiled CPU path (Inductor, one compile per pass: a few examples) against the float64 evaluation;
+    a compile failure is a finding too (it would silently fall back to eager)."""
+    from optgen.runtime import torch_backend
+
+    failures = torch_backend.compile_stats()["failures"]
+    _check_case(case, backends=("compiled",))
+    assert torch_backend.compile_stats()["failures"] == failures, "the compiled CPU path failed to compile"
 
 
 def test_reference_evaluator_on_a_hand_written_spec():
