@@ -110,10 +110,14 @@ class _FloatPrinter(PythonCodePrinter):
     def _print_Piecewise(self, expr):
         if expr.args[-1].cond is not sympy.true:
             raise ValueError(f"Piecewise without a default branch cannot be printed: {expr}")
-        code = self._print(expr.args[-1].expr)
+        code = self._default_branch(expr)
         for value, cond in reversed(expr.args[:-1]):
             code = f"{self.where_fn}({self._print(cond)}, {self._print(value)}, {code})"
         return code
+
+    def _default_branch(self, expr) -> str:
+        """The code of a Piecewise's last (default) branch."""
+        return self._print(expr.args[-1].expr)
 
     def _print_Where(self, expr):  # optgen.spec.Where: a where() inside a reduction
         condition, if_true, if_false = expr.args
@@ -166,8 +170,8 @@ class TritonPrinter(_FloatPrinter):
         # exponent NaN; anything to the power 0 is 1. What the declared ranges rule out is not guarded
         # (beta**t: beta >= 0, t >= 1 is plain exp2(t*log2(beta)), 0 for beta = 0).
         b, e = self._paren(base), self._paren(exp)
+        magnitude = f"tl.exp2({e} * tl.log2(tl.abs({self._print(base)})))"
         if exp.is_Integer:
-            magnitude = f"tl.exp2({e} * tl.log2(tl.abs({self._print(base)})))"
             return f"tl.where({b} < 0.0, -{magnitude}, {magnitude})" if int(exp) % 2 else magnitude
         plain = f"tl.exp2({e} * tl.log2({self._print(base)}))"
         base_sign, exp_sign = self._known_sign(base), self._known_sign(exp)
@@ -176,7 +180,6 @@ class TritonPrinter(_FloatPrinter):
             return plain
         if base_sign.is_nonnegative:
             return plain if exp_sign.is_nonzero else zero_power.format(plain)
-        magnitude = f"tl.exp2({e} * tl.log2(tl.abs({self._print(base)})))"
         odd = f"({e} - 2.0 * tl.floor(0.5 * {e}) == 1.0)"
         negative = f"tl.where({e} == tl.floor({e}), tl.where({odd}, -{magnitude}, {magnitude}), float('nan'))"
         signed = f"tl.where({b} < 0.0, {negative}, {magnitude})"
@@ -243,21 +246,14 @@ class TorchPrinter(_FloatPrinter):
     sqrt_fn = "torch.sqrt"
     where_fn = "torch.where"
 
-    def _print_Piecewise(self, expr):
-        if expr.args[-1].cond is not sympy.true:
-            raise ValueError(f"Piecewise without a default branch cannot be printed: {expr}")
-        if all(value.is_number for value, _ in expr.args):
-            # torch.where of Python floats only makes a tensor of torch's default dtype (fp32): the default
-            # branch is made in the compute dtype so the others promote to it
-            dtype = "torch.float64" if self._settings["scalar"] else "dtype"
-            *choices, (default, _) = expr.args
-            first_condition = choices[0][1] if choices else sympy.true
-            default_code = f"torch.full_like({self._print(first_condition)}, {self._print(default)}, dtype={dtype})"
-            code = default_code
-            for value, cond in reversed(choices):
-                code = f"{self.where_fn}({self._print(cond)}, {self._print(value)}, {code})"
-            return code
-        return super()._print_Piecewise(expr)
+    def _default_branch(self, expr) -> str:
+        default = expr.args[-1].expr
+        if len(expr.args) < 2 or not all(value.is_number for value, _ in expr.args):
+            return self._print(default)
+        # torch.where of Python floats only makes a tensor of torch's default dtype (fp32): the default
+        # branch is made in the compute dtype so the others promote to it
+        dtype = "torch.float64" if self._settings["scalar"] else "dtype"
+        return f"torch.full_like({self._print(expr.args[0].cond)}, {self._print(default)}, dtype={dtype})"
     known_functions = {
         "Abs": "torch.abs",
         "sign": "torch.sign",

@@ -204,8 +204,9 @@ def render(plan: Plan, target: str) -> str:
     if target not in TARGETS:
         raise ValueError(f"unknown target {target!r}; expected one of {TARGETS}")
     signs = _known_signs(plan)
-    printer = TorchPrinter(signs) if target == "torch" else TritonPrinter(signs)
-    scalar_printer = TorchPrinter({**signs, "scalar": True}) if target == "torch" else TritonPrinter({**signs, "scalar": True})
+    printer_class = TorchPrinter if target == "torch" else TritonPrinter
+    printer = printer_class(signs)
+    scalar_printer = printer_class({**signs, "scalar": True})
     context = {
         "name": plan.ir.name,
         "prefix": re.sub(r"\W", "_", variant_stem(plan)),

@@ -158,6 +158,7 @@ def tune(plan, items, default, *, device_scalars=None, timer=None, progress=True
     timer = timer or _timer_for(device)
     if timer is None:
         return default  # the interpreter: nothing to time
+    from .optimizer import scratch_buffer
     from .triton_backend import TritonBackend
 
     make_backend = make_backend or (lambda config: TritonBackend(plan, config))
@@ -169,12 +170,10 @@ def tune(plan, items, default, *, device_scalars=None, timer=None, progress=True
             print("optgen autotune: out of memory for the trial copies; using the default config", file=sys.stderr)
         return default
     scalars = {k: (torch.zeros_like(v) if k == "found_inf" else v) for k, v in (device_scalars or {}).items()}
-    scratch: dict = {}
+    scratch: dict = {}  # the trials' own scratch buffers
 
     def trial_scratch(p, name):
-        if (id(p), name) not in scratch:
-            scratch[(id(p), name)] = torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32))
-        return scratch[(id(p), name)]
+        return scratch_buffer(scratch, p, name)
 
     configs = candidates(default)
     best, best_time = default, math.inf

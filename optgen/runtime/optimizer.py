@@ -28,8 +28,24 @@ from . import distributed
 BACKENDS = ("auto", "torch", "triton")
 
 
+def _env_flag(name: str) -> bool:
+    """An environment switch: set and neither empty nor "0"."""
+    return os.environ.get(name, "0") not in ("", "0")
+
+
 def triton_interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return _env_flag("TRITON_INTERPRET")
+
+
+def scratch_buffer(cache: dict, param: torch.Tensor, name: str) -> torch.Tensor:
+    """The scratch buffer ``name`` of ``param`` (values a pass stores for a later one), kept in ``cache``:
+    the compute dtype, made again when the parameter's shape or device changed."""
+    key = (id(param), name)
+    buf = cache.get(key)
+    if buf is None or buf.shape != param.shape or buf.device != param.device:
+        buf = torch.empty_like(param, dtype=torch.promote_types(param.dtype, torch.float32))
+        cache[key] = buf
+    return buf
 
 
 class GeneratedOptimizer(torch.optim.Optimizer):
@@ -54,7 +70,7 @@ class GeneratedOptimizer(torch.optim.Optimizer):
         state_dtype = arguments.pop("state_dtype")
         autotune = arguments.pop("autotune")
         if autotune is None:
-            autotune = os.environ.get("OPTGEN_AUTOTUNE", "0") not in ("", "0")
+            autotune = _env_flag("OPTGEN_AUTOTUNE")
         clip = "max_grad_norm" in arguments and not self._spec_clips()
         if clip and arguments["max_grad_norm"] is None:
             arguments.pop("max_grad_norm")
@@ -197,12 +213,7 @@ class GeneratedOptimizer(torch.optim.Optimizer):
         return state
 
     def _scratch_of(self, param: torch.Tensor, name: str) -> torch.Tensor:
-        key = (id(param), name)
-        buf = self._scratch.get(key)
-        if buf is None or buf.shape != param.shape or buf.device != param.device:
-            buf = torch.empty_like(param, dtype=torch.promote_types(param.dtype, torch.float32))
-            self._scratch[key] = buf
-        return buf
+        return scratch_buffer(self._scratch, param, name)
 
     # -- step ----------------------------------------------------------------------------------------------
 
