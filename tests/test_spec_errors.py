@@ -332,6 +332,64 @@ def test_sparse_gradient_on_first_step_creates_no_state(backend):
     assert all(torch.equal(p.detach(), v) for p, v in zip(params, values))
 
 
+@pytest.mark.parametrize(
+    "cls,key,value,message",
+    [
+        (optgen.NVLAMB, "max_grad_norm", 0.0, r"Invalid max_grad_norm value: 0\.0 \(must be in \(0\.0, inf\]\) \(param group 1, at step\)"),
+        (optgen.AdamW, "lr", -1e-3, r"Invalid lr value: -0\.001 .*\(param group 1, at step\)"),
+        (optgen.AdamW, "betas", (0.9, 1.0), r"Invalid betas\[1\] value: 1\.0 .*\(param group 1, at step\)"),
+        (optgen.LAMB, "layer_adaptation", 0.5, r"Invalid layer_adaptation value"),
+        (optgen.SGD, "dampening", 0.5, r"Nesterov momentum requires a momentum and zero dampening \(param group 1, at step\)"),
+    ],
+    ids=["nvlamb_max_grad_norm", "adamw_lr", "adamw_betas", "lamb_flag", "sgd_requirement"],
+)
+def test_values_changed_between_steps_are_checked_before_anything_changes(cls, key, value, message, backend):
+    """A scheduler or the user may set any value between steps: the kernels rely on the declared ranges (a
+    power of a base declared positive, a requirement such as Nesterov's), so step() checks the values again
+    when they changed, and a bad one raises before any parameter, state or step count moves."""
+    params = make_params([(4,), (5, 3), (7,)], zero=())
+    kwargs = dict(lr=0.1, momentum=0.9, nesterov=True) if cls is optgen.SGD else dict(lr=0.1)
+    opt = cls([dict(params=params[:1]), dict(params=params[1:])], backend=backend, **kwargs)
+    for p in params:
+        p.grad = torch.randn(p.shape)
+    opt.step()
+    values, states = _snapshot(opt, params)
+    good = opt.param_groups[1][key]
+    opt.param_groups[1][key] = value
+    with pytest.raises(ValueError, match=message):
+        opt.step()
+    for i, p in enumerate(params):
+        assert torch.equal(p.detach(), values[i])
+        for k, v in states[i].items():
+            assert torch.equal(opt.state[p][k], v), (i, k)
+    opt.param_groups[1][key] = good  # set back: the step runs again
+    opt.step()
+    assert not torch.equal(params[1].detach(), values[1])
+
+
+def test_unchanged_values_are_checked_once(backend, monkeypatch):
+    params = make_params([(4,), (5, 3)], zero=())
+    opt = optgen.LAMB(params, lr=0.1, backend=backend)
+    for p in params:
+        p.grad = torch.randn(p.shape)
+    opt.step()
+    calls = []
+    original = type(opt)._check_requirements
+    monkeypatch.setattr(type(opt), "_check_requirements", lambda self, *a: calls.append(a) or original(self, *a))
+    opt.step()
+    opt.step()
+    assert calls == []  # nothing changed: no sympy work per step
+    opt.param_groups[0]["lr"] = 0.05  # what a scheduler does
+    opt.step()
+    assert len(calls) == 1
+    lr = torch.tensor(0.02)  # a tensor lr is never read on the host: checked by shape only, kept by identity
+    opt.param_groups[0]["lr"] = lr
+    opt.step()
+    lr.fill_(0.01)
+    opt.step()
+    assert len(calls) == 2
+
+
 def test_triton_on_cpu_without_interpreter_env(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):

@@ -104,6 +104,7 @@ class GeneratedOptimizer(torch.optim.Optimizer):
         self._autotune = autotune
         self._backends = _Backends()
         self._scratch: dict[tuple[int, str], torch.Tensor] = {}
+        self._checked: dict[int, tuple] = {}  # id(group) -> (fingerprint of its hyperparameters, values)
         super().__init__(params, defaults)
         if backend == "triton":
             devices = {p.device.type for g in self.param_groups for p in g["params"]}
@@ -189,6 +190,26 @@ class GeneratedOptimizer(torch.optim.Optimizer):
             value = raw if decl.index is None else raw[decl.index]
             values.append(value.reshape(()) if isinstance(value, torch.Tensor) else float(value))
         return tuple(values)
+
+    def _step_values(self, group: dict) -> tuple:
+        """The group's hyperparameters for this step, checked again whenever they changed since the last step:
+        an LR scheduler or a user may set any value between steps, and the kernels rely on the declared ranges
+        (e.g. a power of a base declared positive). A bad value raises before anything is modified."""
+        fingerprint = tuple(_fingerprint(group.get(key, self.defaults.get(key))) for key in self._keys)
+        cached = self._checked.get(id(group))
+        if cached is not None and cached[0] == fingerprint:
+            return cached[1]
+        where = next(f"param group {i}" for i, g in enumerate(self.param_groups) if g is group)
+        try:
+            for key in self._keys:
+                if key in group:
+                    self._check_value(key, group[key])
+        except ValueError as exc:
+            raise ValueError(f"{exc} ({where}, at step)") from None
+        self._check_requirements({**self.defaults, **group}, f"{where}, at step")
+        values = self._group_values(group)
+        self._checked[id(group)] = (fingerprint, values)
+        return values
 
     def _init_state(self, param: torch.Tensor, group: dict) -> dict:
         """Create the missing state entries (all on the first step; some after loading a checkpoint of another
@@ -293,6 +314,7 @@ class GeneratedOptimizer(torch.optim.Optimizer):
             check = getattr(backends[p.device], "check", None)
             if check is not None:
                 check(distributed.local(p), distributed.local(grad))
+        values_of = {id(group): self._step_values(group) for group, _, _ in collected}
         by_backend: dict[int, tuple] = {}
         for group, p, grad in collected:
             backend = backends[p.device]
@@ -300,7 +322,7 @@ class GeneratedOptimizer(torch.optim.Optimizer):
             if distributed.is_dtensor(p):  # FSDP2: the backends work on the local shards
                 state = self._local_state(p, state)
                 p, grad = p.to_local(), distributed.local(grad)
-            item = (p, grad, state, self._group_values(group))
+            item = (p, grad, state, values_of[id(group)])
             by_backend.setdefault(id(backend), (backend, []))[1].append(item)
         for backend, backend_items in by_backend.values():
             device = backend_items[0][0].device
@@ -351,6 +373,16 @@ class GeneratedOptimizer(torch.optim.Optimizer):
     def plan(self):
         """The pass plan of the chosen variant (``print(opt.plan.describe())``)."""
         return self._plan
+
+
+def _fingerprint(value):
+    """A hyperparameter value as a comparable key: a tensor by identity (comparing tensors by value would read
+    them on the host: a GPU sync per step)."""
+    if isinstance(value, torch.Tensor):
+        return ("tensor", id(value))
+    if isinstance(value, (tuple, list)):
+        return (type(value).__name__, *(_fingerprint(v) for v in value))
+    return (type(value).__name__, value)
 
 
 def _memory_span(t: torch.Tensor) -> tuple[int, int]:
