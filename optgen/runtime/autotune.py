@@ -19,6 +19,7 @@ own ``timer``.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
@@ -104,13 +105,33 @@ def load_cached(key: str, default):
 
 
 def store(key: str, config) -> None:
+    """Adds ``key`` to the cache file. Processes tuning at once (one per GPU of a node) each add their own
+    entries: the read-modify-write holds an exclusive lock, so no entry of another process is lost."""
     path = _cache_path()
     path.parent.mkdir(parents=True, exist_ok=True)
-    table = _read_table()
-    table[key] = asdict(config)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(table, indent=1, sort_keys=True))
-    os.replace(tmp, path)  # atomic: concurrent processes never read a half-written file
+    with _locked(path.with_suffix(".lock")):
+        table = _read_table()
+        table[key] = asdict(config)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(table, indent=1, sort_keys=True))
+        os.replace(tmp, path)  # atomic: readers (who take no lock) never see a half-written file
+
+
+@contextlib.contextmanager
+def _locked(lock_path):
+    """An exclusive advisory lock on ``lock_path`` (``fcntl.flock``); where there is no fcntl (Windows) no
+    lock: the last writer's table wins, which loses at most a tuning result."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(lock_path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _gpu_timer(fn: Callable[[], None], config) -> float:
