@@ -314,7 +314,8 @@ class GeneratedOptimizer(torch.optim.Optimizer):
             check = getattr(backends[p.device], "check", None)
             if check is not None:
                 check(distributed.local(p), distributed.local(grad))
-        values_of = {id(group): self._step_values(group) for group, _, _ in collected}
+        groups = {id(group): group for group, _, _ in collected}  # each group once, in order
+        values_of = {key: self._step_values(group) for key, group in groups.items()}
         by_backend: dict[int, tuple] = {}
         for group, p, grad in collected:
             backend = backends[p.device]
