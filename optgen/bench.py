@@ -588,6 +588,40 @@ def run(
     }
 
 
+def merge(reports: list[dict]) -> dict:
+    """One report from several runs on one machine (a GPU session's bench split into calls that each fit
+    its time limit): results, skips and models in order. The copy bandwidth is the best measured; runs on
+    another device or with other versions are refused, since their rows would not compare."""
+    if not reports:
+        raise ValueError("nothing to merge")
+    first = reports[0]
+    for other in reports[1:]:
+        for key in ("name", "type"):
+            if other["device"].get(key) != first["device"].get(key):
+                raise ValueError(f"cannot merge runs on {first['device'].get(key)!r} and {other['device'].get(key)!r}")
+        if other["versions"] != first["versions"]:
+            raise ValueError(f"cannot merge runs with versions {first['versions']} and {other['versions']}")
+    device = dict(first["device"])
+    device["copy_gbps"] = max(r["device"]["copy_gbps"] for r in reports)
+    results = [dict(row) for r in reports for row in r["results"]]
+    for row in results:  # one denominator for every row of the merged report
+        row["copy_pct"] = row["gbps"] / device["copy_gbps"] * 100
+    config = dict(first["config"])
+    config["models"] = list(dict.fromkeys(m for r in reports for m in r["config"]["models"]))
+    config["optimizers"] = list(dict.fromkeys(o for r in reports for o in r["config"]["optimizers"]))
+    config["argv"] = [r["config"].get("argv") for r in reports]
+    return {
+        **first,
+        "device": device,
+        "config": config,
+        "date": max(r["date"] for r in reports),
+        "load_average": [r.get("load_average") for r in reports],
+        "wall_s": sum(r["wall_s"] for r in reports),
+        "results": results,
+        "skipped": [s for r in reports for s in r["skipped"]],
+    }
+
+
 # -- output -----------------------------------------------------------------------------------------------
 
 
@@ -667,9 +701,16 @@ def main(args) -> int:
         torch.set_num_threads(args.threads)
     if args.dtype not in DTYPES:
         raise SystemExit(f"optgen bench: --dtype {args.dtype}: choose from {', '.join(DTYPES)}")
-    report = run(
-        optimizers, models, device, DTYPES[args.dtype], rounds=args.rounds, warmup=args.warmup, log=print, sample_ms=args.sample_ms
-    )
+    if args.merge:
+        try:
+            reports = [json.loads(open(path).read()) for path in args.merge]
+            report = merge(reports)
+        except (OSError, ValueError, KeyError) as exc:
+            raise SystemExit(f"optgen bench --merge: {exc}") from None
+    else:
+        report = run(
+            optimizers, models, device, DTYPES[args.dtype], rounds=args.rounds, warmup=args.warmup, log=print, sample_ms=args.sample_ms
+        )
     print(format_table(report))
     if args.json:
         with open(args.json, "w") as f:

@@ -217,6 +217,10 @@ def main(argv=None) -> int:
     bench.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads); default: torch's")
     bench.add_argument("--json", metavar="FILE", help="write the results as JSON")
     bench.add_argument("--plot", metavar="FILE.png", help="write a PNG: effective GB/s against model size")
+    bench.add_argument(
+        "--merge", nargs="+", metavar="REPORT.json", help="measure nothing: join earlier --json reports of one machine "
+        "(a run split into several calls) into one table, --json and --plot"
+    )
     bench.set_defaults(fn=cmd_bench)
 
     demo = sub.add_parser("demo", help="build LAMB from its spec, inspect it, train on real data with four optimizers")

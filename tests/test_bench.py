@@ -91,3 +91,53 @@ def test_a_built_class_in_a_users_file(tmp_path):
     assert resolve_spec(f"{tmp_path / 'mine.py'}:Mine").name == "Mine"
     name, cls, builtin = bench.resolve_optimizer(f"{tmp_path / 'mine.py'}:Mine")
     assert (name, builtin) == ("Mine", False) and bench.bytes_per_param(cls, torch.float32) == 12
+
+
+def test_merge_joins_reports_of_one_machine(tmp_path, capsys):
+    paths = []
+    for model, optimizer in (("synthetic:20000", "adamw"), ("synthetic:40000", "lamb")):
+        path = tmp_path / f"{model.replace(':', '-')}.json"
+        argv = ["bench", "--model", model, "--optimizers", optimizer, "--rounds", "1", "--warmup", "0", "--sample-ms", "0"]
+        assert main([*argv, "--json", str(path)]) == 0
+        paths.append(path)
+    reports = [json.loads(p.read_text()) for p in paths]
+    out_json, out_png = tmp_path / "merged.json", tmp_path / "merged.png"
+    assert main(["bench", "--merge", *map(str, paths), "--json", str(out_json), "--plot", str(out_png)]) == 0
+    merged = json.loads(out_json.read_text())
+    assert [r["model"] for r in merged["results"]] == [r["model"] for rep in reports for r in rep["results"]]
+    assert merged["config"]["models"] == ["synthetic:20000", "synthetic:40000"]
+    assert merged["config"]["optimizers"] == ["adamw", "lamb"]
+    best = max(rep["device"]["copy_gbps"] for rep in reports)
+    assert merged["device"]["copy_gbps"] == best
+    for row in merged["results"]:
+        assert row["copy_pct"] == pytest.approx(row["gbps"] / best * 100)
+    assert out_png.read_bytes()[:4] == b"\x89PNG"
+    assert "lamb on synthetic:40000" in capsys.readouterr().out
+    # runs that would not compare are refused, naming why
+    other = dict(reports[1], versions={**reports[1]["versions"], "torch": "0.0"})
+    with pytest.raises(ValueError, match="versions"):
+        bench.merge([reports[0], other])
+    other = dict(reports[1], device={**reports[1]["device"], "name": "NVIDIA H100"})
+    with pytest.raises(ValueError, match="NVIDIA H100"):
+        bench.merge([reports[0], other])
+    with pytest.raises(SystemExit, match="merge"):
+        main(["bench", "--merge", str(tmp_path / "missing.json")])
+
+
+def test_gpu_suite_script_dry_run_on_cpu(tmp_path):
+    """bench/gpu_suite.sh is what a lent GPU session runs: its stages must work before a GPU is there."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, OPTGEN_SUITE_DEVICE="cpu", OPTGEN_SUITE_SMALL="synthetic:20000",
+               OPTGEN_SUITE_ARGS="--rounds 1 --warmup 0 --sample-ms 0")  # fmt: skip
+    done = subprocess.run(["bash", str(root / "bench" / "gpu_suite.sh"), "bench-small", str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=600, cwd=root)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    report = json.loads((tmp_path / "bench-small.json").read_text())
+    assert {r["optimizer"] for r in report["results"]} == {"adamw", "lamb", "lars", "nvlamb"}
+    assert (tmp_path / "bench-small.png").exists() and (tmp_path / "bench-small.log").stat().st_size > 0
+    bad = subprocess.run(["bash", str(root / "bench" / "gpu_suite.sh"), "nonsense", str(tmp_path)], capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown stage" in bad.stderr
