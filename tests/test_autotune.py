@@ -5,6 +5,7 @@ No GPU here: a substitute timer ranks the candidates (``autotune._timer_for``); 
 real GPU is measured by ``optgen bench`` where one is available, never asserted by a test."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -69,6 +70,7 @@ def _run(cls, params, grads, **kwargs):
 def test_tuned_step_equals_untuned_step_with_the_chosen_config(name, tmp_path, monkeypatch):
     monkeypatch.setenv("OPTGEN_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(autotune, "candidates", lambda default: SMALL_SPACE)
+    monkeypatch.setenv("OPTGEN_AUTOTUNE_SEARCH", "grid")
     timer = FakeTimer()
     monkeypatch.setattr(autotune, "_timer_for", lambda device: timer)
     cls = getattr(optgen, name)
@@ -93,6 +95,7 @@ def test_tuned_step_equals_untuned_step_with_the_chosen_config(name, tmp_path, m
 def test_cache_is_used_and_keyed(tmp_path, monkeypatch):
     monkeypatch.setenv("OPTGEN_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(autotune, "candidates", lambda default: SMALL_SPACE)
+    monkeypatch.setenv("OPTGEN_AUTOTUNE_SEARCH", "grid")
     timer = FakeTimer()
     monkeypatch.setattr(autotune, "_timer_for", lambda device: timer)
     sizes = [300, 40]
@@ -147,6 +150,7 @@ def test_tuning_under_grad_scaler_runs_the_trials_with_its_scalars(tmp_path, mon
     time the update), and the tuned run equals the untuned one."""
     monkeypatch.setenv("OPTGEN_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(autotune, "candidates", lambda default: SMALL_SPACE)
+    monkeypatch.setenv("OPTGEN_AUTOTUNE_SEARCH", "grid")
     timer = FakeTimer()
     monkeypatch.setattr(autotune, "_timer_for", lambda device: timer)
     sizes = [300, 40]
@@ -174,6 +178,7 @@ def test_tuning_under_grad_scaler_runs_the_trials_with_its_scalars(tmp_path, mon
 def test_nothing_is_cached_when_no_candidate_runs(tmp_path, monkeypatch):
     monkeypatch.setenv("OPTGEN_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(autotune, "candidates", lambda default: SMALL_SPACE)
+    monkeypatch.setenv("OPTGEN_AUTOTUNE_SEARCH", "grid")
 
     def broken(fn, config):
         raise RuntimeError("out of resources")
@@ -192,6 +197,7 @@ def test_nothing_is_cached_when_no_candidate_runs(tmp_path, monkeypatch):
 def test_a_bad_cache_file_or_entry_means_tuning_again(content, tmp_path, monkeypatch):
     monkeypatch.setenv("OPTGEN_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(autotune, "candidates", lambda default: SMALL_SPACE)
+    monkeypatch.setenv("OPTGEN_AUTOTUNE_SEARCH", "grid")
     timer = FakeTimer()
     monkeypatch.setattr(autotune, "_timer_for", lambda device: timer)
     sizes = [300]
@@ -231,3 +237,67 @@ def test_concurrent_writers_keep_every_entry(tmp_path, monkeypatch):
     table = json.loads((tmp_path / "autotune.json").read_text())
     assert sorted(table) == sorted(f"worker{w}|key{i}" for w in range(4) for i in range(40))
     assert all(autotune.load_cached(key, DEFAULT) is not None for key in table)
+
+
+class _NoKernels:
+    """A backend whose step does nothing: the search alone is under test."""
+
+    def __init__(self, config):
+        self.config = config
+
+    def step(self, *args, **kwargs):
+        pass
+
+
+def _planted_cost(config, best):
+    """A separable cost over the real grid with its minimum at ``best`` (what a memory-bound kernel's
+    landscape roughly is), plus a small interaction so that the axes are not perfectly independent."""
+    cost = 1.0
+    cost += 0.3 * abs(math.log2(config.block) - math.log2(best.block))
+    cost += 0.2 * abs(config.num_warps - best.num_warps) / 4
+    cost += 0.25 * abs(math.log2(config.chunk) - math.log2(best.chunk))
+    cost += 0.05 * abs(config.num_stages - best.num_stages)
+    cost += 0.01 * (config.block == 4096 and config.num_warps == 4)
+    return cost
+
+
+def test_descent_finds_the_grids_best_in_a_fraction_of_the_timings(tmp_path, monkeypatch):
+    """Whichever of the 72 grid configs the planted cost favours, coordinate descent from the default finds
+    it, timing each config once and at most 21 of them (12 when the first round does not move)."""
+    monkeypatch.setenv("OPTGEN_CACHE_DIR", str(tmp_path))
+    default = LaunchConfig()
+    grid = autotune.candidates(default)
+    assert len(grid) == 72
+    params = _params([300])
+    state = {"step": torch.zeros(()), "exp_avg": torch.zeros(300), "exp_avg_sq": torch.zeros(300)}
+    opt = optgen.AdamW(params, backend="triton")
+    items = [(params[0], torch.zeros(300), state, opt._group_values(opt.param_groups[0]))]
+    counts = []
+    for planted, best in enumerate(grid):
+        timed = []
+
+        def timer(fn, config, best=best, timed=timed):
+            fn()
+            timed.append(config)
+            return _planted_cost(config, best)
+
+        (tmp_path / "autotune.json").unlink(missing_ok=True)
+        found = autotune.tune(opt._plan, items, default, timer=timer, progress=False, make_backend=_NoKernels)
+        assert found == best, planted
+        assert len(timed) == len(set(timed)) <= 21, planted  # each config compiled and timed once
+        counts.append(len(timed))
+        if planted % 17 == 0:  # the grid search times all 72, and agrees
+            monkeypatch.setenv("OPTGEN_AUTOTUNE_SEARCH", "grid")
+            timed.clear()
+            (tmp_path / "autotune.json").unlink()
+            assert autotune.tune(opt._plan, items, default, timer=timer, progress=False, make_backend=_NoKernels) == best
+            assert len(timed) == 72
+            monkeypatch.delenv("OPTGEN_AUTOTUNE_SEARCH")
+    assert min(counts) == 12
+
+
+def test_search_mode_is_checked_when_the_optimizer_is_made(monkeypatch):
+    monkeypatch.setenv("OPTGEN_AUTOTUNE_SEARCH", "exhaustive")
+    with pytest.raises(ValueError, match="OPTGEN_AUTOTUNE_SEARCH='exhaustive': expected 'descent' or 'grid'"):
+        optgen.AdamW(_params([3]), backend="triton", autotune=True)
+    optgen.AdamW(_params([3]), backend="triton")  # not tuning: the variable is not read

@@ -71,6 +71,10 @@ class GeneratedOptimizer(torch.optim.Optimizer):
         autotune = arguments.pop("autotune")
         if autotune is None:
             autotune = _env_flag("OPTGEN_AUTOTUNE")
+        if autotune is True:
+            from .autotune import search_mode
+
+            search_mode()  # a bad OPTGEN_AUTOTUNE_SEARCH fails here, not at the first step
         clip = "max_grad_norm" in arguments and not self._spec_clips()
         if clip and arguments["max_grad_norm"] is None:
             arguments.pop("max_grad_norm")
