@@ -54,3 +54,22 @@ def test_step_captured_in_a_cuda_graph():
     torch.cuda.synchronize()
     assert all(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="the interpreter cannot run CUDA tensors")
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_parameters_on_a_gpu_that_is_not_the_current_one():
+    """Triton launches on the current device: the backend of cuda:1 must make cuda:1 current."""
+    torch.manual_seed(0)
+    params = [torch.randn(s, device="cuda:1").requires_grad_() for s in SHAPES]
+    twins = [p.detach().clone().to("cuda:0").requires_grad_() for p in params]
+    opts = [optgen.LAMB(ps, lr=1e-2, backend="triton") for ps in (params, twins)]
+    with torch.cuda.device(0):
+        for _ in range(3):
+            for p, q in zip(params, twins):
+                p.grad = torch.ones_like(p)
+                q.grad = torch.ones_like(q)
+            for opt in opts:
+                opt.step()
+    for p, q in zip(params, twins):
+        assert torch.equal(p.detach().cpu(), q.detach().cpu())

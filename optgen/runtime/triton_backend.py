@@ -15,6 +15,7 @@ folds into ``[tensors, slots]`` (``ReductionTables``): the object that sharded t
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, replace
 
@@ -266,6 +267,13 @@ class TritonBackend:
         return out, staged
 
     def step(self, items, scratch_of, device_scalars=None, reducer=None) -> None:
+        # Triton launches on the current CUDA device: parameters on cuda:1 while cuda:0 is current would be
+        # addressed from the wrong GPU. The optimizer makes one backend per device; launch on that one.
+        device = items[0][0].device
+        with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+            self._step(items, scratch_of, device_scalars, reducer)
+
+    def _step(self, items, scratch_of, device_scalars=None, reducer=None) -> None:
         items, staged = self._contiguous(items)
         device_scalars = device_scalars or {}
         t = self._tables_for(items, scratch_of, device_scalars)
