@@ -207,6 +207,8 @@ def model_shapes(name: str) -> list[tuple[str, tuple]]:
             n = int(float(text)) if any(c in text for c in ".e") else int(text)
         except ValueError:
             raise SystemExit(f"optgen bench: bad model {name!r}: expected synthetic:N") from None
+        if n < 1:
+            raise SystemExit(f"optgen bench: bad model {name!r}: synthetic:N needs N >= 1")
         return synthetic(n)
     if key not in RECIPES:
         raise SystemExit(f"optgen bench: unknown model {name!r}; known: {', '.join(RECIPES)}, synthetic:N")
@@ -547,13 +549,14 @@ def run(
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("optgen bench: --device cuda but torch.cuda.is_available() is False")
     subjects = [resolve_optimizer(o) for o in optimizers]  # bad names fail before anything is measured
+    shapes_of = {model: model_shapes(model) for model in models}  # bad models too
     started = time.perf_counter()
     info = device_info(device)
     info["copy_gbps"] = copy_bandwidth(device)
     log(f"optgen bench on {info['name']} ({device}, {info['threads']} threads): copy {info['copy_gbps']:.1f} GB/s")
     results, skipped = [], []
     for model in models:
-        shapes = model_shapes(model)
+        shapes = shapes_of[model]
         log(f"{model}: {numel(shapes) / 1e6:.2f}M parameters in {len(shapes)} tensors")
         for optimizer, cls, builtin in subjects:
             sample_s = None if sample_ms is None else sample_ms / 1e3

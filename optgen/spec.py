@@ -72,7 +72,7 @@ def _caller_location() -> str:
 
 
 class _SpecSymbol(sympy.Symbol):
-    def __new__(cls, name: str):
+    def __new__(cls, name: str, **assumptions):  # pickle/copy pass the assumptions back: always real
         return super().__new__(cls, name, real=True)
 
 

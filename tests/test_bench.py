@@ -141,3 +141,10 @@ def test_gpu_suite_script_dry_run_on_cpu(tmp_path):
     assert (tmp_path / "bench-small.png").exists() and (tmp_path / "bench-small.log").stat().st_size > 0
     bad = subprocess.run(["bash", str(root / "bench" / "gpu_suite.sh"), "nonsense", str(tmp_path)], capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown stage" in bad.stderr
+
+
+@pytest.mark.parametrize("model", ["synthetic:0", "synthetic:-5", "synthetic:abc", "nonsense"])
+def test_bad_models_fail_before_anything_is_measured(model, capsys):
+    with pytest.raises(SystemExit, match="optgen bench: (bad|unknown) model"):
+        main(["bench", "--model", f"synthetic:1000,{model}", "--optimizers", "adamw"])
+    assert "first step" not in capsys.readouterr().out  # nothing ran

@@ -40,7 +40,7 @@ import numpy as np
 import pytest
 import sympy
 import torch
-from conftest import rel_err
+from conftest import CHUNK, rel_err
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from sympy.printing.numpy import NumPyPrinter
@@ -1589,3 +1589,48 @@ def test_bug_names_that_break_generated_code(kind, name):
         got = _step_once(cls, [1.0, -2.0, 0.5], [0.5, -0.25, 2.0], backend)
         expected = _step_once(twin, [1.0, -2.0, 0.5], [0.5, -0.25, 2.0], backend)
         assert torch.equal(got, expected), backend
+
+
+CONSTANT_REDUCTION = '''
+import sympy
+import optgen
+
+
+def spec():
+    """Found by the fuzzer: LayerSum(Min(0, sign(a_new)) + 1/4) passes the spec's check (a_new is element-wise)
+    and simplifies to the constant 1/4 once a_new = Max(a/2, |g + 1/4|) >= 0 is substituted."""
+    s = optgen.Spec("ConstantReduction")
+    lr = s.hyper(lr=0.1)
+    w, g = s.param, s.grad
+    a = s.state("a", init=0.5)
+    a_new = s.update(a, sympy.Max(a / 2, sympy.Abs(g + sympy.Rational(1, 4))))
+    s.update(w, w - lr * optgen.layer_sum(sympy.Min(0, sympy.sign(a_new)) + sympy.Rational(1, 4)) * g)
+    return s
+'''
+
+
+def test_bug_reduction_that_simplifies_to_a_constant(tmp_path):
+    """A layer sum of c is c times the element count. Before the fix the torch backend raised on
+    ``(0.25).double()`` (and summed a 0-d per-step scalar once instead of per element), and the Triton
+    kernel raised on ``(0.25).to(tl.float64)``."""
+    import subprocess
+    import sys
+
+    namespace: dict = {}
+    exec(CONSTANT_REDUCTION, namespace)
+    cls = optgen.build(namespace["spec"]())
+    n = 3 * CHUNK + 5  # several chunks of the test chunk size, a ragged tail
+    for backend in ("torch", "triton"):
+        p = torch.nn.Parameter(torch.ones(n))
+        opt = cls([p], backend=backend)
+        p.grad = torch.ones(n)
+        opt.step()
+        assert torch.allclose(p.detach(), torch.full((n,), 1 - 0.1 * 0.25 * n)), backend
+    # and the kernel compiles with Triton's real compiler (the interpreter accepts more)
+    path = tmp_path / "constant_reduction.py"
+    path.write_text(CONSTANT_REDUCTION)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-m", "optgen.cli", "inspect", f"{path}:spec", "--arch", "sm_90", "--json"],
+                          capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert all("error" not in k for k in __import__("json").loads(done.stdout)["kernels"])

@@ -413,3 +413,18 @@ def test_triton_interpreter_turned_off_before_step(monkeypatch):
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         opt.step()
     assert torch.equal(params[0].detach(), before)
+
+
+@pytest.mark.parametrize("cls", [optgen.LAMB, optgen.LARS], ids=lambda c: c.__name__)
+@pytest.mark.parametrize(
+    "clip,message",
+    [((math.inf, math.inf), r"Invalid trust_clip\[0\] value: inf \(must be finite\)"),
+     ((5.0, 1.0), r"trust_clip=\(lo, hi\) needs lo <= hi"),
+     ((-1.0, 2.0), r"Invalid trust_clip\[0\] value: -1\.0")],
+)  # fmt: skip
+def test_trust_clip_bounds(cls, clip, message):
+    """An infinite lower bound turned every parameter into -inf; lo > hi clipped nothing sensible."""
+    with pytest.raises(ValueError, match=message):
+        cls(make_params([(3,)]), trust_clip=clip)
+    cls(make_params([(3,)]), trust_clip=(1.0, 1.0))  # a fixed phi is fine
+    cls(make_params([(3,)]), trust_clip=(0.5, math.inf))

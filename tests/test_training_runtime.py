@@ -1091,3 +1091,157 @@ def test_warnings_are_not_raised_for_valid_options(backend):
         opt, params = _trained_optimizer(backend, optgen.LAMB, trust_clip=(0.1, 10.0), max_grad_norm=1.0,
                                          maximize=False, state_dtype=torch.float32)
     assert float(opt.state[params[0]]["step"]) == 2
+
+
+# --------------------------------------------------------------------------------------------------
+# The torch.optim contract, found wanting by an adversarial review (each test failed before its fix)
+# --------------------------------------------------------------------------------------------------
+
+
+def _copy_by(how, opt):
+    import copy
+    import pickle
+
+    return {"deepcopy": copy.deepcopy, "pickle": lambda o: pickle.loads(pickle.dumps(o))}[how](opt)
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+@pytest.mark.parametrize("make", ["AdamW", "LAMB", "built"])
+def test_a_copied_or_pickled_optimizer_steps_like_the_original(make, how, backend):
+    """torch's __getstate__ keeps only defaults, state and param_groups; optgen's copies also carry the
+    constructor's choices, so the copy steps (and classes made by optgen.build pickle with their spec)."""
+    from optgen.specs.lamb import lamb
+
+    cls = optgen.build(lamb()) if make == "built" else getattr(optgen, make)
+    params = make_params(SHAPES)
+    opt = cls(params, lr=1e-2, weight_decay=0.1, backend=backend)
+    grads = make_grads(SHAPES, 4)
+    run_steps(opt, params, grads[:2])
+    twin = _copy_by(how, opt)
+    twin_params = [p for g in twin.param_groups for p in g["params"]]
+    assert type(twin).__name__ == cls.__name__ and (how == "pickle" and make == "built" or type(twin) is cls)
+    run_steps(opt, params, grads[2:])
+    run_steps(twin, twin_params, grads[2:])
+    for p, q in zip(params, twin_params):
+        assert_bitwise(q, p)
+        for key, value in opt.state[p].items():
+            assert_bitwise(twin.state[q][key], value, key)
+
+
+@pytest.mark.parametrize("name", ["AdamW", "LAMB"])
+def test_step_inside_a_users_torch_compile(name):
+    """dynamo resolves the generated module by name (it is in sys.modules) and traces the eager path."""
+    params, ref_params = make_params(SHAPES), make_params(SHAPES)
+    opt = getattr(optgen, name)(params, lr=1e-2, backend="torch")
+    ref = getattr(optgen, name)(ref_params, lr=1e-2, backend="torch")
+
+    @torch.compile
+    def compiled_step():
+        opt.step()
+
+    for step_grads in make_grads(SHAPES, 3):
+        for p, q, g in zip(params, ref_params, step_grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        compiled_step()
+        ref.step()
+    assert_close_rel(params, ref_params, tol=1e-6)
+    assert float(opt.state[params[1]]["step"]) == 3.0
+
+
+def test_per_group_options_that_select_the_compiled_variant_are_refused(backend):
+    """torch keeps nesterov and maximize per group; in optgen they fix the compiled update. A group asking
+    for another value (added, loaded or edited) raises, naming the option, before anything changes."""
+    params = make_params(SHAPES)
+    with pytest.raises(ValueError, match=r"nesterov=True in a param group, but this SGD was made with nesterov=False"):
+        optgen.SGD([dict(params=params[:2], nesterov=True), dict(params=params[2:])], lr=0.1, momentum=0.9, backend=backend)
+    opt = optgen.SGD([dict(params=params[:2], maximize=False)], lr=0.1, momentum=0.9, backend=backend)  # same value: fine
+    with pytest.raises(ValueError, match="maximize=True in a param group"):
+        opt.add_param_group(dict(params=params[2:], maximize=True))
+    run_steps(opt, params[:2], make_grads(SHAPES[:2], 1))
+    before = [p.detach().clone() for p in params[:2]]
+    opt.param_groups[0]["maximize"] = True  # what torch would honour between steps
+    with pytest.raises(ValueError, match=r"maximize=True in param group 0, at step"):
+        run_steps(opt, params[:2], make_grads(SHAPES[:2], 1, seed=5))
+    assert all(torch.equal(p.detach(), b) for p, b in zip(params[:2], before))
+    # a torch.optim state dict asking for maximize (or AMSGrad) is refused before it is loaded
+    reference = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    for kwargs, message in ((dict(maximize=True), "maximize=True in param group 0 of the state dict"),
+                            (dict(amsgrad=True), "amsgrad=True in param group 0 of the state dict: AdamW has no AMSGrad")):  # fmt: skip
+        torch_opt = torch.optim.AdamW(reference, lr=0.1, **kwargs)
+        run_steps(torch_opt, reference, make_grads(SHAPES, 1))
+        ours = optgen.AdamW(clone_params(params), lr=0.1, backend=backend)
+        with pytest.raises(ValueError, match=message):
+            ours.load_state_dict(torch_opt.state_dict())
+        assert len(ours.state) == 0 and ours.param_groups[0]["lr"] == 0.1
+
+
+def test_a_torch_sgd_state_dict_keeps_its_momentum(backend):
+    """torch's SGD saves no step count: its momentum buffer must not be taken for a first step's."""
+    params = make_params(SHAPES)
+    reference = clone_params(params)
+    torch_opt = torch.optim.SGD(reference, lr=0.1, momentum=0.9, dampening=0.1)
+    run_steps(torch_opt, reference, make_grads(SHAPES, 3))
+    ours_params = clone_params(reference)
+    ours = optgen.SGD(ours_params, lr=0.1, momentum=0.9, dampening=0.1, backend=backend)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # SGD only tests for the first step: nothing to warn about
+        ours.load_state_dict(torch_opt.state_dict())
+    grads = make_grads(SHAPES, 2, seed=7)
+    run_steps(torch_opt, reference, grads)
+    run_steps(ours, ours_params, grads)
+    assert_close_rel(ours_params, reference, tol=TOL[torch.float32])
+    # a spec that counts steps cannot know how many were taken: it says so
+    adam_state = {"state": {0: {"exp_avg": torch.zeros(3), "exp_avg_sq": torch.zeros(3)}},
+                  "param_groups": [dict(optgen.AdamW([torch.nn.Parameter(torch.zeros(3))]).param_groups[0], params=[0])]}  # fmt: skip
+    adam = optgen.AdamW([torch.nn.Parameter(torch.zeros(3))], backend=backend)
+    with pytest.warns(UserWarning, match="has no 'step'; counting from step 1"):
+        adam.load_state_dict(adam_state)
+
+
+def test_an_integer_step_from_an_old_torch_state_dict(backend):
+    """torch < 1.12 saved the step as a Python number; torch.optim still loads such dicts."""
+    params = make_params(SHAPES)
+    reference = clone_params(params)
+    torch_opt = torch.optim.AdamW(reference, lr=0.1)
+    run_steps(torch_opt, reference, make_grads(SHAPES, 3))
+    import copy
+
+    saved = copy.deepcopy(torch_opt.state_dict())  # its state dicts are the optimizer's own
+    for state in saved["state"].values():
+        state["step"] = int(state["step"])
+    ours_params = clone_params(reference)
+    ours = optgen.AdamW(ours_params, lr=0.1, backend=backend)
+    ours.load_state_dict(saved)
+    grads = make_grads(SHAPES, 2, seed=7)
+    run_steps(torch_opt, reference, grads)
+    run_steps(ours, ours_params, grads)
+    assert_close_rel(ours_params, reference, tol=TOL[torch.float32])
+
+
+def test_a_step_count_written_in_place_reaches_every_chunk(backend):
+    """state["step"].zero_() restarts the bias correction for the whole tensor (the Triton backend keeps a
+    copy of the step per chunk; state["step"] is the first chunk's)."""
+    shapes = [(3 * 256 + 5,), (7,)]  # four chunks of the 256-element test chunk
+    params, reference = make_params(shapes), make_params(shapes)
+    opt = optgen.AdamW(params, lr=1e-2, backend=backend)
+    ref = optgen.AdamW(reference, lr=1e-2, backend="torch")
+    grads = make_grads(shapes, 5)
+    for i, step_grads in enumerate(grads):
+        if i == 3:
+            opt.state[params[0]]["step"].zero_()
+            ref.state[reference[0]]["step"].zero_()
+        run_steps(opt, params, [step_grads])
+        run_steps(ref, reference, [step_grads])
+    assert_close_rel(params, reference, tol=TOL[torch.float32])
+    assert float(opt.state[params[0]]["step"]) == 2.0 and float(opt.state[params[1]]["step"]) == 5.0
+
+
+def test_a_state_dtype_the_triton_backend_cannot_take_fails_before_any_state():
+    params = make_params(SHAPES)
+    opt = optgen.AdamW(params, lr=0.1, state_dtype=torch.float64, backend="triton")
+    for p in params:
+        p.grad = torch.ones_like(p)
+    with pytest.raises(TypeError, match="fp32, fp16 and bf16 state_dtype, not torch.float64"):
+        opt.step()
+    assert len(opt.state) == 0
+    optgen.AdamW(params, lr=0.1, state_dtype=torch.float64, backend="torch").step()  # the torch backend takes it

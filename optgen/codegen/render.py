@@ -13,12 +13,14 @@ import hashlib
 import importlib.util
 import os
 import re
+import sys
 from pathlib import Path
 
 import jinja2
 import sympy
 
 from ..analysis import Pass, Plan
+from ..spec import SpecError
 from .printers import TorchPrinter, TritonPrinter
 
 TARGETS = ("torch", "triton")
@@ -127,6 +129,12 @@ def _pass_context(plan: Plan, p: Pass, printer, scalar_printer) -> dict:
         (layer_reads if slots[k].scope == "layer" else global_reads).append(read)
     tables = sorted({(r["producer"], r["width"]) for r in layer_reads + global_reads})
     buffers = sorted({ld.buffer for ld in p.loads} | {b for b, _ in p.stores}, key=plan.buffers.index)
+    if not buffers and any(not _is_elementwise(e, elementwise_names) for _, e in p.produces):
+        raise SpecError(
+            f"{plan.ir.name}: pass {p.index} reduces only values that simplified to per-step scalars "
+            f"({', '.join(str(e) for _, e in p.produces)}) and touches no buffer: write the reduction over an "
+            f"element-wise value"
+        )
     return {
         "index": p.index,
         "loads": [{"symbol": ld.symbol, "buffer": ld.buffer} for ld in p.loads],
@@ -145,7 +153,9 @@ def _pass_context(plan: Plan, p: Pass, printer, scalar_printer) -> dict:
             }
             for b, e in p.stores
         ],
-        "produces": [_partial_context(slots[k], produced_columns[k], e, code) for k, e in p.produces],
+        "produces": [_partial_context(slots[k], produced_columns[k], e, code, elementwise_names) for k, e in p.produces],
+        # a tensor of the parameter's shape, for a reduced value that simplified to a per-step scalar
+        "shape_donor": p.loads[0].symbol if p.loads else (f"_{p.stores[0][0]}" if p.stores else None),
         "n_partials": len(p.produces),
         "hypers": [{"name": h, "column": hyper_columns[h]} for h in p.hypers],
         "layer_reads": layer_reads,
@@ -161,9 +171,11 @@ def _pass_context(plan: Plan, p: Pass, printer, scalar_printer) -> dict:
     }
 
 
-def _partial_context(slot, column: int, expr, code) -> dict:
+def _partial_context(slot, column: int, expr, code, elementwise_names) -> dict:
     """A reduction's per-element contribution. Partials accumulate in fp64; a square is formed in fp64 from
-    its fp32 base, so ||g||^2 of gradients near 1e30 (or 1e-30) neither overflows nor underflows."""
+    its fp32 base, so ||g||^2 of gradients near 1e30 (or 1e-30) neither overflows nor underflows. ``scalar``:
+    the contribution simplified to a per-step value (``Min(0, sign(|x|))`` is 0) and is broadcast to every
+    element, so a layer sum of c is c times the element count, as the spec says."""
     square = isinstance(expr, sympy.Pow) and expr.exp == 2
     return {
         "name": slot.name,
@@ -172,6 +184,7 @@ def _partial_context(slot, column: int, expr, code) -> dict:
         "identity": IDENTITY[slot.op],
         "square": square,
         "code": code(expr.base if square else expr),
+        "scalar": not _is_elementwise(expr, elementwise_names),
     }
 
 
@@ -242,9 +255,20 @@ def _file_hash(path: Path) -> str | None:
 
 @functools.cache
 def _import(path: str, module_name: str):
+    """Import ``path`` as ``module_name`` and register it in ``sys.modules``: the name carries the content
+    hash, so one name is one source; tools that look modules up by name (dynamo tracing ``opt.step()`` inside
+    a user's ``torch.compile``, pickle, inspect) find it."""
+    module = sys.modules.get(module_name)
+    if module is not None:
+        return module
     spec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    sys.modules[module_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[module_name]
+        raise
     return module
 
 

@@ -12,6 +12,7 @@ import inspect
 import itertools
 import math
 import os
+import sys
 import warnings
 
 import sympy
@@ -22,7 +23,7 @@ from ..analysis import plan as make_plan
 from ..codegen.printers import torch_code
 from ..codegen.render import source_hash
 from ..ir import lower
-from ..spec import BoolHyperSymbol, HyperSymbol, Spec, SpecError
+from ..spec import BoolHyperSymbol, HyperSymbol, Spec, SpecError, StepSymbol
 from . import distributed
 
 BACKENDS = ("auto", "torch", "triton")
@@ -89,26 +90,20 @@ class GeneratedOptimizer(torch.optim.Optimizer):
             if not isinstance(value, bool):
                 raise ValueError(f"Invalid {name} value: {value!r} (expected True or False)")
         if state_dtype not in (None, torch.float32, torch.bfloat16, torch.float16, torch.float64):
-            raise ValueError(f"Invalid state_dtype: {state_dtype!r} (expected None, torch.float32, bfloat16 or float16)")
+            raise ValueError(
+                f"Invalid state_dtype: {state_dtype!r} (expected None, torch.float32, bfloat16, float16 or float64)"
+            )
         params = list(params) if not isinstance(params, torch.Tensor) else [params]
         if master and _all_full_precision(params):
             warnings.warn("master_weights=True has no effect on fp32/fp64 parameters; ignored", stacklevel=3)
             master = False
-        self._flags = flags
-        self._state_dtype = state_dtype
-        self._ir = transforms.apply(lower(self._spec, flags), maximize_=maximize, max_grad_norm=clip, master=master)
-        self._plan = make_plan(self._ir)
-        self._variants = {None: self._plan}
-        self._keys = _group_keys(self._ir)
+        # what the constructor fixes for good (the compiled variant): kept for copies and pickles
+        self._configure(dict(flags=flags, maximize=maximize, clip=clip, master=master, state_dtype=state_dtype,
+                             backend=backend, autotune=autotune))  # fmt: skip
         defaults = dict(arguments)
         for key, value in defaults.items():
             self._check_value(key, value)
         self._check_requirements(defaults, "defaults")
-        self._backend_choice = backend
-        self._autotune = autotune
-        self._backends = _Backends()
-        self._scratch: dict[tuple[int, str], torch.Tensor] = {}
-        self._checked: dict[int, tuple] = {}  # id(group) -> (fingerprint of its hyperparameters, values)
         super().__init__(params, defaults)
         if backend == "triton":
             devices = {p.device.type for g in self.param_groups for p in g["params"]}
@@ -117,6 +112,70 @@ class GeneratedOptimizer(torch.optim.Optimizer):
                     "backend='triton' on CPU tensors needs the Triton interpreter: set TRITON_INTERPRET=1 "
                     "before importing triton, or use backend='torch' (or 'auto')"
                 )
+
+    def _configure(self, config: dict) -> None:
+        """Everything derived from the constructor's choices: the IR, the plan and its variants, the backends."""
+        self._config = dict(config)
+        self._flags = config["flags"]
+        self._state_dtype = config["state_dtype"]
+        self._backend_choice = config["backend"]
+        self._autotune = config["autotune"]
+        # options torch.optim keeps per param group but that select optgen's compiled variant
+        self._options = {**config["flags"], "maximize": config["maximize"]}
+        self._ir = transforms.apply(
+            lower(self._spec, config["flags"]), maximize_=config["maximize"], max_grad_norm=config["clip"], master=config["master"]
+        )
+        self._plan = make_plan(self._ir)
+        self._variants = {None: self._plan}
+        self._keys = _group_keys(self._ir)
+        self._backends = _Backends()
+        self._scratch: dict[tuple[int, str], torch.Tensor] = {}
+        self._checked: dict[int, tuple] = {}  # id(group) -> (fingerprint of its hyperparameters, values)
+
+    def __getstate__(self):
+        """torch's (defaults, state, param_groups) and the constructor's choices: copy.deepcopy and pickle
+        give an optimizer that steps. Backends, tables and compiled kernels are rebuilt on first use."""
+        state = super().__getstate__()
+        state["_config"] = self._config
+        return state
+
+    def __setstate__(self, state):
+        config = state.pop("_config", None)
+        super().__setstate__(state)  # also torch's load_state_dict: state and param_groups, no configuration
+        if config is not None:
+            self._configure(config)
+        elif not hasattr(self, "_config"):
+            raise RuntimeError(f"{type(self).__name__}: this pickle holds no optgen configuration")
+
+    def __deepcopy__(self, memo):
+        import copy
+
+        twin = type(self).__new__(type(self))  # the same class, built or not
+        memo[id(self)] = twin
+        twin.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+        return twin
+
+    def __reduce_ex__(self, protocol):
+        """Classes made by ``optgen.build`` are not importable by name: their instances pickle with the spec
+        and rebuild the class (the built-ins pickle by reference as usual)."""
+        cls = type(self)
+        module = sys.modules.get(cls.__module__)
+        if getattr(module, cls.__qualname__, None) is cls:
+            return super().__reduce_ex__(protocol)
+        return _rebuilt_instance, (cls._spec,), self.__getstate__()
+
+    def _check_options(self, group: dict, where: str) -> None:
+        """torch.optim keeps nesterov, maximize (and amsgrad) per param group; in optgen they select the
+        compiled variant at construction. A group (added, loaded from a state dict, or edited) asking for
+        another value would be ignored: refuse it, naming the option."""
+        for name, value in self._options.items():
+            if name in group and bool(group[name]) != value:
+                raise ValueError(
+                    f"{name}={group[name]!r} in {where}, but this {type(self).__name__} was made with {name}={value}: "
+                    f"it selects the compiled update for the whole optimizer; make one with {name}={bool(group[name])}"
+                )
+        if group.get("amsgrad"):
+            raise ValueError(f"amsgrad=True in {where}: {type(self).__name__} has no AMSGrad variant")
 
     @classmethod
     def _spec_clips(cls) -> bool:
@@ -177,6 +236,7 @@ class GeneratedOptimizer(torch.optim.Optimizer):
         for key, value in param_group.items():
             if key in self._keys:
                 self._check_value(key, value)
+        self._check_options(param_group, "a param group")
         merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
         self._check_requirements(merged, "param group")
         super().add_param_group(param_group)
@@ -199,11 +259,20 @@ class GeneratedOptimizer(torch.optim.Optimizer):
         """The group's hyperparameters for this step, checked again whenever they changed since the last step:
         an LR scheduler or a user may set any value between steps, and the kernels rely on the declared ranges
         (e.g. a power of a base declared positive). A bad value raises before anything is modified."""
-        fingerprint = tuple(_fingerprint(group.get(key, self.defaults.get(key))) for key in self._keys)
+        keys = (*self._keys, *self._options, "amsgrad")
+        fingerprint = tuple(_fingerprint(group.get(key, self.defaults.get(key))) for key in keys)
         cached = self._checked.get(id(group))
         if cached is not None and cached[0] == fingerprint:
             return cached[1]
+        self._check_group_at_step(group)
+        values = self._group_values(group)
+        self._checked[id(group)] = (fingerprint, values)
+        return values
+
+    @torch.compiler.disable  # host-side checks (sympy): run as Python, not traced, inside a user's torch.compile
+    def _check_group_at_step(self, group: dict) -> None:
         where = next(f"param group {i}" for i, g in enumerate(self.param_groups) if g is group)
+        self._check_options(group, f"{where}, at step")
         try:
             for key in self._keys:
                 if key in group:
@@ -211,9 +280,6 @@ class GeneratedOptimizer(torch.optim.Optimizer):
         except ValueError as exc:
             raise ValueError(f"{exc} ({where}, at step)") from None
         self._check_requirements({**self.defaults, **group}, f"{where}, at step")
-        values = self._group_values(group)
-        self._checked[id(group)] = (fingerprint, values)
-        return values
 
     def _init_state(self, param: torch.Tensor, group: dict) -> dict:
         """Create the missing state entries (all on the first step; some after loading a checkpoint of another
@@ -317,7 +383,7 @@ class GeneratedOptimizer(torch.optim.Optimizer):
                 backends[p.device] = self._backend_for(p.device, plan)
             check = getattr(backends[p.device], "check", None)
             if check is not None:
-                check(distributed.local(p), distributed.local(grad))
+                check(distributed.local(p), distributed.local(grad), self._state_dtype)
         groups = {id(group): group for group, _, _ in collected}  # each group once, in order
         values_of = {key: self._step_values(group) for key, group in groups.items()}
         by_backend: dict[int, tuple] = {}
@@ -356,6 +422,8 @@ class GeneratedOptimizer(torch.optim.Optimizer):
         """torch's load, then states keep their saved dtype (torch casts floating state to the parameter's
         dtype, which would turn the fp32 moments and master weights of bf16 parameters into bf16) and the
         step count lives on the parameter's device as fp32 (a torch.optim state dict keeps it on the CPU)."""
+        for i, group in enumerate(state_dict.get("param_groups", [])):  # before anything is loaded
+            self._check_options(group, f"param group {i} of the state dict")
         super().load_state_dict(state_dict)
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
@@ -364,7 +432,20 @@ class GeneratedOptimizer(torch.optim.Optimizer):
             if not saved:
                 continue
             state = self.state[param]
+            if "step" not in saved and any(name in saved for name in self._ir.state_names):
+                # torch.optim's SGD keeps no step count: a saved state means the parameter has stepped, and
+                # step 1 is all a first-step test (SGD's momentum buffer) needs. A spec that counts steps
+                # (bias correction) cannot know how many: it restarts its count, and says so.
+                saved = {**saved, "step": torch.tensor(1.0)}
+                if _counts_steps(self._ir):
+                    warnings.warn(
+                        f"{type(self).__name__}.load_state_dict: a parameter's state has no 'step'; counting from "
+                        f"step 1 (bias corrections restart)",
+                        stacklevel=2,
+                    )
             for key, value in saved.items():
+                if key == "step" and isinstance(value, (int, float)):  # torch < 1.12 saved a Python number
+                    value = torch.tensor(float(value))
                 if not isinstance(value, torch.Tensor):
                     continue
                 dtype = torch.float32 if key == "step" else value.dtype
@@ -378,6 +459,29 @@ class GeneratedOptimizer(torch.optim.Optimizer):
     def plan(self):
         """The pass plan of the chosen variant (``print(opt.plan.describe())``)."""
         return self._plan
+
+
+def _counts_steps(ir) -> bool:
+    """Whether the update uses the step count beyond a first-step test (t == 1)."""
+    for _, expr in ir.updates:
+        steps = [s for s in expr.free_symbols if isinstance(s, StepSymbol)]
+        if not steps:
+            continue
+        first = {e: sympy.true for e in expr.atoms(sympy.Eq, sympy.Ne) if e.free_symbols <= set(steps)}
+        if any(isinstance(s, StepSymbol) for s in expr.xreplace(first).free_symbols):
+            return True
+    return False
+
+
+_REBUILT: dict = {}
+
+
+def _rebuilt_instance(spec):
+    """An empty instance of ``build(spec)`` for unpickling (``__setstate__`` fills it): the class built from
+    this very spec object when there is one (a copy in this process), else a new build (a pickle)."""
+    entry = _REBUILT.get(id(spec))
+    cls = entry[1] if entry is not None and entry[0] is spec else build(spec)
+    return cls.__new__(cls)
 
 
 def _fingerprint(value):
@@ -482,6 +586,7 @@ def build(spec: Spec) -> type[torch.optim.Optimizer]:
     cls = type(spec.name, (GeneratedOptimizer,), {"_spec": spec, "_signature": signature, "__doc__": doc})
     cls.__init__ = _make_init(signature)
     cls.__module__ = "optgen"
+    _REBUILT[id(spec)] = (spec, cls)  # what an unpickled or copied instance of this spec gets
     return cls
 
 

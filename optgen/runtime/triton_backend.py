@@ -26,13 +26,14 @@ from ..codegen.render import load_module
 _TL_DTYPES = {}
 
 
-def _tl_dtype(dtype: torch.dtype):
+def _tl_dtype(dtype: torch.dtype, what: str = "tensors"):
     if not _TL_DTYPES:
         import triton.language as tl
 
         _TL_DTYPES.update({torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16})
     if dtype not in _TL_DTYPES:
-        raise TypeError(f"the Triton backend supports fp32, fp16 and bf16 tensors, not {dtype}")
+        hint = " (use backend='torch' for it)" if what == "state_dtype" else ""
+        raise TypeError(f"the Triton backend supports fp32, fp16 and bf16 {what}, not {dtype}{hint}")
     return _TL_DTYPES[dtype]
 
 
@@ -120,6 +121,10 @@ class _Tables:
             self.step[first[i] : first[i] + c] = s.to(device=device, dtype=torch.float32)
             items[i][2]["step"] = self.step[first[i]]
         self._step_views = [item[2]["step"] for item in items]
+        # each chunk's copy of its tensor's step comes from the tensor's first chunk (state["step"]) when the
+        # user wrote state["step"] in place; the version counter tells, without reading the device
+        self._first_of_chunk = self.first_chunk[self.chunk_tensor.long()] if n_chunks else None
+        self._step_version = self.step._version
         self.partials = {}
         self.layer = {}
         for p in plan.passes:
@@ -147,7 +152,13 @@ class _Tables:
     def refresh(self, items) -> None:
         """Per-step updates, decided on the host without reading the device: gradients that moved (autograd
         allocates new ones after ``zero_grad(set_to_none=True)``) and hyperparameters that changed (an lr
-        schedule) are re-uploaded; nothing else is rebuilt."""
+        schedule) are re-uploaded; step counts written in place (``state["step"].zero_()`` to restart the bias
+        correction, a checkpoint tool's ``copy_``) are spread to all of their tensor's chunks; nothing else is
+        rebuilt."""
+        step = getattr(self, "step", None)
+        if step is not None and step._version != self._step_version and self._first_of_chunk is not None:
+            step.copy_(step[self._first_of_chunk])  # the kernels advance every copy alike: only the first can differ
+            self._step_version = step._version
         grads = [item[1] for item in items]
         grad_ptrs = [g.data_ptr() for g in grads]
         if grad_ptrs != self.grad_ptrs:
@@ -214,10 +225,12 @@ class TritonBackend:
         self.launches = 0  # kernel launches issued (tests count them)
 
     @staticmethod
-    def check(param: torch.Tensor, grad: torch.Tensor) -> None:
+    def check(param: torch.Tensor, grad: torch.Tensor, state_dtype: torch.dtype | None = None) -> None:
         """Refuse what the kernels cannot take, before the optimizer creates any state."""
         for tensor in (param, grad):
             _tl_dtype(tensor.dtype)
+        if state_dtype is not None:
+            _tl_dtype(state_dtype, "state_dtype")
 
     def invalidate(self) -> None:
         self._tables = None

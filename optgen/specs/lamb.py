@@ -37,7 +37,9 @@ pre-normalisation, with bias correction and the trust ratio on every layer:
 
 BETAS = Hyper((0.9, 0.999), lo=0.0, hi=1.0, hi_open=True)
 # phi of the slides: clip ||w|| into [lo, hi] before the ratio; (0, inf) is no clip
-TRUST_CLIP = Hyper((0.0, math.inf), lo=0.0, hi=math.inf, finite=False, doc="(lo, hi): phi clips ||w|| into [lo, hi]")
+# (a finite lower bound; the upper one may be inf), and lo <= hi: a requirement of the spec
+_CLIP_DOC = "(lo, hi): phi clips ||w|| into [lo, hi] (lo finite)"
+TRUST_CLIP = Hyper((Hyper(0.0, doc=_CLIP_DOC), Hyper(math.inf, finite=False, doc=_CLIP_DOC)), doc=_CLIP_DOC)
 
 
 def _lamb_body(spec: Spec, g, lr, beta1, beta2, eps, wd, bias_correction, eps_inside_sqrt, phi_lo=0, phi_hi=math.inf):
@@ -60,6 +62,7 @@ def lamb() -> Spec:
         lr=1e-3, betas=BETAS, eps=1e-6, weight_decay=0.01, trust_clip=TRUST_CLIP
     )
     bias_correction, eps_inside_sqrt = spec.flag(bias_correction=True, eps_inside_sqrt=False)
+    spec.require(lo <= hi, "trust_clip=(lo, hi) needs lo <= hi")
     _lamb_body(spec, spec.grad, lr, beta1, beta2, eps, wd, bias_correction, eps_inside_sqrt, lo, hi)
     return spec
 

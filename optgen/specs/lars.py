@@ -20,6 +20,9 @@ no clip by default), learning rate :math:`\gamma`, momentum
 """
 
 
+CLIP_DOC = "(lo, hi): phi clips ||w|| into [lo, hi] (lo finite)"
+
+
 def lars() -> Spec:
     spec = Spec("LARS", doc=DOC)
     lr, momentum, wd, coeff, eps, lo, hi = spec.hyper(
@@ -28,9 +31,10 @@ def lars() -> Spec:
         weight_decay=0.0,
         trust_coefficient=1e-3,
         eps=0.0,
-        trust_clip=Hyper((0.0, math.inf), finite=False, doc="(lo, hi): phi clips ||w|| into [lo, hi]"),
+        trust_clip=Hyper((Hyper(0.0, doc=CLIP_DOC), Hyper(math.inf, finite=False, doc=CLIP_DOC)), doc=CLIP_DOC),
     )
     nesterov = spec.flag(nesterov=False)
+    spec.require(lo <= hi, "trust_clip=(lo, hi) needs lo <= hi")
     w, g = spec.param, spec.grad
     m = spec.state("momentum_buffer")
     w_norm, g_norm = norm(w), norm(g)
