@@ -428,3 +428,13 @@ def test_trust_clip_bounds(cls, clip, message):
         cls(make_params([(3,)]), trust_clip=clip)
     cls(make_params([(3,)]), trust_clip=(1.0, 1.0))  # a fixed phi is fine
     cls(make_params([(3,)]), trust_clip=(0.5, math.inf))
+
+
+def test_a_parameter_twice_in_one_group_is_refused_when_the_group_is_added():
+    """torch warns and steps it twice; optgen refused it only at the first step (as overlapping memory)."""
+    (p,) = make_params([(3,)])
+    with pytest.raises(ValueError, match="a parameter appears twice in one param group"):
+        optgen.AdamW([p, p])
+    opt = optgen.AdamW(make_params([(2,)]))
+    with pytest.raises(ValueError, match="appears twice"):
+        opt.add_param_group(dict(params=[p, p]))

@@ -232,6 +232,9 @@ class GeneratedOptimizer(torch.optim.Optimizer):
         for p in params or []:
             if isinstance(p, torch.Tensor) and p.is_complex():
                 raise ValueError(f"{type(self).__name__} does not support complex parameters (got {p.dtype})")
+        if params and len({id(p) for p in params}) != len(params):
+            # torch warns and would step the tensor twice per step; one launch cannot update it twice
+            raise ValueError(f"{type(self).__name__}: a parameter appears twice in one param group; pass it once")
         # Parameters on several devices are allowed: each device gets its own launches (see step()).
         for key, value in param_group.items():
             if key in self._keys:
