@@ -185,3 +185,17 @@ def test_kernel_offsets_past_2_pow_31_elements_are_int64(name, monkeypatch):
     for p, q in zip(params, twins):
         for key, value in expected_opt.state[q].items():
             assert torch.equal(shifted_opt.state[p][key], value), key
+
+
+@pytest.mark.parametrize("make", [lambda ps: optgen.NVLAMB(ps), lambda ps: optgen.AdamW(ps, max_grad_norm=1.0)],
+                         ids=["NVLAMB", "AdamW_max_grad_norm"])  # fmt: skip
+def test_a_global_norm_over_parameters_on_several_devices_is_refused(make):
+    """Each device's launches would see only its own share of the global norm (a silently wrong clip): refused
+    before anything changes. The meta device stands in for a second GPU here."""
+    a, b = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3, device="meta"))
+    a.grad, b.grad = torch.ones(3), torch.ones(3, device="meta")
+    opt = make([a, b])
+    with pytest.raises(RuntimeError, match=r"reduces over all parameters .* on several devices \(cpu, meta\)"):
+        opt.step()
+    assert len(opt.state) == 0 and torch.equal(a.detach(), torch.ones(3))
+    optgen.LAMB([a, b]).step()  # per-layer norms only: each device on its own is exact

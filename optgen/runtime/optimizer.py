@@ -387,6 +387,13 @@ class GeneratedOptimizer(torch.optim.Optimizer):
             check = getattr(backends[p.device], "check", None)
             if check is not None:
                 check(distributed.local(p), distributed.local(grad), self._state_dtype)
+        if len(backends) > 1 and any(slot.scope == "global" for slot in plan.slots):
+            # each device's launches would see only its own parameters' share of a global norm
+            raise RuntimeError(
+                f"{type(self).__name__}: this update reduces over all parameters (a global norm: max_grad_norm, "
+                f"NVLAMB) and the parameters are on several devices ({', '.join(map(str, backends))}); keep them "
+                f"on one device, or use one optimizer per device with its own clipping"
+            )
         groups = {id(group): group for group, _, _ in collected}  # each group once, in order
         values_of = {key: self._step_values(group) for key, group in groups.items()}
         by_backend: dict[int, tuple] = {}
