@@ -1245,3 +1245,16 @@ def test_a_state_dtype_the_triton_backend_cannot_take_fails_before_any_state():
         opt.step()
     assert len(opt.state) == 0
     optgen.AdamW(params, lr=0.1, state_dtype=torch.float64, backend="torch").step()  # the torch backend takes it
+
+
+def test_master_weights_dropped_at_construction_refuse_a_later_low_precision_group():
+    """master_weights=True with only fp32 parameters is ignored (with a warning); a bf16 group added later would
+    silently get no master weights: refused, with the reason."""
+    with pytest.warns(UserWarning, match="no effect on fp32"):
+        opt = optgen.AdamW(make_params([(3,)]), master_weights=True)
+    opt.add_param_group(dict(params=make_params([(2,)])))  # fp32: fine
+    with pytest.raises(ValueError, match="master_weights=True was ignored when the optimizer was made"):
+        opt.add_param_group(dict(params=make_params([(2,)], dtype=torch.bfloat16)))
+    optgen.AdamW(make_params([(2,)], dtype=torch.bfloat16), master_weights=True).add_param_group(
+        dict(params=make_params([(2,)], dtype=torch.bfloat16))
+    )

@@ -94,12 +94,13 @@ class GeneratedOptimizer(torch.optim.Optimizer):
                 f"Invalid state_dtype: {state_dtype!r} (expected None, torch.float32, bfloat16, float16 or float64)"
             )
         params = list(params) if not isinstance(params, torch.Tensor) else [params]
+        master_requested = master
         if master and _all_full_precision(params):
             warnings.warn("master_weights=True has no effect on fp32/fp64 parameters; ignored", stacklevel=3)
             master = False
         # what the constructor fixes for good (the compiled variant): kept for copies and pickles
         self._configure(dict(flags=flags, maximize=maximize, clip=clip, master=master, state_dtype=state_dtype,
-                             backend=backend, autotune=autotune))  # fmt: skip
+                             backend=backend, autotune=autotune, master_requested=master_requested))  # fmt: skip
         defaults = dict(arguments)
         for key, value in defaults.items():
             self._check_value(key, value)
@@ -232,6 +233,11 @@ class GeneratedOptimizer(torch.optim.Optimizer):
         for p in params or []:
             if isinstance(p, torch.Tensor) and p.is_complex():
                 raise ValueError(f"{type(self).__name__} does not support complex parameters (got {p.dtype})")
+        if self._config.get("master_requested") and not self._config["master"] and not _all_full_precision(params or []):
+            raise ValueError(
+                f"{type(self).__name__}: master_weights=True was ignored when the optimizer was made (its parameters "
+                f"were all fp32/fp64); this group's bf16/fp16 parameters would get none: make the optimizer with them"
+            )
         if params and len({id(p) for p in params}) != len(params):
             # torch warns and would step the tensor twice per step; one launch cannot update it twice
             raise ValueError(f"{type(self).__name__}: a parameter appears twice in one param group; pass it once")
