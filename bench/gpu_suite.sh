@@ -3,6 +3,9 @@
 #
 #   bash bench/gpu_suite.sh STAGE [OUTDIR]     STAGE: env | tests | bench-small | bench-large | all
 #
+# OPTGEN_SUITE_SMALL / OPTGEN_SUITE_LARGE (comma lists of models) and OPTGEN_SUITE_OPTIMIZERS split a stage
+# that would outrun one call (first steps compile: Inductor for the torch.compile row, Triton and the tuning
+# for the optgen rows; none of it has been timed on a GPU yet).
 # Runs from a source checkout (no install: optgen finds templates/ and generated/ beside the package) with
 # the machine's own python3 (torch + triton + sympy + jinja2 + pytest). Peers that are not installed there
 # (pytorch-optimizer, torch-optimizer, bitsandbytes, DeepSpeed) are listed as skipped with the reason; to
@@ -25,7 +28,7 @@ if [ -d "$here/.whl" ] && ls "$here"/.whl/*.whl >/dev/null 2>&1; then
         "$here"/.whl/*.whl && export PYTHONPATH="/tmp/site:$PYTHONPATH"
 fi
 device=${OPTGEN_SUITE_DEVICE:-cuda}  # cpu: a dry run of this script on a machine without a GPU
-optimizers=adamw,lamb,lars,nvlamb
+optimizers=${OPTGEN_SUITE_OPTIMIZERS:-adamw,lamb,lars,nvlamb}  # a stage over 10 minutes: split it by optimizers or models
 
 run_env() {
     {
