@@ -1,6 +1,6 @@
 """Run by tests/test_distributed.py: FSDP2-sharded (or DDP) optimizers on gloo, results saved for comparison.
 
-    python tests/dist_worker.py WORLD BACKEND MODE OUT.pt     (MODE: fsdp | hsdp | ddp | fsdp_dcp | reference)
+    python tests/dist_worker.py WORLD BACKEND MODE OUT.pt     (MODE: fsdp | fsdp_mixed | hsdp | ddp | fsdp_dcp | reference)
 """
 
 import os
@@ -97,6 +97,9 @@ def worker(rank, world, backend, mode, out_path, port):
         if mode == "hsdp":  # 2-D mesh: replicate x shard; norms reduce over the shard dimension only
             mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard"))
             fully_shard(model, mesh=mesh)
+        elif mode == "fsdp_mixed":  # a parameter FSDP leaves unsharded, next to sharded ones
+            mesh = init_device_mesh("cpu", (world,))
+            fully_shard(model, mesh=mesh, ignored_params={model[2].bias})
         elif mode.startswith("fsdp"):
             mesh = init_device_mesh("cpu", (world,))
             fully_shard(model, mesh=mesh)

@@ -48,6 +48,16 @@ def test_fsdp2_sharded_equals_single_process(tmp_path, references, world, backen
         assert count == STEPS * BOUNDARIES[name], (name, count)
 
 
+def test_fsdp2_with_an_unsharded_parameter_equals_single_process(tmp_path, references, backend):
+    """FSDP2's ignored_params stay plain tensors beside the sharded ones: their partial sums are whole on
+    every rank and must not be summed over the ranks (before the fix NVLAMB's global norm counted the bias
+    twice: 1e-3 relative error)."""
+    out = run_worker(tmp_path, 2, backend, "fsdp_mixed")
+    assert_same(out["results"], references[backend])
+    for name, count in out["collectives"].items():
+        assert count == STEPS * BOUNDARIES[name], (name, count)
+
+
 def test_ddp_replicated_needs_no_collective(tmp_path, references, backend):
     out = run_worker(tmp_path, 2, backend, "ddp")
     assert_same(out["results"], references[backend])

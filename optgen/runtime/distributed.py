@@ -13,6 +13,8 @@ table is reduced over the shard dimension only: the replicas hold the same value
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 
@@ -67,25 +69,56 @@ def shard_group(params, optimizer_name: str):
     return mesh.get_group(dim)
 
 
+def is_sharded(tensor) -> bool:
+    """A DTensor with a ``Shard`` placement: each rank holds part of it, its partial sums are summed over ranks."""
+    return is_dtensor(tensor) and any(isinstance(placement, Shard) for placement in tensor.placements)
+
+
 class ShardReducer:
-    """All-reduces a ``[tensors, slots]`` partial table in place; counts its collectives (tests read it)."""
+    """All-reduces a ``[tensors, slots]`` partial table in place; counts its collectives (tests read it).
+
+    Only the rows of sharded parameters are reduced: a plain tensor beside them (FSDP2's ``ignored_params``)
+    or a ``Replicate()`` DTensor already holds its whole partial on every rank, and summing it over the ranks
+    would multiply its norms (and its share of a global norm) by the world size."""
 
     def __init__(self, group):
         self.group = group
         self.collectives = 0
 
-    def __call__(self, table: torch.Tensor, ops: list[str]) -> None:
-        if all(op == "sum" for op in ops):
+    def rows(self, sharded: list[bool]):
+        """The reducer for one backend's table, whose rows are parameters that are (or are not) sharded."""
+        return self if all(sharded) else _RowReducer(self, sharded)
+
+    def __call__(self, table: torch.Tensor, ops: list[str], sharded: list[bool] | None = None) -> None:
+        mask = None
+        if sharded is not None:
+            if not any(sharded):  # every rank has the same layout: all skip the collective alike
+                return
+            mask = torch.tensor(sharded, dtype=torch.bool, device=table.device)[:, None]
+        if mask is None and all(op == "sum" for op in ops):
             dist.all_reduce(table, op=dist.ReduceOp.SUM, group=self.group)
             self.collectives += 1
             return
-        for op_name, reduce_op in (("sum", dist.ReduceOp.SUM), ("max", dist.ReduceOp.MAX)):
+        for op_name, reduce_op, identity in (("sum", dist.ReduceOp.SUM, 0.0), ("max", dist.ReduceOp.MAX, -math.inf)):
             columns = [i for i, op in enumerate(ops) if op == op_name]
             if columns:
-                part = table[:, columns].contiguous()
+                part = table[:, columns]
+                if mask is not None:
+                    part = torch.where(mask, part, identity)
+                part = part.contiguous()
                 dist.all_reduce(part, op=reduce_op, group=self.group)
-                table[:, columns] = part
+                table[:, columns] = part if mask is None else torch.where(mask, part, table[:, columns])
                 self.collectives += 1
+
+
+class _RowReducer:
+    """A :class:`ShardReducer` bound to the rows of one backend's table."""
+
+    def __init__(self, reducer: ShardReducer, sharded: list[bool]):
+        self.reducer, self.sharded = reducer, list(sharded)
+
+    def __call__(self, table: torch.Tensor, ops: list[str]) -> None:
+        self.reducer(table, ops, self.sharded)
 
 
 class LocalState(dict):

@@ -406,15 +406,18 @@ class GeneratedOptimizer(torch.optim.Optimizer):
         for group, p, grad in collected:
             backend = backends[p.device]
             state = self._init_state(p, group)
+            sharded = distributed.is_sharded(p)
             if distributed.is_dtensor(p):  # FSDP2: the backends work on the local shards
                 state = self._local_state(p, state)
                 p, grad = p.to_local(), distributed.local(grad)
             item = (p, grad, state, values_of[id(group)])
-            by_backend.setdefault(id(backend), (backend, []))[1].append(item)
-        for backend, backend_items in by_backend.values():
+            entry = by_backend.setdefault(id(backend), (backend, [], []))
+            entry[1].append(item)
+            entry[2].append(sharded)  # the rows of this backend's partial tables, in item order
+        for backend, backend_items, sharded in by_backend.values():
             device = backend_items[0][0].device
             scalars = {k: v.to(device=device, dtype=torch.float32, non_blocking=True).reshape(1) for k, v in device_scalars.items()}
-            backend.step(backend_items, self._scratch_of, scalars, reducer)
+            backend.step(backend_items, self._scratch_of, scalars, None if reducer is None else reducer.rows(sharded))
         return loss
 
     def _reducer(self, params):
