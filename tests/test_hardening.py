@@ -199,3 +199,50 @@ def test_a_global_norm_over_parameters_on_several_devices_is_refused(make):
         opt.step()
     assert len(opt.state) == 0 and torch.equal(a.detach(), torch.ones(3))
     optgen.LAMB([a, b]).step()  # per-layer norms only: each device on its own is exact
+
+
+NAN_MAX_SPEC = '''
+import optgen
+
+
+def spec():
+    s = optgen.Spec("MaxNaN")
+    lr = s.hyper(lr=0.1)
+    w, g = s.param, s.grad
+    s.update(w, w - lr * g / (optgen.layer_max(abs(g)) + optgen.global_max(g * g) + 1))
+    return s
+'''
+
+
+def test_a_nan_reaches_layer_and_global_maxima_on_both_backends(tmp_path):
+    """tl.max and a bare tl.maximum drop NaN (torch.amax keeps it): a NaN gradient vanished from the Triton
+    backend's maxima and moved only its own element, while the torch backend made the layer NaN."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import CHUNK
+
+    namespace: dict = {}
+    exec(NAN_MAX_SPEC, namespace)
+    cls = optgen.build(namespace["spec"]())
+    n = 3 * CHUNK + 5
+    for backend in ("torch", "triton"):
+        for where_nan in (0, CHUNK + 1, n - 1):  # first chunk, a middle chunk, the masked tail
+            p, q = torch.nn.Parameter(torch.ones(n)), torch.nn.Parameter(torch.ones(7))
+            p.grad, q.grad = torch.ones(n), torch.ones(7)
+            p.grad[where_nan] = float("nan")
+            cls([p, q], backend=backend).step()
+            assert torch.isnan(p).all() and torch.isnan(q).all(), (backend, where_nan)  # layer max, global max
+        p = torch.nn.Parameter(torch.ones(n))
+        p.grad = torch.ones(n)
+        cls([p], backend=backend).step()
+        assert torch.isfinite(p).all()
+    path = tmp_path / "max_nan.py"
+    path.write_text(NAN_MAX_SPEC)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-m", "optgen.cli", "inspect", f"{path}:spec", "--arch", "sm_90", "--json"],
+                          capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert all("error" not in k for k in json.loads(done.stdout)["kernels"])
