@@ -27,7 +27,13 @@ def resolve_spec(name: str) -> Spec:
             raise SystemExit(f"optgen: no such file: {path}")
         module_spec = importlib.util.spec_from_file_location(f"optgen_user_{file.stem}", file)
         module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
+        # as `python file.py` does: the file's folder first on sys.path, so it can import its neighbours
+        folder = str(file.resolve().parent)
+        sys.path.insert(0, folder)
+        try:
+            module_spec.loader.exec_module(module)
+        finally:
+            sys.path.remove(folder)
         if not hasattr(module, variable):
             raise SystemExit(f"optgen: {path} has no {variable!r}")
         value = getattr(module, variable)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
 from dataclasses import dataclass
 
 import sympy
@@ -114,12 +115,25 @@ _SUPPORTED = (
 )
 
 
+def _fits_float64(number) -> bool:
+    """A constant the generated code can hold: finite in float64 (sympy's exact values may be far larger,
+    ``exp(1000)``, ``10**400``; tiny ones round to 0.0 and are fine)."""
+    try:
+        return math.isfinite(float(number))
+    except (OverflowError, TypeError, ValueError):
+        return False
+
+
 def _check_supported(expr, where_, what):
     """Only constructs both printers implement, and only finite real numbers."""
     for node in sympy.preorder_traversal(expr):
         if isinstance(node, sympy.Number):
             if not node.is_finite or not node.is_real:
                 raise SpecError(f"{what}: {node} is not a finite real number, in {expr} [{where_}]")
+        if isinstance(node, sympy.Expr) and node.is_number and node.is_real is not False and not _fits_float64(node):
+            text = str(node) if len(str(node)) <= 40 else f"{str(node)[:20]}... ({len(str(node))} characters)"
+            raise SpecError(f"{what}: the constant {text} does not fit in float64 [{where_}]")
+        if isinstance(node, sympy.Number):
             continue
         if node is sympy.I or (isinstance(node, sympy.Expr) and node.is_number and node.is_real is False):
             raise SpecError(f"{what}: {node} is not real, in {expr} [{where_}]")

@@ -434,8 +434,9 @@ class Spec:
     """
 
     def __init__(self, name: str, doc: str = ""):
-        if not isinstance(name, str) or not name.isidentifier():
-            raise SpecError(f"Spec name must be a Python identifier, got {name!r}")
+        if not isinstance(name, str) or not name.isidentifier() or not name.isascii():
+            # ASCII: the name becomes kernel and file names, and Triton's compiler takes ASCII identifiers only
+            raise SpecError(f"Spec name must be an ASCII Python identifier, got {name!r}")
         self.name = name
         self.doc = doc
         self.param = ParamSymbol("w")

@@ -148,3 +148,20 @@ def test_bad_models_fail_before_anything_is_measured(model, capsys):
     with pytest.raises(SystemExit, match="optgen bench: (bad|unknown) model"):
         main(["bench", "--model", f"synthetic:1000,{model}", "--optimizers", "adamw"])
     assert "first step" not in capsys.readouterr().out  # nothing ran
+
+
+def test_a_users_spec_file_imports_its_neighbours(tmp_path, capsys):
+    """As `python file.py` does, the file's folder is searched first (the CLI raised ModuleNotFoundError);
+    and sys.path is left as it was."""
+    import sys
+
+    (tmp_path / "optgen_test_neighbour.py").write_text(
+        "def body(spec):\n    lr = spec.hyper(lr=0.1)\n    spec.update(spec.param, spec.param - lr * spec.grad)\n"
+    )
+    (tmp_path / "with_neighbour.py").write_text(
+        "import optgen\nfrom optgen_test_neighbour import body\nspec = optgen.Spec('Neighbour')\nbody(spec)\n"
+    )
+    before = list(sys.path)
+    assert main(["show", f"{tmp_path / 'with_neighbour.py'}:spec", "--plan"]) == 0
+    assert "Neighbour (no flags): 1 pass(es)" in capsys.readouterr().out
+    assert sys.path == before

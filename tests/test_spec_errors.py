@@ -438,3 +438,42 @@ def test_a_parameter_twice_in_one_group_is_refused_when_the_group_is_added():
     opt = optgen.AdamW(make_params([(2,)]))
     with pytest.raises(ValueError, match="appears twice"):
         opt.add_param_group(dict(params=[p, p]))
+
+
+@pytest.mark.parametrize(
+    "constant,message",
+    [(sympy.exp(1000), r"the constant exp\(1000\) does not fit in float64"),
+     (sympy.Integer(10) ** 400, r"the constant 10000000000000000000\.\.\. \(401 characters\) does not fit in float64"),
+     (sympy.Integer(2) ** 1024, "does not fit in float64")],
+)  # fmt: skip
+def test_constants_beyond_float64_are_spec_errors(constant, message):
+    """sympy holds them exactly; the generated code printed inf (a NameError at the first step) or overflowed."""
+
+    def make():
+        spec, lr = _spec()
+        spec.update(spec.param, spec.param - lr * spec.grad / (1 + constant * spec.grad**2))
+        return spec
+
+    with pytest.raises(SpecError, match=message):
+        optgen.build(make())
+
+
+def test_a_tiny_rational_constant_rounds_to_zero_on_both_backends(backend):
+    """1/2**2000 is 0.0 in float64: its numerator and denominator alone overflowed the printer."""
+    spec, lr = _spec()
+    spec.update(spec.param, spec.param - lr * spec.grad * (1 + sympy.Rational(1, 2**2000)))
+    p = torch.nn.Parameter(torch.ones(3))
+    p.grad = torch.ones(3)
+    optgen.build(spec)([p], lr=0.1, backend=backend).step()
+    assert torch.equal(p.detach(), torch.full((3,), 0.9))
+
+
+def test_a_non_ascii_spec_name_is_refused():
+    """Python accepts it, and so do the interpreter and the torch backend; Triton's compiler rejects the kernel
+    name it becomes (``optgen inspect`` and every GPU run failed)."""
+    with pytest.raises(SpecError, match="Spec name must be an ASCII Python identifier, got 'Ωmega'"):
+        Spec("Ωmega")
+    spec = Spec("Omega")
+    eta = spec.hyper(η=0.1)  # non-ASCII hyperparameter and state names compile: they are not kernel names
+    spec.update(spec.param, spec.param - eta * spec.grad)
+    optgen.build(spec)

@@ -46,7 +46,7 @@ class _FloatPrinter(PythonCodePrinter):
         return repr(float(int(expr)))
 
     def _print_Rational(self, expr):
-        return repr(float(expr.p) / float(expr.q))
+        return repr(float(expr))  # correctly rounded, also where p or q alone overflows float64 (1/2**2000 is 0.0)
 
     _print_Half = _print_Rational
 
