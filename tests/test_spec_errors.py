@@ -477,3 +477,17 @@ def test_a_non_ascii_spec_name_is_refused():
     eta = spec.hyper(η=0.1)  # non-ASCII hyperparameter and state names compile: they are not kernel names
     spec.update(spec.param, spec.param - eta * spec.grad)
     optgen.build(spec)
+
+
+def test_defaults_that_break_the_specs_own_requirement_fail_at_build():
+    """Before, build() succeeded and every optimizer made without arguments raised ValueError (defaults)."""
+
+    def make():
+        spec = Spec("Req")
+        lr, momentum = spec.hyper(lr=0.1, momentum=0.0)
+        spec.require(momentum > 0, "momentum must be positive")
+        spec.update(spec.param, spec.param - lr * (1 + momentum) * spec.grad)
+        return spec
+
+    with pytest.raises(SpecError, match=r"Req: the defaults do not meet require\(\): momentum must be positive \[.*test_spec_errors.py"):
+        optgen.build(make())
