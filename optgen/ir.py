@@ -120,8 +120,10 @@ def _fits_float64(number) -> bool:
     ``exp(1000)``, ``10**400``; tiny ones round to 0.0 and are fine)."""
     try:
         return math.isfinite(float(number))
-    except (OverflowError, TypeError, ValueError):
+    except OverflowError:
         return False
+    except (TypeError, ValueError):  # no float value (a reduction of a constant): the other checks say why
+        return True
 
 
 def _check_supported(expr, where_, what):
