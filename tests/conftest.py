@@ -129,3 +129,19 @@ class RecordHostSyncs(TorchDispatchMode):
         if func is torch.ops.aten._local_scalar_dense.default:
             self.syncs.append(func)
         return func(*args, **(kwargs or {}))
+
+
+def assert_spec_file_compiles(tmp_path, source: str, variable: str = "spec", arch: str = "sm_90") -> None:
+    """``source`` (a spec file's text) compiles with Triton's real compiler, through ``optgen inspect`` in a
+    process without the interpreter (this one interprets; the interpreter accepts code the compiler rejects)."""
+    import json
+    import subprocess
+    import sys
+
+    path = tmp_path / f"spec_{abs(hash(source)) % 10**8}.py"
+    path.write_text(source)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-m", "optgen.cli", "inspect", f"{path}:{variable}", "--arch", arch, "--json"],
+                          capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert all("error" not in kernel for kernel in json.loads(done.stdout)["kernels"])
