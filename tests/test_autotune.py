@@ -47,6 +47,18 @@ class FakeTimer:
         return 1.0 if config == FASTEST else 2.0 + len(self.timed) * 1e-3
 
 
+@pytest.fixture
+def small_space(tmp_path, monkeypatch):
+    """A private cache, the three SMALL_SPACE candidates timed one by one (grid search) by a FakeTimer,
+    which is returned (a test may swap in its own timer)."""
+    monkeypatch.setenv("OPTGEN_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(autotune, "candidates", lambda default: SMALL_SPACE)
+    monkeypatch.setenv("OPTGEN_AUTOTUNE_SEARCH", "grid")
+    timer = FakeTimer()
+    monkeypatch.setattr(autotune, "_timer_for", lambda device: timer)
+    return timer
+
+
 def _params(sizes, seed=0):
     g = torch.Generator().manual_seed(seed)
     return [torch.nn.Parameter(torch.randn(n, generator=g)) for n in sizes]
@@ -67,12 +79,8 @@ def _run(cls, params, grads, **kwargs):
 
 
 @pytest.mark.parametrize("name", ["AdamW", "LAMB"])
-def test_tuned_step_equals_untuned_step_with_the_chosen_config(name, tmp_path, monkeypatch):
-    monkeypatch.setenv("OPTGEN_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(autotune, "candidates", lambda default: SMALL_SPACE)
-    monkeypatch.setenv("OPTGEN_AUTOTUNE_SEARCH", "grid")
-    timer = FakeTimer()
-    monkeypatch.setattr(autotune, "_timer_for", lambda device: timer)
+def test_tuned_step_equals_untuned_step_with_the_chosen_config(name, tmp_path, monkeypatch, small_space):
+    timer = small_space
     cls = getattr(optgen, name)
     sizes = [3 * 256 + 5, 1000, 17, 1]
     grads = _grads(sizes, 3)
@@ -92,12 +100,8 @@ def test_tuned_step_equals_untuned_step_with_the_chosen_config(name, tmp_path, m
     assert float(tuned.state[tuned_params[0]]["step"]) == 3.0
 
 
-def test_cache_is_used_and_keyed(tmp_path, monkeypatch):
-    monkeypatch.setenv("OPTGEN_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(autotune, "candidates", lambda default: SMALL_SPACE)
-    monkeypatch.setenv("OPTGEN_AUTOTUNE_SEARCH", "grid")
-    timer = FakeTimer()
-    monkeypatch.setattr(autotune, "_timer_for", lambda device: timer)
+def test_cache_is_used_and_keyed(tmp_path, monkeypatch, small_space):
+    timer = small_space
     sizes = [300, 40]
     _run(optgen.AdamW, _params(sizes), _grads(sizes, 1), autotune=True)
     assert len(timer.timed) == len(SMALL_SPACE)
@@ -145,14 +149,10 @@ def test_trials_are_bounded_to_the_largest_tensors(monkeypatch):
     assert all(c[0].data_ptr() not in {i[0].data_ptr() for i in items} for c in copies)
 
 
-def test_tuning_under_grad_scaler_runs_the_trials_with_its_scalars(tmp_path, monkeypatch):
+def test_tuning_under_grad_scaler_runs_the_trials_with_its_scalars(tmp_path, monkeypatch, small_space):
     """GradScaler's fused contract sets grad_scale/found_inf: the trials need them (found_inf zero, so they
     time the update), and the tuned run equals the untuned one."""
-    monkeypatch.setenv("OPTGEN_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(autotune, "candidates", lambda default: SMALL_SPACE)
-    monkeypatch.setenv("OPTGEN_AUTOTUNE_SEARCH", "grid")
-    timer = FakeTimer()
-    monkeypatch.setattr(autotune, "_timer_for", lambda device: timer)
+    timer = small_space
     sizes = [300, 40]
     grads = _grads(sizes, 2)
 
@@ -175,11 +175,7 @@ def test_tuning_under_grad_scaler_runs_the_trials_with_its_scalars(tmp_path, mon
         assert torch.equal(p, q)
 
 
-def test_nothing_is_cached_when_no_candidate_runs(tmp_path, monkeypatch):
-    monkeypatch.setenv("OPTGEN_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(autotune, "candidates", lambda default: SMALL_SPACE)
-    monkeypatch.setenv("OPTGEN_AUTOTUNE_SEARCH", "grid")
-
+def test_nothing_is_cached_when_no_candidate_runs(tmp_path, monkeypatch, small_space):
     def broken(fn, config):
         raise RuntimeError("out of resources")
 
@@ -194,12 +190,7 @@ def test_nothing_is_cached_when_no_candidate_runs(tmp_path, monkeypatch):
     ["[]", "null", "not json", '{"KEY": [1, 2]}', '{"KEY": {"chunk": 1000, "block": 64}}', '{"KEY": {"chunk": 512, "block": 0}}',
      '{"KEY": {"chunk": 512, "block": 96}}', '{"KEY": {"chunk": true, "block": 1}}', '{"KEY": {"chunk": 512, "nonsense": 1}}'],
 )  # fmt: skip
-def test_a_bad_cache_file_or_entry_means_tuning_again(content, tmp_path, monkeypatch):
-    monkeypatch.setenv("OPTGEN_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(autotune, "candidates", lambda default: SMALL_SPACE)
-    monkeypatch.setenv("OPTGEN_AUTOTUNE_SEARCH", "grid")
-    timer = FakeTimer()
-    monkeypatch.setattr(autotune, "_timer_for", lambda device: timer)
+def test_a_bad_cache_file_or_entry_means_tuning_again(content, tmp_path, small_space):
     sizes = [300]
     params = _params(sizes)
     opt = optgen.AdamW(params, backend="triton", autotune=True)
