@@ -121,8 +121,7 @@ class _Tables:
             self.step[first[i] : first[i] + c] = s.to(device=device, dtype=torch.float32)
             items[i][2]["step"] = self.step[first[i]]
         self._step_views = [item[2]["step"] for item in items]
-        # each chunk's copy of its tensor's step comes from the tensor's first chunk (state["step"]) when the
-        # user wrote state["step"] in place; the version counter tells, without reading the device
+        # for sync_steps: each chunk's copy of its tensor's step comes from the tensor's first chunk
         self._first_of_chunk = self.first_chunk[self.chunk_tensor.long()] if n_chunks else None
         self._step_version = self.step._version
         self.partials = {}
@@ -149,16 +148,18 @@ class _Tables:
             self._aligned[partition] = all(ptr % 16 == 0 for ptr in ptrs)
         return self._aligned[partition]
 
+    def sync_steps(self) -> None:
+        """Step counts written in place since the last step (``state["step"].zero_()`` to restart the bias
+        correction, a checkpoint tool's ``copy_``) are spread to all of their tensor's chunks; the version
+        counter tells, without reading the device."""
+        if self.step._version != self._step_version and self._first_of_chunk is not None:
+            self.step.copy_(self.step[self._first_of_chunk])  # the kernels advance every copy alike: only the first can differ
+            self._step_version = self.step._version
+
     def refresh(self, items) -> None:
         """Per-step updates, decided on the host without reading the device: gradients that moved (autograd
         allocates new ones after ``zero_grad(set_to_none=True)``) and hyperparameters that changed (an lr
-        schedule) are re-uploaded; step counts written in place (``state["step"].zero_()`` to restart the bias
-        correction, a checkpoint tool's ``copy_``) are spread to all of their tensor's chunks; nothing else is
-        rebuilt."""
-        step = getattr(self, "step", None)
-        if step is not None and step._version != self._step_version and self._first_of_chunk is not None:
-            step.copy_(step[self._first_of_chunk])  # the kernels advance every copy alike: only the first can differ
-            self._step_version = step._version
+        schedule) are re-uploaded; nothing else is rebuilt."""
         grads = [item[1] for item in items]
         grad_ptrs = [g.data_ptr() for g in grads]
         if grad_ptrs != self.grad_ptrs:
@@ -246,6 +247,7 @@ class TritonBackend:
             self._tables = tables
         else:
             tables.refresh(items)
+            tables.sync_steps()
         return tables
 
     def _stage(self, tensor: torch.Tensor) -> torch.Tensor:
