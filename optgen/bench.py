@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .catalog import resolve_spec
+
 # -- parameter sets -------------------------------------------------------------------------------------
 
 
@@ -188,7 +190,30 @@ def synthetic(n: int, tensors: int = 100) -> list[tuple[str, tuple]]:
     return shapes
 
 
+def many_small(tensors: int = 200, elements: int = 1000) -> list[tuple[str, tuple]]:
+    """200 tensors of 1000 elements (0.2M parameters): per-tensor and per-launch overhead dominates, as in a
+    model made of many biases and norms, and a multi-tensor step is judged by how little it pays per tensor."""
+    return [(f"tensor.{i}", (elements,)) for i in range(tensors)]
+
+
+def tiny_transformer(layers: int = 2, h: int = 64, vocab: int = 1000, positions: int = 128) -> list[tuple[str, tuple]]:
+    """A d=64 encoder (36 tensors, 0.17M parameters): word and position embeddings with their LayerNorm, then
+    BERT's layer at width 64 -- attention q/k/v/o 64x64 with biases, MLP 64x256/256x64 with biases, two
+    LayerNorms -- twice. Small matrices and vectors mixed, where the per-tensor work of a step shows."""
+    shapes = [
+        ("embeddings.word_embeddings.weight", (vocab, h)),
+        ("embeddings.position_embeddings.weight", (positions, h)),
+        ("embeddings.LayerNorm.weight", (h,)),
+        ("embeddings.LayerNorm.bias", (h,)),
+    ]
+    for i in range(layers):
+        shapes += _bert_layer(h, 4 * h, f"encoder.layer.{i}")
+    return shapes
+
+
 RECIPES = {
+    "many-small": many_small,
+    "tiny-transformer": tiny_transformer,
     "bert-base-like": bert_base_like,
     "bert-base": lambda: _bert(12, 768, 30522),
     "bert-large": lambda: _bert(24, 1024, 30522),
@@ -251,8 +276,6 @@ def resolve_optimizer(entry) -> tuple[str, type, bool]:
         return entry._spec.name, entry, False
     if not isinstance(entry, str):
         raise SystemExit(f"optgen bench: {entry!r} is neither an optimizer name nor a class made by optgen.build")
-    from .cli import resolve_spec
-
     if entry.lower() in BUILTINS:
         return entry.lower(), getattr(optgen, BUILTINS[entry.lower()]().name), True
     spec = resolve_spec(entry)
@@ -289,14 +312,13 @@ def implementations(optimizer: str, cls: type, device: str, builtin: bool = True
     cuda = device == "cuda"
     impls = [
         Impl(optimizer, "optgen", lambda ps: cls(ps, **hp)),
-        Impl(optimizer, "optgen eager", lambda ps: cls(ps, backend="torch", **hp), env={"OPTGEN_COMPILE": "0"}),
+        Impl(optimizer, "optgen eager", lambda ps: cls(ps, backend="torch", **hp)),
     ]
     if cuda:
         # tuned on copies at its first step (cached on disk: a second run reuses the configs)
         impls.append(Impl(optimizer, "optgen autotuned", lambda ps: cls(ps, autotune=True, **hp)))
-        impls.append(Impl(optimizer, "torch.compile(generated)", lambda ps: cls(ps, backend="torch", **hp), env={"OPTGEN_COMPILE": "1"}))
-    elif len(_plan_of(cls).passes) > 1:
-        impls.append(Impl(optimizer, "torch.compile(generated)", None, skip="on CPU this is the 'optgen' row: backend='auto' runs the generated torch code compiled"))
+        # what a user gets from torch.compile without optgen's kernels: the generated torch passes, compiled
+        impls.append(Impl(optimizer, "torch.compile(generated)", lambda ps: _compiled_step(cls(ps, backend="torch", **hp))))
     if peers_of in ("adamw", "adam", "sgd"):
         torch_cls = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}[peers_of]
         for name, kw in (("torch for-loop", {"foreach": False}), ("torch foreach", {"foreach": True}), ("torch fused", {"fused": True})):
@@ -304,12 +326,16 @@ def implementations(optimizer: str, cls: type, device: str, builtin: bool = True
     if peers_of == "lamb":
         impls.append(_peer(optimizer, "pytorch-optimizer Lamb", "pytorch_optimizer", lambda m, ps: m.Lamb(ps, **hp)))
         impls.append(_peer(optimizer, "torch-optimizer Lamb", "torch_optimizer", lambda m, ps: m.Lamb(ps, **hp)))
+        # timm clips the global gradient norm to 1 before the update by default (an extra pass over every
+        # gradient); the other rows' LAMB has no such clip, so it is off to time the same update
+        impls.append(_peer(optimizer, "timm Lamb", "timm.optim", lambda m, ps: m.Lamb(ps, **hp, max_grad_norm=None)))
         impls.append(_gpu_peer(optimizer, "bitsandbytes LAMB", "bitsandbytes", lambda m, ps: m.optim.LAMB(ps, **hp), cuda))
         impls.append(_gpu_peer(optimizer, "DeepSpeed FusedLamb", "deepspeed.ops.lamb", lambda m, ps: m.FusedLamb(ps, **hp), cuda))
     if peers_of == "lars":
         lars = dict(lr=hp["lr"], momentum=hp["momentum"], weight_decay=hp["weight_decay"])
         impls.append(_peer(optimizer, "pytorch-optimizer LARS", "pytorch_optimizer", lambda m, ps: m.LARS(ps, **lars)))
         impls.append(_peer(optimizer, "torch-optimizer LARS", "torch_optimizer", lambda m, ps: m.LARS(ps, **lars)))
+        impls.append(_peer(optimizer, "timm Lars", "timm.optim", lambda m, ps: m.Lars(ps, **lars)))
         impls.append(_gpu_peer(optimizer, "bitsandbytes LARS", "bitsandbytes", lambda m, ps: m.optim.LARS(ps, **lars), cuda))
     return impls
 
@@ -394,6 +420,13 @@ def _make_params(shapes, device, dtype, seed: int):
     return params
 
 
+def _compiled_step(opt):
+    """``opt`` with its ``step`` compiled by ``torch.compile`` (dynamo traces the torch backend's eager passes;
+    the first step pays the compile)."""
+    opt.step = torch.compile(opt.step)
+    return opt
+
+
 def _path(opt) -> str | None:
     backends = getattr(opt, "_backends", None)
     if not backends:
@@ -401,7 +434,9 @@ def _path(opt) -> str | None:
     names = []
     for b in backends.values():
         if b.name == "torch":
-            names.append("torch+compile" if getattr(b, "last_step_compiled", False) else "torch eager")
+            names.append("torch eager")
+        elif getattr(b, "fallback", None) is not None:
+            names.append(f"{b.name} unavailable: torch eager")
         else:
             names.append(b.name)
     return ",".join(sorted(set(names)))
@@ -505,6 +540,7 @@ def versions() -> dict:
         ("triton", "triton"),
         ("pytorch_optimizer", "pytorch-optimizer"),
         ("torch_optimizer", "torch-optimizer"),
+        ("timm", "timm"),
         ("bitsandbytes", "bitsandbytes"),
         ("deepspeed", "deepspeed"),
         ("matplotlib", "matplotlib"),
@@ -519,7 +555,7 @@ def versions() -> dict:
 
 
 def device_info(device: str) -> dict:
-    info = {"type": device, "threads": torch.get_num_threads()}
+    info = {"type": device, "threads": torch.get_num_threads(), "cores": os.cpu_count()}
     if device == "cuda":
         info["name"] = torch.cuda.get_device_name()
     else:
@@ -531,8 +567,75 @@ def device_info(device: str) -> dict:
                         name = line.split(":", 1)[1].strip()
                         break
         info["name"] = name
-        info["cores"] = os.cpu_count()
     return info
+
+
+# -- trust ------------------------------------------------------------------------------------------------
+
+
+def load_average() -> tuple[float, float, float] | None:
+    """The 1-, 5- and 15-minute load averages, None where the platform has none. A function of its own so that
+    a test can fake a busy machine."""
+    return os.getloadavg() if hasattr(os, "getloadavg") else None
+
+
+def own_load(busy_threads: int, seconds: float) -> float:
+    """What a run that kept ``busy_threads`` threads runnable for ``seconds`` adds to the 1-minute load average
+    at its end: the kernel's average decays with a 60 s time constant, so it approaches the thread count
+    as 1 - exp(-t/60). Discounted from the end's load, else every CPU run longer than ~40 s on all cores
+    would find its own threads there and warn."""
+    return busy_threads * (1 - math.exp(-seconds / 60))
+
+
+def trust_warnings(loads, cores: int | None, rows: list[dict]) -> list[str]:
+    """Why a report's step times may not be trusted. ``loads``: ``(when, 1-minute load of other work)`` pairs,
+    the load ``None`` where unknown; ``rows`` with their ``copy_pct``.
+
+    Other work above half the cores takes turns with the run's threads, so the samples time the scheduler too.
+    A row above 100% of the copy bandwidth means the copy, measured at the start and the end, is no ceiling
+    for these updates: the copy was disturbed, or (on CPU) ``copy_`` pays a write-allocate read that in-place
+    updates skip (fused AdamW reached 1.6-2.2x in bench/results). Either way %copy is then no
+    share of the bandwidth the device can reach; the step times themselves are not affected."""
+    warnings = []
+    for when, load in loads:
+        if load is not None and cores and load > cores / 2:
+            warnings.append(
+                f"1-minute load average of other work {load:.2f} {when}, above half of the {cores} cores: the "
+                "machine was shared, step times and their spread are not trustworthy"
+            )
+    above = [r for r in rows if r.get("copy_pct", 0) > 100]
+    if above:
+        top = max(above, key=lambda r: r["copy_pct"])
+        warnings.append(
+            f"{len(above)} row(s) above 100% of the measured copy bandwidth (highest: {top['optimizer']} "
+            f"{top['impl']} on {top['model']}, {top['copy_pct']:.0f}%): the measured copy is no ceiling for these "
+            "updates (disturbed, or on CPU slowed by the write-allocate read in-place updates skip), so %copy is "
+            "not a share of the reachable bandwidth"
+        )
+    return warnings
+
+
+def _runs_loads(report: dict) -> list[tuple]:
+    """``(load averages at the start, at the end, the run's own load at the end)`` for each run of a report,
+    one for a measured report, one per run for a merged one; ``None`` where a report written before these were
+    recorded lacks them."""
+    own = report.get("own_load")
+    if isinstance(own, list):
+        count = len(own)
+        return list(zip(report.get("load_average_start") or [None] * count, report.get("load_average") or [None] * count, own))
+    return [(report.get("load_average_start"), report.get("load_average"), own)]
+
+
+def _load_warning_inputs(runs: list[tuple]) -> list[tuple[str, float | None]]:
+    """The ``(when, 1-minute load of other work)`` pairs of :func:`_runs_loads`'s runs."""
+    pairs = []
+    for i, (start, end, own) in enumerate(runs, start=1):
+        label = " of the run" if len(runs) == 1 else f" of run {i}"
+        if start is not None:
+            pairs.append((f"at the start{label}", start[0]))
+        if end is not None and own is not None:
+            pairs.append((f"at the end{label}", end[0] - own))
+    return pairs
 
 
 def run(
@@ -550,6 +653,7 @@ def run(
         raise SystemExit("optgen bench: --device cuda but torch.cuda.is_available() is False")
     subjects = [resolve_optimizer(o) for o in optimizers]  # bad names fail before anything is measured
     shapes_of = {model: model_shapes(model) for model in models}  # bad models too
+    load_start = load_average()
     started = time.perf_counter()
     info = device_info(device)
     info["copy_gbps"] = copy_bandwidth(device)
@@ -569,8 +673,11 @@ def run(
     info["copy_gbps"] = max(info["copy_gbps_start"], info["copy_gbps_end"])
     for row in results:
         row["copy_pct"] = row["gbps"] / info["copy_gbps"] * 100
-    load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    return {
+    load_end = load_average()
+    wall_s = time.perf_counter() - started
+    # on CUDA the host thread waits for the device busily; on CPU every torch thread works
+    busy_threads = 1 if device == "cuda" else info["threads"]
+    report = {
         "device": info,
         "versions": versions(),
         "date": datetime.date.today().isoformat(),
@@ -584,11 +691,15 @@ def run(
             "timer": "cuda events" if device == "cuda" else "time.perf_counter",
             "argv": sys.argv[1:],
         },
-        "load_average": list(load) if load else None,
-        "wall_s": time.perf_counter() - started,
+        "load_average_start": list(load_start) if load_start else None,
+        "load_average": list(load_end) if load_end else None,
+        "own_load": own_load(busy_threads, wall_s),
+        "wall_s": wall_s,
         "results": results,
         "skipped": skipped,
     }
+    report["warnings"] = trust_warnings(_load_warning_inputs(_runs_loads(report)), info["cores"], results)
+    return report
 
 
 def merge(reports: list[dict]) -> dict:
@@ -613,15 +724,20 @@ def merge(reports: list[dict]) -> dict:
     config["models"] = list(dict.fromkeys(m for r in reports for m in r["config"]["models"]))
     config["optimizers"] = list(dict.fromkeys(o for r in reports for o in r["config"]["optimizers"]))
     config["argv"] = [r["config"].get("argv") for r in reports]
+    runs = [run_loads for r in reports for run_loads in _runs_loads(r)]
     return {
         **first,
         "device": device,
         "config": config,
         "date": max(r["date"] for r in reports),
-        "load_average": [r.get("load_average") for r in reports],
+        "load_average_start": [start for start, _, _ in runs],
+        "load_average": [end for _, end, _ in runs],
+        "own_load": [own for _, _, own in runs],
         "wall_s": sum(r["wall_s"] for r in reports),
         "results": results,
         "skipped": [s for r in reports for s in r["skipped"]],
+        # the copy warning again for the common denominator; the load ones of every run
+        "warnings": trust_warnings(_load_warning_inputs(runs), device.get("cores"), results),
     }
 
 
@@ -658,6 +774,9 @@ def format_table(report: dict) -> str:
         "parameters x the optgen plan's bytes per parameter / step time; %copy: of the measured copy bandwidth "
         f"({report['device']['copy_gbps']:.1f} GB/s)."
     )
+    if report.get("warnings"):
+        lines.append("\nWARNING, these numbers may not be trusted:")
+        lines += [f"  - {w}" for w in report["warnings"]]
     return "\n".join(lines)
 
 

@@ -82,7 +82,7 @@ def test_bench_takes_any_catalog_entry_or_built_class():
 
 
 def test_a_built_class_in_a_users_file(tmp_path):
-    from optgen.cli import resolve_spec
+    from optgen.catalog import resolve_spec
 
     (tmp_path / "mine.py").write_text(
         "import optgen\nspec = optgen.Spec('Mine')\nlr = spec.hyper(lr=0.1)\n"
@@ -165,3 +165,131 @@ def test_a_users_spec_file_imports_its_neighbours(tmp_path, capsys):
     assert main(["show", f"{tmp_path / 'with_neighbour.py'}:spec", "--plan"]) == 0
     assert "Neighbour (no flags): 1 pass(es)" in capsys.readouterr().out
     assert sys.path == before
+
+
+def test_small_parameter_sets():
+    """Where per-tensor and per-launch costs show: 200 tensors of 1000 elements, and a d=64 transformer."""
+    many = bench.model_shapes("many-small")
+    assert len(many) == 200 and {shape for _, shape in many} == {(1000,)}
+    assert len({name for name, _ in many}) == 200
+    tiny = dict(bench.model_shapes("tiny-transformer"))
+    assert len(tiny) == 36  # 4 embedding tensors + 2 layers x 16
+    for i in range(2):
+        layer = f"encoder.layer.{i}"
+        for proj in ("query", "key", "value"):
+            assert tiny[f"{layer}.attention.self.{proj}.weight"] == (64, 64)
+            assert tiny[f"{layer}.attention.self.{proj}.bias"] == (64,)
+        assert tiny[f"{layer}.attention.output.dense.weight"] == (64, 64)
+        assert tiny[f"{layer}.intermediate.dense.weight"] == (256, 64)
+        assert tiny[f"{layer}.intermediate.dense.bias"] == (256,)
+        assert tiny[f"{layer}.output.dense.weight"] == (64, 256)
+        assert tiny[f"{layer}.output.dense.bias"] == (64,)
+    norms = {name: shape for name, shape in tiny.items() if "LayerNorm" in name}
+    assert len(norms) == 10 and set(norms.values()) == {(64,)}  # embeddings' and two per layer, weight and bias
+    assert all(shape[-1] == 64 for name, shape in tiny.items() if "embeddings" in name)
+
+
+def _import_without_timm(real_import):
+    def fake(module):
+        if module.split(".")[0] == "timm":
+            raise ModuleNotFoundError("No module named 'timm'")
+        return real_import(module)
+
+    return fake
+
+
+def test_timm_peers_skipped_with_the_reason_when_not_importable(monkeypatch):
+    import optgen
+
+    monkeypatch.setattr(bench, "_import", _import_without_timm(bench._import))
+    for optimizer, cls, impl in (("lamb", optgen.LAMB, "timm Lamb"), ("lars", optgen.LARS, "timm Lars")):
+        row = next(i for i in bench.implementations(optimizer, cls, "cpu") if i.impl == impl)
+        assert row.make is None and "timm.optim not importable" in row.skip and "No module named 'timm'" in row.skip
+    report = bench.run(["lars"], models=["synthetic:1000"], rounds=1, warmup=0, log=lambda line: None, sample_ms=0)
+    assert "timm Lars" not in {r["impl"] for r in report["results"]}
+    assert any(s["impl"] == "timm Lars" and "not importable" in s["reason"] for s in report["skipped"])
+
+
+def test_timm_peers_are_rows_when_importable(monkeypatch):
+    """A stand-in for timm.optim records what the bench builds its Lamb and Lars with: the bench's settings, and
+    timm's global gradient clip off (the other LAMB rows have none)."""
+    import types
+
+    built = {}
+
+    def stand_in(name):
+        class Recorded(torch.optim.SGD):
+            def __init__(self, params, **kwargs):
+                built[name] = kwargs
+                super().__init__(params, lr=kwargs["lr"])
+
+        return Recorded
+
+    fake_timm_optim = types.SimpleNamespace(Lamb=stand_in("Lamb"), Lars=stand_in("Lars"))
+    real_import = bench._import
+    monkeypatch.setattr(bench, "_import", lambda module: fake_timm_optim if module == "timm.optim" else real_import(module))
+    report = bench.run(["lamb", "lars"], models=["synthetic:1000"], rounds=1, warmup=0, log=lambda line: None, sample_ms=0)
+    rows = {(r["optimizer"], r["impl"]) for r in report["results"]}
+    assert {("lamb", "timm Lamb"), ("lars", "timm Lars")} <= rows
+    assert not any(s["impl"].startswith("timm") for s in report["skipped"])
+    assert built["Lamb"] == {**bench.HYPERS["lamb"], "max_grad_norm": None}
+    assert built["Lars"] == bench.HYPERS["lars"]
+
+
+def test_timm_peers_run_when_timm_is_installed():
+    timm_optim = pytest.importorskip("timm.optim")  # timm needs torchvision: without it, skipped here
+    import optgen
+
+    params = [torch.nn.Parameter(torch.ones(4, 4))]
+    params[0].grad = torch.ones(4, 4)
+    for optimizer, cls, impl in (("lamb", optgen.LAMB, "timm Lamb"), ("lars", optgen.LARS, "timm Lars")):
+        row = next(i for i in bench.implementations(optimizer, cls, "cpu") if i.impl == impl)
+        opt = row.make(params)
+        assert isinstance(opt, (timm_optim.Lamb, timm_optim.Lars))
+        opt.step()
+
+
+def _fake_loads(monkeypatch, start: float, end: float):
+    loads = iter([(start, start, start), (end, end, end)])
+    monkeypatch.setattr(bench, "load_average", lambda: next(loads))
+
+
+def test_trust_warnings_for_a_busy_machine_and_copy_above_100(monkeypatch, tmp_path, capsys):
+    cores = bench.os.cpu_count()
+    _fake_loads(monkeypatch, start=cores, end=0.0)  # busy at the start only
+    monkeypatch.setattr(bench, "copy_bandwidth", lambda device: 1e-6)  # every row far above the copy
+    out_json = tmp_path / "busy.json"
+    argv = ["bench", "--model", "synthetic:1000", "--optimizers", "sgd", "--rounds", "1", "--warmup", "0", "--sample-ms", "0"]
+    assert main([*argv, "--json", str(out_json)]) == 0
+    report = json.loads(out_json.read_text())
+    load_warnings = [w for w in report["warnings"] if "load average" in w]
+    assert len(load_warnings) == 1 and "at the start of the run" in load_warnings[0] and f"{cores:.2f}" in load_warnings[0]
+    copy_warnings = [w for w in report["warnings"] if "copy bandwidth" in w]
+    assert len(copy_warnings) == 1 and copy_warnings[0].startswith(f"{len(report['results'])} row(s) above 100%")
+    table = capsys.readouterr().out
+    assert "WARNING" in table and all(w in table for w in report["warnings"])
+
+    # a quiet machine and a copy no row reaches: no warning, none printed
+    _fake_loads(monkeypatch, start=0.0, end=0.0)
+    monkeypatch.setattr(bench, "copy_bandwidth", lambda device: 1e6)
+    quiet_json = tmp_path / "quiet.json"
+    assert main([*argv, "--json", str(quiet_json)]) == 0
+    assert json.loads(quiet_json.read_text())["warnings"] == []
+    assert "WARNING" not in capsys.readouterr().out
+
+    # merged: each run's load warning, named by run; the copy warning for the merged denominator
+    merged = bench.merge([report, json.loads(quiet_json.read_text())])
+    assert [w for w in merged["warnings"] if "load average" in w] == [load_warnings[0].replace("of the run", "of run 1")]
+    assert not any("copy bandwidth" in w for w in merged["warnings"])  # the quiet run's copy is the denominator
+
+
+def test_the_runs_own_threads_are_not_other_work():
+    """At its end a run's own threads are in the 1-minute load average; only the rest counts against trust."""
+    threads = 2
+    own_after_10_min = bench.own_load(threads, 600)
+    assert own_after_10_min == pytest.approx(threads, rel=1e-3) and bench.own_load(threads, 0) == 0
+    own_only = [(None, [threads, 0, 0], own_after_10_min)]
+    assert bench.trust_warnings(bench._load_warning_inputs(own_only), threads, []) == []
+    with_other_work = [(None, [threads + 1.5, 0, 0], own_after_10_min)]
+    (warning,) = bench.trust_warnings(bench._load_warning_inputs(with_other_work), threads, [])
+    assert "at the end of the run" in warning and "1.50" in warning

@@ -27,7 +27,7 @@ from conftest import (
 )
 
 import optgen
-from optgen import cli
+from optgen import catalog, cli
 from optgen.analysis import plan
 from optgen.ir import lower
 from optgen.layerwise import layer_adaptive
@@ -461,7 +461,7 @@ EXPECTED_COSTS = {
 def test_catalog_plans(name):
     n_passes, n_bytes, launches = EXPECTED_COSTS[name]
     spec = BUILTINS[name]()
-    for flags in cli.variants(spec):
+    for flags in catalog.variants(spec):
         p = plan(lower(spec, flags))
         assert (len(p.passes), p.bytes_per_param, p.launches_per_step) == (n_passes, n_bytes, launches), (
             flags, p.describe())

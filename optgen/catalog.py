@@ -1,0 +1,55 @@
+"""The optimizers a command can name: the built-ins and a user's ``path/file.py:VARIABLE``, and the flag
+variants of a spec.
+
+Here, not in ``cli``, so that the commands' modules (``bench``, ``inspect_kernels``) and ``cli`` all import
+one module that imports none of them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import sys
+from pathlib import Path
+
+from .spec import Spec
+from .specs import BUILTINS
+
+
+def resolve_spec(name: str) -> Spec:
+    """A built-in name (``lamb``) or ``path/to/file.py:VARIABLE`` (a Spec, or a function returning one)."""
+    if name.lower() in BUILTINS:
+        return BUILTINS[name.lower()]()
+    if ":" in name:
+        path, _, variable = name.rpartition(":")
+        file = Path(path)
+        if not file.is_file():
+            raise SystemExit(f"optgen: no such file: {path}")
+        module_spec = importlib.util.spec_from_file_location(f"optgen_user_{file.stem}", file)
+        module = importlib.util.module_from_spec(module_spec)
+        # as `python file.py` does: the file's folder first on sys.path, so it can import its neighbours
+        folder = str(file.resolve().parent)
+        sys.path.insert(0, folder)
+        try:
+            module_spec.loader.exec_module(module)
+        finally:
+            sys.path.remove(folder)
+        if not hasattr(module, variable):
+            raise SystemExit(f"optgen: {path} has no {variable!r}")
+        value = getattr(module, variable)
+        if isinstance(value, type) and hasattr(value, "_spec"):  # a class made by optgen.build
+            value = value._spec
+        elif callable(value) and not isinstance(value, Spec):
+            value = value()
+        if not isinstance(value, Spec):
+            raise SystemExit(f"optgen: {name} is a {type(value).__name__}, not an optgen.Spec")
+        return value
+    raise SystemExit(f"optgen: unknown optimizer {name!r}; built-ins: {', '.join(BUILTINS)} (or path/file.py:SPEC)")
+
+
+def variants(spec: Spec):
+    """Every flag combination of ``spec``, defaults first."""
+    names = [f.name for f in spec.flags]
+    defaults = tuple(f.default for f in spec.flags)
+    combos = sorted(itertools.product((False, True), repeat=len(names)), key=lambda c: (c != defaults, c))
+    return [dict(zip(names, combo)) for combo in combos]
