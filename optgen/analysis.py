@@ -11,8 +11,9 @@
   Later passes *load* the written value. A value computed in an earlier pass and needed again is either
   recomputed from its leaves or stored into a scratch buffer, whichever moves fewer bytes (ties recompute:
   no extra memory).
-* Between a pass producing per-layer partial sums and its consumer sits one segment-reduce launch; global
-  values are summed by each consumer from the producer's partial table, in a fixed order.
+* Between a pass producing partial sums and its consumers sits one reduce launch: a segment-reduce into
+  per-layer values and/or one program that folds the global values once per step, in a fixed order, into a
+  small vector that each consumer reads with one load.
 
 The plan is the one place that knows the pass structure; printers and templates only render it.
 """
@@ -104,6 +105,7 @@ class Pass:
     device_scalars: tuple[str, ...]  # 1-element device tensors read (GradScaler's found_inf ...)
     step_advance: sympy.Expr  # the step count moves by this in the last pass
     reduce_after: bool  # a segment-reduce launch turns this pass's partials into per-layer values
+    fold_after: bool  # the pass produces global values: its reduce launch folds them once per step
     writes_step: bool  # the last pass advances the step count
 
     @property
@@ -126,7 +128,9 @@ class Plan:
 
     @property
     def launches_per_step(self) -> int:
-        return len(self.passes) + sum(p.reduce_after for p in self.passes)
+        """Unsharded Triton launches: one per pass, and one reduce launch after each pass with per-layer values
+        (segment-reduce) or global values (fold; the same launch when a pass produces both)."""
+        return len(self.passes) + sum(p.reduce_after or p.fold_after for p in self.passes)
 
     @property
     def buffers(self) -> tuple[str, ...]:
@@ -150,7 +154,8 @@ class Plan:
                 f"  pass {p.index}: loads [{loads}] stores [{stores}] "
                 f"reduces [{', '.join(f'red_{k}' for k, _ in p.produces) or '-'}] "
                 f"reads [{', '.join(f'red_{k}' for k in p.consumes) or '-'}] -> {p.bytes_per_param} B"
-                + (" ; then segment-reduce" if p.reduce_after else "")
+                + (" ; then " if p.reduce_after or p.fold_after else "")
+                + " + ".join(w for w, on in (("segment-reduce", p.reduce_after), ("global fold", p.fold_after)) if on)
             )
         lines.extend(f"  note: {n}" for n in self.notes)
         return "\n".join(lines)
@@ -473,6 +478,7 @@ def _build_pass(j, n_passes, stores, produces, leaves, slots, step_advance) -> P
         device_scalars=device_scalars,
         step_advance=advance,
         reduce_after=any(slots[k].scope == "layer" for k, _ in produces),
+        fold_after=any(slots[k].scope == "global" for k, _ in produces),
         writes_step=writes_step,
     )
 

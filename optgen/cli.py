@@ -3,56 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import itertools
 import json
 import sys
 from pathlib import Path
 
 from .analysis import plan as make_plan
-from .codegen.render import TARGETS, generated_dir, render, variant_stem
+from .catalog import resolve_spec, variants
+from .codegen.render import TARGETS, generated_dir, golden_path, render
 from .ir import lower
-from .spec import Spec, SpecError
+from .spec import SpecError
 from .specs import BUILTINS
-
-
-def resolve_spec(name: str) -> Spec:
-    """A built-in name (``lamb``) or ``path/to/file.py:VARIABLE`` (a Spec, or a function returning one)."""
-    if name.lower() in BUILTINS:
-        return BUILTINS[name.lower()]()
-    if ":" in name:
-        path, _, variable = name.rpartition(":")
-        file = Path(path)
-        if not file.is_file():
-            raise SystemExit(f"optgen: no such file: {path}")
-        module_spec = importlib.util.spec_from_file_location(f"optgen_user_{file.stem}", file)
-        module = importlib.util.module_from_spec(module_spec)
-        # as `python file.py` does: the file's folder first on sys.path, so it can import its neighbours
-        folder = str(file.resolve().parent)
-        sys.path.insert(0, folder)
-        try:
-            module_spec.loader.exec_module(module)
-        finally:
-            sys.path.remove(folder)
-        if not hasattr(module, variable):
-            raise SystemExit(f"optgen: {path} has no {variable!r}")
-        value = getattr(module, variable)
-        if isinstance(value, type) and hasattr(value, "_spec"):  # a class made by optgen.build
-            value = value._spec
-        elif callable(value) and not isinstance(value, Spec):
-            value = value()
-        if not isinstance(value, Spec):
-            raise SystemExit(f"optgen: {name} is a {type(value).__name__}, not an optgen.Spec")
-        return value
-    raise SystemExit(f"optgen: unknown optimizer {name!r}; built-ins: {', '.join(BUILTINS)} (or path/file.py:SPEC)")
-
-
-def variants(spec: Spec):
-    """Every flag combination of ``spec``, defaults first."""
-    names = [f.name for f in spec.flags]
-    defaults = tuple(f.default for f in spec.flags)
-    combos = sorted(itertools.product((False, True), repeat=len(names)), key=lambda c: (c != defaults, c))
-    return [dict(zip(names, combo)) for combo in combos]
 
 
 def _parse_flags(pairs) -> dict:
@@ -93,13 +53,13 @@ def golden_sources() -> dict[Path, str]:
         for flags in variants(spec):
             p = make_plan(lower(spec, flags))
             for target in TARGETS:
-                out[generated_dir() / target / f"{variant_stem(p)}.py"] = render(p, target)
+                out[golden_path(p, target)] = render(p, target)
     return out
 
 
 def cmd_generate(args) -> int:
     expected = golden_sources()
-    present = {p for target in TARGETS for p in (generated_dir() / target).glob("*.py")}
+    present = {p for name, target in TARGETS.items() for p in (generated_dir() / name).glob(f"*{target.suffix}")}
     stale = [p for p, text in expected.items() if not p.is_file() or p.read_text() != text]
     extra = sorted(present - set(expected))
     if args.check:
@@ -191,7 +151,7 @@ def main(argv=None) -> int:
 
     show = sub.add_parser("show", help="print the generated source (or --plan) of an optimizer")
     show.add_argument("name", help="built-in name or path/file.py:SPEC")
-    show.add_argument("--target", choices=TARGETS, default="torch")
+    show.add_argument("--target", choices=list(TARGETS), default="torch")
     show.add_argument("--plan", action="store_true", help="print the pass plan instead of the source")
     show.add_argument("--flag", action="append", metavar="NAME=BOOL", help="select a variant")
     show.set_defaults(fn=cmd_show)
@@ -212,8 +172,8 @@ def main(argv=None) -> int:
     bench.add_argument(
         "--model",
         default=None,
-        help="comma list of parameter sets: bert-base-like, bert-base, bert-large, vit-b32, resnet50, gpt2-small, "
-        "synthetic:N (default synthetic:4000000 on CPU)",
+        help="comma list of parameter sets: many-small, tiny-transformer, bert-base-like, bert-base, bert-large, "
+        "vit-b32, resnet50, gpt2-small, synthetic:N (default synthetic:4000000 on CPU)",
     )
     bench.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")
     bench.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 parameters and gradients")

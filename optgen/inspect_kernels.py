@@ -37,6 +37,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from .analysis import Plan
+from .codegen.abi import pass_args, reduce_args
 from .codegen.render import load_module
 
 # Launch defaults of the Triton backend (optgen.runtime.triton_backend.LaunchConfig).
@@ -46,19 +47,6 @@ REDUCE_BLOCK = 256
 NUM_WARPS = 4
 ARCHS = (80, 86, 89, 90)
 
-# Argument types by the templates' naming convention, the same for every optimizer.
-_POINTERS = {
-    "_chunk_tensor": "*i32",
-    "_chunk_start": "*i64",
-    "_numel": "*i64",
-    "_group": "*i32",
-    "_step": "*fp32",
-    "_hyper": "*fp64",
-    "_partials": "*fp64",
-    "_first_chunk": "*i64",
-    "_n_chunks": "*i64",
-    "_out": "*fp64",
-}
 _DTYPE_NAMES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
                 "fp16": "float16", "float16": "float16"}
 
@@ -83,32 +71,24 @@ def _tl_dtype(value):
     return getattr(tl, name)
 
 
-def signature_of(kernel, constexprs: dict) -> tuple[dict, dict]:
-    """(signature, constexpr values) of a generated kernel, from its argument names alone.
-
-    Runtime arguments: the fixed tables of ``_POINTERS``, ``_<buffer>_addr`` (``*i64``: data_ptr per tensor),
-    ``_table_<k>`` (``*fp64``: reductions of pass k), ``_dev_<name>`` (``*fp32``: device scalars),
-    ``_rows_<k>`` and ``_chunk_offset`` (``i64``). Every other argument is a constexpr taken from ``constexprs``.
-    """
+def signature_of(kernel, constexprs: dict, args) -> tuple[dict, dict]:
+    """(signature, constexpr values) of a kernel: its runtime arguments typed by the kernel ABI ``args``
+    (``optgen.codegen.abi``: the list the template printed the signature from and the launchers fill), every
+    other argument a constexpr taken from ``constexprs``."""
+    typed = {a.name: (f"*{a.dtype}" if a.pointer else a.dtype) for a in args}
     signature, values = {}, {}
     for name in kernel.arg_names:
-        if name in _POINTERS:
-            signature[name] = _POINTERS[name]
-        elif name.endswith("_addr"):
-            signature[name] = "*i64"
-        elif name.startswith("_table_"):
-            signature[name] = "*fp64"
-        elif name.startswith("_dev_"):
-            signature[name] = "*fp32"
-        elif name.startswith("_rows_") or name == "_chunk_offset":
-            signature[name] = "i64"
+        if name in typed:
+            signature[name] = typed.pop(name)
         elif name.startswith("_"):
-            raise ValueError(f"{_kernel_name(kernel)}: no type known for runtime argument {name!r}")
+            raise ValueError(f"{_kernel_name(kernel)}: runtime argument {name!r} is not in its ABI")
         else:
             if name not in constexprs:
                 raise ValueError(f"{_kernel_name(kernel)}: no value for constexpr {name!r}")
             signature[name] = "constexpr"
             values[name] = constexprs[name]
+    if typed:
+        raise ValueError(f"{_kernel_name(kernel)}: ABI argument(s) {', '.join(typed)} missing from the kernel")
     return signature, values
 
 
@@ -188,6 +168,7 @@ def compile_kernel(
     arch="sm_90",
     dtype_map: dict | None = None,
     *,
+    args,
     n_hyper: int | None = None,
     aligned: bool = True,
     chunk: int = CHUNK,
@@ -195,7 +176,8 @@ def compile_kernel(
     num_warps: int = NUM_WARPS,
     num_stages: int = 3,
 ) -> AOTKernel:
-    """Compile one generated kernel (a pass or a segment-reduce) for ``arch`` with Triton's real compiler.
+    """Compile one generated kernel (a pass or a segment-reduce) for ``arch`` with Triton's real compiler;
+    ``args``: its runtime arguments, from the kernel ABI (``plan_kernels`` gives them).
 
     ``dtype_map`` gives the element dtype of buffers, by buffer name (``"param"``) or constexpr name
     (``"DT_param"``), as ``"fp32"``/``"bf16"``/``"fp16"`` or a ``triton.language`` dtype; buffers not named
@@ -230,7 +212,7 @@ def compile_kernel(
             constexprs[arg] = dtypes.pop(arg, _tl_dtype("fp32"))
     if dtypes:
         raise ValueError(f"{name} has no buffer(s) {', '.join(k[3:] for k in sorted(dtypes))}")
-    signature, values = signature_of(jit, constexprs)
+    signature, values = signature_of(jit, constexprs, args)
     source = ASTSource(fn=jit, signature=signature, constexprs=values)
     log = io.StringIO()
     with tempfile.TemporaryDirectory(prefix="optgen-aot-") as cache_dir, _compile_environment(cache_dir):
@@ -524,20 +506,21 @@ def kernel_report(aot: AOTKernel, role: str, pass_index: int, launched_per_step:
 
 
 def plan_kernels(plan: Plan):
-    """(role, pass index, kernel, launched every step) for every kernel of the plan's Triton module.
+    """(role, pass index, kernel, launched every step, ABI arguments) for every kernel of the plan's Triton
+    module.
 
-    Every pass kernel, and every segment-reduce kernel (one per pass that produces partials). A segment-reduce
-    is launched every step after passes with per-layer reductions (``reduce_after``); the others run only when
-    parameters are sharded (the ``[tensors, slots]`` table is what gets all-reduced)."""
+    Every pass kernel, and every reduce kernel (one per pass that produces partials, role ``segment_reduce``).
+    A reduce kernel is launched every step after passes with per-layer reductions (``reduce_after``) or global
+    ones (``fold_after``: its extra program folds the global values), so after every producing pass."""
     module = load_module(plan, "triton")
     if len(module.PASSES) != len(plan.passes) or len(module.REDUCES) != len(plan.passes):
         raise RuntimeError(f"{module.__name__}: {len(module.PASSES)} pass kernels for {len(plan.passes)} passes")
     out = []
     for p, kernel, reduce_kernel in zip(plan.passes, module.PASSES, module.REDUCES):
-        out.append(("pass", p.index, kernel, True))
+        out.append(("pass", p.index, kernel, True, pass_args(plan, p)))
         if reduce_kernel is not None:
-            out.append(("segment_reduce", p.index, reduce_kernel, bool(p.reduce_after)))
-        elif p.reduce_after:
+            out.append(("segment_reduce", p.index, reduce_kernel, bool(p.reduce_after or p.fold_after), reduce_args(plan, p)))
+        elif p.reduce_after or p.fold_after:
             raise RuntimeError(f"{module.__name__}: pass {p.index} needs a segment-reduce kernel and has none")
     return out
 
@@ -552,12 +535,12 @@ def inspect_plan(plan: Plan, arch: str = "sm_90", dtype="fp32", *, keep_going: b
     number = arch_number(arch)
     element = _tl_dtype(dtype)
     kernels = []
-    for role, index, kernel, launched in plan_kernels(plan):
+    for role, index, kernel, launched, args in plan_kernels(plan):
         dtype_map = {}
         if role == "pass":
             dtype_map = {a: element for a in ("DT_param", "DT_grad") if a in kernel.arg_names}
         try:
-            aot = compile_kernel(kernel, number, dtype_map, n_hyper=len(plan.ir.hypers))
+            aot = compile_kernel(kernel, number, dtype_map, args=args, n_hyper=len(plan.ir.hypers))
         except Exception as exc:
             if not keep_going or (isinstance(exc, RuntimeError) and interpreter_active()):
                 raise
@@ -583,7 +566,7 @@ def main(argv=None) -> int:
     import json
 
     from .analysis import plan as make_plan
-    from .cli import variants
+    from .catalog import variants
     from .codegen.render import variant_stem
     from .ir import lower
     from .specs import BUILTINS

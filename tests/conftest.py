@@ -1,4 +1,4 @@
-"""Shared test setup: the Triton backend runs in the interpreter with small chunks.
+"""Shared test setup: the Triton backend runs in the interpreter with small chunks, the C backend too.
 
 The environment must be set before torch, triton or optgen are imported, so it is done at the top of this
 file (pytest imports conftest.py before any test module).
@@ -10,6 +10,7 @@ import tempfile
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ["OPTGEN_CHUNK"] = "256"  # CHUNK: tensors of 255/256/257/773 elements straddle chunk boundaries
 os.environ["OPTGEN_BLOCK"] = "64"
+os.environ["OPTGEN_C_CHUNK"] = "256"  # the C backend's chunks straddle the same boundaries
 # One generated-code cache per test session: nothing from ~/.cache/optgen or an earlier run is reused.
 _CACHE = tempfile.TemporaryDirectory(prefix="optgen-test-cache-")
 os.environ["OPTGEN_CACHE_DIR"] = _CACHE.name
@@ -19,7 +20,7 @@ import torch  # noqa: E402
 
 CHUNK = int(os.environ["OPTGEN_CHUNK"])
 
-BACKENDS = ["torch", "triton"]
+BACKENDS = ["torch", "triton", "c"]
 
 # Normwise relative tolerance, max|actual - expected| / max|expected| per tensor, by parameter dtype.
 #
@@ -108,6 +109,20 @@ def run_steps(opt, params, grads):
             p.grad = None if g is None else g.clone()
         opt.step()
     return params
+
+
+def compiled_code(backend) -> list:
+    """What a backend runs, by identity: its generated module, or (C) its loaded libraries."""
+    if backend.name == "c":
+        return [id(k) for k in backend._kernels.values()]
+    return [id(backend.module)]
+
+
+def pytest_configure(config):
+    # A C build failure falls back to the torch path with this warning: in the tests it is a failure. (Set
+    # here, not in pyproject.toml: resolving the class imports optgen, and so triton, which must come after
+    # TRITON_INTERPRET is set above.)
+    config.addinivalue_line("filterwarnings", "error::optgen.runtime.cbuild.CKernelsUnavailable")
 
 
 @pytest.fixture(params=BACKENDS)

@@ -19,7 +19,8 @@ import triton
 import triton.language as tl
 
 from optgen.analysis import plan as make_plan
-from optgen.cli import variants
+from optgen.catalog import variants
+from optgen.codegen.abi import KernelArg
 from optgen.codegen.render import variant_stem
 from optgen.inspect_kernels import (
     BLOCK,
@@ -47,13 +48,18 @@ PLANS = builtin_plans()
 KERNELS = [
     (stem, role, index, kernel.fn.__name__, launched)
     for stem, plan in PLANS.items()
-    for role, index, kernel, launched in plan_kernels(plan)
+    for role, index, kernel, launched, _ in plan_kernels(plan)
 ]
 LAMB = [stem for stem, plan in PLANS.items() if plan.ir.name == "LAMB"]
 LAMB_PASSES = [(stem, index, name) for stem, role, index, name, _ in KERNELS if stem in LAMB and role == "pass"]
 
 
 # Controls for the detectors: the same kernel with the int64 chunk start kept 64-bit, and narrowed to int32.
+CONTROL_ARGS = (
+    KernelArg("_chunk_start", True, "i64", "[chunks]"),
+    KernelArg("_numel", True, "i64", "[tensors]"),
+    KernelArg("_x_addr", True, "i64", "[tensors]"),
+)
 @triton.jit
 def wide_pass(_chunk_start, _numel, _x_addr, DT_x: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
     start = tl.load(_chunk_start + tl.program_id(0))
@@ -91,35 +97,35 @@ def worker(arch: str) -> dict:
         out["reports"][stem] = _guard(lambda plan=plan: inspect_plan(plan, arch, keep_going=True))
     for stem in LAMB:
         n_hyper = len(PLANS[stem].ir.hypers)
-        for role, index, kernel, _ in plan_kernels(PLANS[stem]):
+        for role, index, kernel, _, args in plan_kernels(PLANS[stem]):
             if role == "pass":
                 low = {b: "bf16" for b in ("param", "grad") if f"DT_{b}" in kernel.arg_names}
                 out["bf16"][kernel.fn.__name__] = _guard(
-                    lambda k=kernel, i=index, n=n_hyper, low=low: kernel_report(
-                        compile_kernel(k, arch, low, n_hyper=n), "pass", i, True
+                    lambda k=kernel, i=index, n=n_hyper, low=low, a=args: kernel_report(
+                        compile_kernel(k, arch, low, args=a, n_hyper=n), "pass", i, True
                     )
                 )
     # the corners of the autotuner's search space, for LAMB's default variant (the autotuner times whatever
     # compiles; a config that fails to compile on the GPU is skipped there, so here they must all compile)
     out["tuned"] = {}
     lamb = next(stem for stem in LAMB if stem.startswith("lamb__bias_correction_1__eps_inside_sqrt_0"))
-    for role, index, kernel, _ in plan_kernels(PLANS[lamb]):
+    for role, index, kernel, _, args in plan_kernels(PLANS[lamb]):
         if role != "pass":
             continue
         for chunk, block, warps, stages in TUNE_CORNERS:
             out["tuned"][f"{kernel.fn.__name__}/{block}/{warps}/{stages}"] = _guard(
-                lambda k=kernel, i=index, c=chunk, b=block, w=warps, s=stages: kernel_report(
-                    compile_kernel(k, arch, n_hyper=len(PLANS[lamb].ir.hypers), chunk=c, block=b, num_warps=w, num_stages=s),
+                lambda k=kernel, i=index, c=chunk, b=block, w=warps, s=stages, a=args: kernel_report(
+                    compile_kernel(k, arch, args=a, n_hyper=len(PLANS[lamb].ir.hypers), chunk=c, block=b, num_warps=w, num_stages=s),
                     "pass",
                     i,
                     True,
                 )
             )
-    adamw = plan_kernels(PLANS["adamw"])[0][2]
+    _, _, adamw, _, adamw_args = plan_kernels(PLANS["adamw"])[0]
     controls = {
-        "adamw_unaligned": lambda: compile_kernel(adamw, arch, n_hyper=len(PLANS["adamw"].ir.hypers), aligned=False),
-        "wide": lambda: compile_kernel(wide_pass, arch),
-        "narrow": lambda: compile_kernel(narrow_pass, arch),
+        "adamw_unaligned": lambda: compile_kernel(adamw, arch, args=adamw_args, n_hyper=len(PLANS["adamw"].ir.hypers), aligned=False),
+        "wide": lambda: compile_kernel(wide_pass, arch, args=CONTROL_ARGS),
+        "narrow": lambda: compile_kernel(narrow_pass, arch, args=CONTROL_ARGS),
     }
     for name, build in controls.items():
         out["controls"][name] = _guard(lambda build=build: kernel_report(build(), "pass", 0, True))
@@ -210,10 +216,10 @@ def test_report_matches_plan(compiled, arch, stem):
     assert report["launches_per_step"] == plan.launches_per_step
     expected = [(name, role, index) for s, role, index, name, _ in KERNELS if s == stem]
     assert [(k["name"], k["role"], k["pass_index"]) for k in report["kernels"]] == expected
-    # one launch per pass kernel and per segment-reduce launched every step (the other segment-reduces, of
-    # passes read only globally, run when parameters are sharded)
+    # one launch per pass kernel and per reduce kernel: every pass with reductions is followed by its reduce
+    # launch (segment-reduce of per-layer values and/or the fold of global values)
     launched = [k for k in report["kernels"] if k["launched_per_step"]]
-    assert len(launched) == plan.launches_per_step == len(plan.passes) + sum(p.reduce_after for p in plan.passes)
+    assert len(launched) == plan.launches_per_step == len(plan.passes) + sum(bool(p.produces) for p in plan.passes)
     assert sum(k["role"] == "pass" for k in report["kernels"]) == len(plan.passes)
     assert sum(k["role"] == "segment_reduce" for k in report["kernels"]) == sum(bool(p.produces) for p in plan.passes)
     json.dumps(report)  # JSON-serialisable as it is
@@ -268,12 +274,12 @@ def test_autotune_search_space_corners_compile(compiled, arch):
 
 
 def test_compile_refuses_an_interpreting_process():
-    kernel = plan_kernels(PLANS["adam"])[0][2]
+    _, _, kernel, _, args = plan_kernels(PLANS["adam"])[0]
     if interpreter_active():
         with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
-            compile_kernel(kernel, "sm_90", n_hyper=len(PLANS["adam"].ir.hypers))
+            compile_kernel(kernel, "sm_90", args=args, n_hyper=len(PLANS["adam"].ir.hypers))
     else:  # the suite run with TRITON_INTERPRET=0: compiling in-process works
-        assert compile_kernel(kernel, "sm_90", n_hyper=len(PLANS["adam"].ir.hypers)).registers
+        assert compile_kernel(kernel, "sm_90", args=args, n_hyper=len(PLANS["adam"].ir.hypers)).registers
 
 
 def run_cli(*args, env=None):

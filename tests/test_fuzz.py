@@ -33,14 +33,13 @@ import builtins
 import functools
 import keyword
 import math
-import os
 from dataclasses import dataclass
 
 import numpy as np
 import pytest
 import sympy
 import torch
-from conftest import CHUNK, assert_spec_file_compiles, rel_err
+from conftest import BACKENDS, CHUNK, assert_spec_file_compiles, rel_err
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from sympy.printing.numpy import NumPyPrinter
@@ -583,26 +582,19 @@ def _inputs(seed: int):
 
 
 def _run(cls, case: Case, backend: str, dtype: torch.dtype, params, grads):
-    """``backend``: "torch", "triton", or "compiled" (the torch backend with its compiled CPU path forced on;
-    the torch backend reads OPTGEN_COMPILE when it is created, at the first step)."""
+    """``backend``: "torch", "triton" or "c"."""
     tensors = [torch.nn.Parameter(p.to(dtype).clone()) for p in params]
     groups = [
         {"params": [p for p, grp in zip(tensors, GROUP_OF) if grp == 0]},
         {"params": [p for p, grp in zip(tensors, GROUP_OF) if grp == 1], **case.group1},
     ]
-    saved = os.environ.get("OPTGEN_COMPILE")
-    os.environ["OPTGEN_COMPILE"] = "1" if backend == "compiled" else "0"
-    try:
-        opt = cls(groups, backend="torch" if backend == "compiled" else backend, **case.defaults, **case.flags)
-        for step_grads in grads:
-            for p, g in zip(tensors, step_grads):
-                p.grad = g.to(dtype).clone()
-            opt.step()
-    finally:
-        if saved is None:
-            os.environ.pop("OPTGEN_COMPILE", None)
-        else:
-            os.environ["OPTGEN_COMPILE"] = saved
+    opt = cls(groups, backend=backend, **case.defaults, **case.flags)
+    for step_grads in grads:
+        for p, g in zip(tensors, step_grads):
+            p.grad = g.to(dtype).clone()
+        opt.step()
+    if backend == "c":  # a build failure would fall back to the torch path silently: it is a finding
+        assert all(b.fallback is None for b in opt._backends.values()), "the C kernels failed to build"
     states = {name: [opt.state[p][name].detach().clone() for p in tensors] for name, _ in case.states}
     return [p.detach().clone() for p in tensors], states
 
@@ -651,7 +643,7 @@ def _features(case: Case, cls) -> list[str]:
     return found
 
 
-def _check_case(case: Case, backends=("torch", "triton"), record=True):
+def _check_case(case: Case, backends=("torch", "triton", "c"), record=True):
     cls = optgen.build(case.spec)
     if record:  # inside a hypothesis test
         for feature in _features(case, cls):
@@ -661,17 +653,19 @@ def _check_case(case: Case, backends=("torch", "triton"), record=True):
     for tensor in expected[0]:
         assert torch.isfinite(tensor).all(), "the float64 reference is not finite: the strategy is not tame"
 
-    fp64 = _run(cls, case, "torch", torch.float64, params, grads)
-    err, where_ = _errors(fp64, expected)
-    assert err <= TOL_FP64, f"torch fp64 vs float64 evaluation: {err:.3e} at {where_}"
+    for fp64_backend in ("torch", "c") if "c" in backends else ("torch",):  # C computes fp64 parameters in double
+        fp64 = _run(cls, case, fp64_backend, torch.float64, params, grads)
+        err, where_ = _errors(fp64, expected)
+        assert err <= TOL_FP64, f"{fp64_backend} fp64 vs float64 evaluation: {err:.3e} at {where_}"
     results = {}
     for backend in backends:
         results[backend] = _run(cls, case, backend, torch.float32, params, grads)
         err, where_ = _errors(results[backend], expected)
         assert err <= TOL_FP32, f"{backend} fp32 vs float64 evaluation: {err:.3e} at {where_}"
-    if len(results) == 2:
-        err, where_ = _errors(results["triton"], results["torch"])
-        assert err <= TOL_FP32, f"triton vs torch (fp32): {err:.3e} at {where_}"
+    for backend in results:
+        if backend != "torch" and "torch" in results:
+            err, where_ = _errors(results[backend], results["torch"])
+            assert err <= TOL_FP32, f"{backend} vs torch (fp32): {err:.3e} at {where_}"
 
 
 @settings(max_examples=40, **SETTINGS)
@@ -685,18 +679,6 @@ def test_random_specs_agree_across_backends_and_with_float64(case):
 def test_random_specs_torch_backend_matches_float64(case):
     """More examples on the (fast) torch backend alone: fp32 and fp64 runs against the float64 evaluation."""
     _check_case(case, backends=("torch",))
-
-
-@settings(max_examples=8, **SETTINGS)
-@given(valid_cases())
-def test_random_specs_compiled_cpu_path_matches_float64(case):
-    """The compiled CPU path (Inductor, one compile per pass: a few examples) against the float64 evaluation;
-    a compile failure is a finding too (it would silently fall back to eager)."""
-    from optgen.runtime import torch_backend
-
-    failures = torch_backend.compile_stats()["failures"]
-    _check_case(case, backends=("compiled",))
-    assert torch_backend.compile_stats()["failures"] == failures, "the compiled CPU path failed to compile"
 
 
 def test_reference_evaluator_on_a_hand_written_spec():
@@ -1213,7 +1195,7 @@ def _step_once(cls, values, grads, backend, dtype=torch.float32, **kwargs):
     return p.detach()
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])  # fixed (was a torch-backend bug)
+@pytest.mark.parametrize("backend", BACKENDS)  # fixed (was a torch-backend bug)
 def test_bug_torch_backend_reads_new_value_of_state_stored_earlier_in_the_pass(backend):
     spec = optgen.Spec("StaleRead")
     lr = spec.hyper(lr=1.0)
@@ -1228,7 +1210,7 @@ def test_bug_torch_backend_reads_new_value_of_state_stored_earlier_in_the_pass(b
 # was: sympy's Piecewise folded a where() inside a reduction inside a where() condition:
 # layer_sum(where(g > 0, g, -g)) > 3 became ITE(g > 0, LayerSum(g) > 3, LayerSum(-g) > 3), an element-wise
 # choice between two other reductions, on both backends
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_bug_where_inside_a_reduction_in_a_condition_is_folded(backend):
     spec = optgen.Spec("Folded")
     lr = spec.hyper(lr=0.1)
@@ -1244,7 +1226,7 @@ def test_bug_where_inside_a_reduction_in_a_condition_is_folded(backend):
 # was: torch backend: a state set to another state's old value (b := a, a updated in the same pass) got the new
 # value: ``a = _a.to(dtype)`` is the buffer itself when no conversion is needed, and the store of a came first
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_bug_state_set_to_another_states_old_value(backend, dtype):
     if backend == "triton" and dtype == torch.float64:
         pytest.skip("the Triton backend takes fp32/bf16/fp16")
@@ -1276,7 +1258,7 @@ def test_bug_piecewise_without_default_in_a_reduction_is_a_spec_error():
         optgen.build(spec)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_bug_state_initialised_to_a_where_of_constants(backend):
     # was: NameError 'dtype' (the printer's constant where() names the compute dtype; init code lacked it)
     spec = optgen.Spec("WhereInit")
@@ -1294,7 +1276,7 @@ def test_bug_state_initialised_to_a_where_of_constants(backend):
 
 # was: a valid spec rejected: sympy folds a where() inside a comparison into the condition as an ITE
 # (where(where(w > 0, w, g) > 0, ...) has the condition ITE(w > 0, w > 0, g > 0)), which lower() refused
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_bug_where_inside_a_comparison_becomes_an_ite(backend):
     spec = optgen.Spec("IteCondition")
     lr = spec.hyper(lr=1.0)
@@ -1307,7 +1289,7 @@ def test_bug_where_inside_a_comparison_becomes_an_ite(backend):
 # was: a valid spec rejected: in trust_ratio(norm(w), norm(u)) with u = where(g > 0, g, 1/2), sympy folded
 # the lowered condition norm(u) > 0 into ITE(g > 0, LayerSum(g**2) > 0, LayerSum(1/4) > 0) and build()
 # reported 'LayerSum(1/4) reduces an expression that is not element-wise'
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_bug_trust_ratio_of_a_where_is_rejected(backend):
     spec = optgen.Spec("TrustWhere")
     lr = spec.hyper(lr=0.1)
@@ -1321,7 +1303,7 @@ def test_bug_trust_ratio_of_a_where_is_rejected(backend):
 
 # was: Triton backend (interpreter): And/Or of an element-wise and a per-step comparison, (g > 0.0) &
 # (lr > 0.05), raised InterpreterError TypeError("ufunc 'bitwise_and' not supported")
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_bug_triton_condition_mixing_elementwise_and_per_step_comparisons(backend):
     spec = optgen.Spec("MixedCondition")
     lr = spec.hyper(lr=0.1)
@@ -1336,7 +1318,7 @@ def test_bug_triton_condition_mixing_elementwise_and_per_step_comparisons(backen
 # was: Triton printer: x**p with a symbolic exponent (a hyperparameter, the step t) was exp2(p*log2(x)),
 # NaN for x < 0 even where p is an integer (g**2.0, g**t); torch.pow gives the real power
 @pytest.mark.parametrize("exponent", ["hyper", "step"])
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_bug_power_with_symbolic_exponent_of_negative_base(backend, exponent):
     spec = optgen.Spec("NegativeBase")
     lr, p = spec.hyper(lr=0.1, p=optgen.Hyper(2.0, lo=-math.inf))  # any real exponent
@@ -1369,7 +1351,7 @@ def test_bug_torch_backend_where_of_two_constants_is_fp32():
     [sympy.pi, sympy.E, "min_sqrt2"],
     ids=["pi", "E", "Min(g, sqrt(2))"],
 )
-@pytest.mark.parametrize("backend", ["torch", "triton"])  # fixed (was a torch-backend bug)
+@pytest.mark.parametrize("backend", BACKENDS)  # fixed (was a torch-backend bug)
 def test_bug_torch_backend_irrational_constants(backend, constant):
     spec = optgen.Spec("Irrational")
     lr = spec.hyper(lr=0.1)
@@ -1528,7 +1510,7 @@ def _two_keys():
 
 
 def _run_both(cls):
-    for backend in ("torch", "triton"):
+    for backend in BACKENDS:
         _step_once(cls, [1.0, -2.0], [0.5, -0.25], backend)
 
 
@@ -1585,7 +1567,7 @@ def test_bug_names_that_break_generated_code(kind, name):
     except SpecError:
         return
     twin = optgen.build(_named(kind, "plain"))
-    for backend in ("torch", "triton"):
+    for backend in BACKENDS:
         got = _step_once(cls, [1.0, -2.0, 0.5], [0.5, -0.25, 2.0], backend)
         expected = _step_once(twin, [1.0, -2.0, 0.5], [0.5, -0.25, 2.0], backend)
         assert torch.equal(got, expected), backend
@@ -1617,7 +1599,7 @@ def test_bug_reduction_that_simplifies_to_a_constant(tmp_path):
     exec(CONSTANT_REDUCTION, namespace)
     cls = optgen.build(namespace["spec"]())
     n = 3 * CHUNK + 5  # several chunks of the test chunk size, a ragged tail
-    for backend in ("torch", "triton"):
+    for backend in BACKENDS:
         p = torch.nn.Parameter(torch.ones(n))
         opt = cls([p], backend=backend)
         p.grad = torch.ones(n)

@@ -10,7 +10,7 @@ Policies (also in README.md):
 
 import pytest
 import torch
-from conftest import assert_bitwise
+from conftest import BACKENDS, assert_bitwise
 
 import optgen
 
@@ -223,7 +223,7 @@ def test_a_nan_reaches_layer_and_global_maxima_on_both_backends(tmp_path):
     exec(NAN_MAX_SPEC, namespace)
     cls = optgen.build(namespace["spec"]())
     n = 3 * CHUNK + 5
-    for backend in ("torch", "triton"):
+    for backend in BACKENDS:
         for where_nan in (0, CHUNK + 1, n - 1):  # first chunk, a middle chunk, the masked tail
             p, q = torch.nn.Parameter(torch.ones(n)), torch.nn.Parameter(torch.ones(7))
             p.grad, q.grad = torch.ones(n), torch.ones(7)

@@ -12,6 +12,7 @@ import math
 import pytest
 import torch
 from conftest import (
+    BACKENDS,
     ODD_SHAPES,
     TOL_F64_REFERENCE,
     ZERO_BIAS,
@@ -351,7 +352,7 @@ def test_mixed_dtypes_triton_matches_torch(cls, kwargs):
             assert a.dtype == e.dtype == MIXED[i][1]
             assert_close_rel(a, e, a.dtype, what=f"step {step} param {i} ({a.dtype})")
         partitions = 3
-        reduces = sum(p.reduce_after for p in opt.plan.passes)
+        reduces = sum(p.reduce_after or p.fold_after for p in opt.plan.passes)  # one reduce launch each
         assert opt._backends["triton"].launches - launches == len(opt.plan.passes) * partitions + reduces
     assert all(float(opt.state[p]["step"]) == steps for p in params)
 
@@ -365,7 +366,7 @@ def test_thousand_small_tensors_triton_matches_torch(cls, kwargs):
     steps = 2
     grads = make_grads(shapes, steps, seed=6)
     results = {}
-    for backend in ("torch", "triton"):
+    for backend in BACKENDS:
         params = make_params(shapes, seed=7, zero=(3, 500))
         opt = cls(params, backend=backend, **kwargs)
         run_steps(opt, params, grads)
@@ -392,7 +393,7 @@ def test_param_groups_triton_matches_torch(cls, first, second):
     steps = 6
     grads = make_grads(ODD_SHAPES, steps)
     results = {}
-    for backend in ("torch", "triton"):
+    for backend in BACKENDS:
         params = make_params()
         groups = [dict(params=params[:5], **first), dict(params=params[5:], **second)]
         opt = cls(groups, backend=backend)

@@ -15,12 +15,14 @@ import warnings
 import pytest
 import torch
 from conftest import (
+    BACKENDS,
     TOL,
     TOL_F64_REFERENCE,
     RecordHostSyncs,
     assert_bitwise,
     assert_close_rel,
     clone_params,
+    compiled_code,
     make_grads,
     make_params,
     rel_err,
@@ -498,7 +500,7 @@ def test_state_dtype_sets_the_dtype_of_the_moments(state_dtype, backend):
     assert all(fp32.state[p]["exp_avg"].dtype == torch.float32 for p in fp32.param_groups[0]["params"])
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_state_dtype_bf16_moments_are_the_fp32_ones_rounded(param_dtype, backend):
     grads = make_grads(SHAPES, 3, dtype=param_dtype)
@@ -748,11 +750,11 @@ def test_lr_scheduler_equals_lr_set_by_hand(name, backend):
         scheduler.step()
         if k == 0:  # generated code is loaded by the first step; no schedule value loads more
             misses = render._import.cache_info().misses
-            module = opt._backends[backend].module
+            module = compiled_code(opt._backends[backend])
             backend_object = opt._backends[backend]
     assert render._import.cache_info().misses == misses
     assert len(opt._backends) == 1 and opt._backends[backend] is backend_object
-    assert backend_object.module is module
+    assert compiled_code(backend_object) == module
     assert_bitwise(list(model.parameters()), list(manual_model.parameters()), "params")
     if name == "OneCycleLR":  # the betas really were read: without momentum cycling the result differs
         still = make_mlp()
@@ -829,7 +831,7 @@ def test_torch_adamw_loads_our_checkpoint_and_continues_like_us(backend):
                          what="exp_avg_sq")
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_bf16_moments_of_a_torch_checkpoint_keep_updating(backend):
     """torch.optim keeps the moments of bf16 parameters in bf16; loaded, they stay bf16 (load_state_dict keeps
     saved dtypes) and must go on following m <- beta1 m + (1 - beta1) g."""

@@ -1,7 +1,8 @@
 """Printers: the only code that turns sympy expressions into source.
 
-Both targets compute in fp32 and share sympy's Python code printer; each is a subclass with a function
-table and one override per construct where the target's semantics differ from Python's:
+Every target computes in fp32 (fp64 for fp64 parameters) and shares one table of rules (``_FloatRules``);
+the Torch and Triton printers extend sympy's Python code printer, the C printer sympy's C99 printer. Each is
+a subclass with a function table and one override per construct where the target's semantics differ:
 
 * numbers print as float literals (``1`` -> ``1.0``, ``1/3`` -> ``0.3333333333333333``): Triton follows C,
   where ``1/3`` between integers is integer division;
@@ -13,51 +14,56 @@ table and one override per construct where the target's semantics differ from Py
 
 from __future__ import annotations
 
+import math
+
 import sympy
+from sympy.printing.c import C99CodePrinter
 from sympy.printing.precedence import precedence
 from sympy.printing.pycode import PythonCodePrinter
 
+# Settings every printer takes: ``positive`` and ``nonnegative`` name the symbols known to be > 0 / >= 0 (the
+# step count, hyperparameters by their declared ranges; they spare guards a general formula needs); ``scalar``
+# selects code for per-step fp64 scalars instead of element-wise values.
+_SIGN_SETTINGS = dict(positive=frozenset({"t"}), nonnegative=frozenset(), scalar=False)
 
-class _FloatPrinter(PythonCodePrinter):
-    """Shared rules: fp32 float literals, names printed as they are, powers by a common decomposition.
 
-    Settings ``positive`` and ``nonnegative``: names of symbols known to be > 0 / >= 0 (the step count,
-    hyperparameters by their declared ranges); they spare guards a general formula needs."""
-
-    _default_settings = dict(PythonCodePrinter._default_settings, positive=frozenset({"t"}), nonnegative=frozenset())
+class _FloatRules:
+    """Rules shared by every target, mixed into a sympy printer: float literals, names printed as they are,
+    powers by a common decomposition, ``Piecewise``/``where`` as nested selections."""
 
     sqrt_fn = ""
     where_fn = ""
     known_functions: dict[str, str] = {}
 
-    def __init__(self, settings=None):
-        super().__init__(dict(settings or {}, fully_qualified_modules=False))
-        # sympy's tables map to math.*; the subclass tables replace them wholesale.
-        self.known_functions = dict(type(self).known_functions)
-
-    def _module_format(self, fqn, register=True):
-        return fqn
+    @classmethod
+    def name_problem(cls, name: str) -> str | None:
+        """Why a spec's symbol ``name`` cannot be a name in this target's code, or None."""
+        return None
 
     # -- numbers -------------------------------------------------------------------------------------
+    def _literal(self, value: float) -> str:
+        """A float constant as the target writes it."""
+        return repr(value)
+
     def _print_Float(self, expr):
-        return repr(float(expr))
+        return self._literal(float(expr))
 
     def _print_Integer(self, expr):
-        return repr(float(int(expr)))
+        return self._literal(float(int(expr)))
 
     def _print_Rational(self, expr):
-        return repr(float(expr))  # correctly rounded, also where p or q alone overflows float64 (1/2**2000 is 0.0)
+        return self._literal(float(expr))  # correctly rounded, also where p or q alone overflows float64 (1/2**2000 is 0.0)
 
     _print_Half = _print_Rational
 
     def _print_Zero(self, expr):
-        return "0.0"
+        return self._literal(0.0)
 
     def _print_One(self, expr):
-        return "1.0"
+        return self._literal(1.0)
 
     def _print_NegativeOne(self, expr):
-        return "-1.0"
+        return self._literal(-1.0)
 
     def _print_BooleanTrue(self, expr):
         return "True"
@@ -72,10 +78,10 @@ class _FloatPrinter(PythonCodePrinter):
         return self._paren(expr.args[0])
 
     def _print_NumberSymbol(self, expr):
-        return repr(float(expr))
+        return self._literal(float(expr))
 
     def _print_known_const(self, expr):  # pi, E: float literals, not math.pi
-        return repr(float(expr))
+        return self._literal(float(expr))
 
     _print_Pi = _print_Exp1 = _print_EulerGamma = _print_GoldenRatio = _print_NumberSymbol
 
@@ -87,7 +93,7 @@ class _FloatPrinter(PythonCodePrinter):
     # -- powers --------------------------------------------------------------------------------------
     def _print_Pow(self, expr, rational=False):
         if expr.is_number:  # sqrt(2), 2**(1/3): a constant, printed as its float value
-            return repr(float(expr))
+            return self._literal(float(expr))
         base, exp = expr.as_base_exp()
         b = self.parenthesize(base, precedence(expr))
         if exp.is_Float and float(exp).is_integer():
@@ -96,11 +102,11 @@ class _FloatPrinter(PythonCodePrinter):
             product = "*".join([b] * abs(int(exp)))
             if int(exp) > 0:
                 return product if int(exp) == 1 else f"({product})"
-            return f"(1.0 / ({product}))"
+            return f"({self._literal(1.0)} / ({product}))"
         if exp == sympy.S.Half:
             return f"{self.sqrt_fn}({self._print(base)})"
         if exp == -sympy.S.Half:
-            return f"(1.0 / {self.sqrt_fn}({self._print(base)}))"
+            return f"({self._literal(1.0)} / {self.sqrt_fn}({self._print(base)}))"
         return self._print_general_pow(base, exp)
 
     def _print_general_pow(self, base, exp):
@@ -123,6 +129,20 @@ class _FloatPrinter(PythonCodePrinter):
         condition, if_true, if_false = expr.args
         return self._print_Piecewise(sympy.Piecewise((if_true, condition), (if_false, True), evaluate=False))
 
+    def _known_sign(self, expr):
+        """``expr`` over stand-ins that carry what is known of each symbol: the step count is >= 1,
+        hyperparameters have their declared ranges (``positive``/``nonnegative`` settings), the rest is real."""
+        positive, nonnegative = self._settings["positive"], self._settings["nonnegative"]
+
+        def stand_in(symbol):
+            if symbol.name in positive:
+                return sympy.Dummy(positive=True)
+            if symbol.name in nonnegative:
+                return sympy.Dummy(nonnegative=True)
+            return sympy.Dummy(real=True)
+
+        return expr.xreplace({s: stand_in(s) for s in expr.free_symbols})
+
     def _print_Relational(self, expr):
         ops = {"==": "==", "!=": "!=", "<": "<", "<=": "<=", ">": ">", ">=": ">="}
         return f"({self._print(expr.lhs)} {ops[expr.rel_op]} {self._print(expr.rhs)})"
@@ -140,12 +160,25 @@ class _FloatPrinter(PythonCodePrinter):
         return code
 
 
+class _FloatPrinter(_FloatRules, PythonCodePrinter):
+    """The Python-syntax targets (torch, Triton)."""
+
+    _default_settings = dict(PythonCodePrinter._default_settings, **_SIGN_SETTINGS)
+
+    def __init__(self, settings=None):
+        super().__init__(dict(settings or {}, fully_qualified_modules=False))
+        # sympy's tables map to math.*; the subclass tables replace them wholesale.
+        self.known_functions = dict(type(self).known_functions)
+
+    def _module_format(self, fqn, register=True):
+        return fqn
+
+
 class TritonPrinter(_FloatPrinter):
     """Prints Triton code. Element-wise values are fp32 ``tl`` tensors (``sqrt_rn``: correctly rounded, as
     torch's); with ``scalar=True`` the code is for per-program fp64 scalars, where ``tl.sqrt`` is already
     correctly rounded (``sqrt.rn.f64``)."""
 
-    _default_settings = dict(_FloatPrinter._default_settings, scalar=False)
     sqrt_fn = "tl.sqrt_rn"
 
     def __init__(self, settings=None):
@@ -184,20 +217,6 @@ class TritonPrinter(_FloatPrinter):
         negative = f"tl.where({e} == tl.floor({e}), tl.where({odd}, -{magnitude}, {magnitude}), float('nan'))"
         signed = f"tl.where({b} < 0.0, {negative}, {magnitude})"
         return signed if exp_sign.is_nonzero else zero_power.format(signed)
-
-    def _known_sign(self, expr):
-        """``expr`` over stand-ins that carry what is known of each symbol: the step count is >= 1,
-        hyperparameters have their declared ranges (``positive``/``nonnegative`` settings), the rest is real."""
-        positive, nonnegative = self._settings["positive"], self._settings["nonnegative"]
-
-        def stand_in(symbol):
-            if symbol.name in positive:
-                return sympy.Dummy(positive=True)
-            if symbol.name in nonnegative:
-                return sympy.Dummy(nonnegative=True)
-            return sympy.Dummy(real=True)
-
-        return expr.xreplace({s: stand_in(s) for s in expr.free_symbols})
 
     def _print_Max(self, expr):
         return self._fold("tl.maximum({}, {}, propagate_nan=tl.PropagateNan.ALL)", expr.args)
@@ -242,7 +261,6 @@ class TorchPrinter(_FloatPrinter):
     Element-wise code computes in the module's ``dtype`` (fp32, fp64 for fp64 parameters); with
     ``scalar=True`` the code is for per-step scalars, computed in fp64 like torch.optim's Python floats."""
 
-    _default_settings = dict(_FloatPrinter._default_settings, scalar=False)
     sqrt_fn = "torch.sqrt"
     where_fn = "torch.where"
 
@@ -293,9 +311,106 @@ class TorchPrinter(_FloatPrinter):
         return f"torch.sign({self._print(expr.args[0])})"
 
 
+class CPrinter(_FloatRules, C99CodePrinter):
+    """Prints C99 for the C target (``templates/c_module.c.j2``).
+
+    Element-wise code computes in ``real`` (the template's typedef: float, double for fp64 parameters):
+    constants print as ``OG_R(0.9)``, a cast to ``real``, so ``0.9 * x`` stays single precision as in torch;
+    with ``scalar=True`` the code is for per-step fp64 scalars and constants are plain doubles. Functions are
+    the type-generic ones of ``<tgmath.h>`` (``sqrt`` is ``sqrtf`` on floats, correctly rounded, vectorised with
+    ``-fno-math-errno``); ``pow`` is C's, which is the real power torch.pow gives. ``OG_WHERE``, ``OG_MAX``,
+    ``OG_MIN`` and ``OG_SIGN`` are the template's macros (NaN-propagating max/min, torch's sign). ``prefix``
+    is prepended to every name (the template names per-program fp64 values ``d_<name>``)."""
+
+    _default_settings = dict(C99CodePrinter._default_settings, **_SIGN_SETTINGS, prefix="", strict=True)
+    sqrt_fn = "sqrt"
+    where_fn = "OG_WHERE"
+    known_functions = {
+        "Abs": "fabs",
+        "exp": "exp",
+        "log": "log",
+        "floor": "floor",
+        "ceiling": "ceil",
+        "sin": "sin",
+        "cos": "cos",
+    }
+
+    def __init__(self, settings=None):
+        super().__init__(settings)
+        self.known_functions = dict(type(self).known_functions)
+
+    def _literal(self, value: float) -> str:
+        if math.isnan(value):
+            text = "NAN"
+        elif math.isinf(value):
+            text = "INFINITY" if value > 0 else "(-INFINITY)"
+        else:
+            text = repr(value)
+        return text if self._settings["scalar"] else f"OG_R({text})"
+
+    # names the generated C declares or calls itself: a spec symbol of that name would shadow them
+    _taken_names = frozenset({"real", "sqrt", "pow", "fabs", "exp", "log", "floor", "ceil", "sin", "cos", "NAN", "INFINITY"})
+
+    @classmethod
+    def name_problem(cls, name: str) -> str | None:
+        if name in cls.reserved_words or name in cls._taken_names:
+            return f"the name {name!r} is reserved in C (the C kernels could not declare it): rename it"
+        return None
+
+    def _print_Symbol(self, expr):
+        problem = self.name_problem(expr.name)
+        if problem:
+            raise ValueError(problem)
+        return self._settings["prefix"] + expr.name
+
+    def _print_BooleanTrue(self, expr):
+        return "1"
+
+    def _print_BooleanFalse(self, expr):
+        return "0"
+
+    def _print_Function(self, expr):
+        name = self.known_functions.get(type(expr).__name__)
+        if name is None:
+            raise ValueError(f"the C printer cannot express {type(expr).__name__}: {expr}")
+        return f"{name}({', '.join(self._print(a) for a in expr.args)})"
+
+    _print_Abs = _print_exp = _print_log = _print_floor = _print_ceiling = _print_sin = _print_cos = _print_Function
+
+    def _print_general_pow(self, base, exp):
+        return f"pow({self._print(base)}, {self._print(exp)})"
+
+    def _print_Max(self, expr):
+        return self._fold("OG_MAX({}, {})", expr.args)
+
+    def _print_Min(self, expr):
+        return self._fold("OG_MIN({}, {})", expr.args)
+
+    def _print_sign(self, expr):
+        return f"OG_SIGN({self._print(expr.args[0])})"
+
+    def _print_Mod(self, expr):
+        # Python's convention (the result has the divisor's sign), not C's fmod
+        a, b = (self._paren(x) for x in expr.args)
+        return f"({a} - {b} * floor({a} / {b}))"
+
+    def _print_And(self, expr):
+        return "(" + " && ".join(self._print(a) for a in sorted(expr.args, key=sympy.default_sort_key)) + ")"
+
+    def _print_Or(self, expr):
+        return "(" + " || ".join(self._print(a) for a in sorted(expr.args, key=sympy.default_sort_key)) + ")"
+
+    def _print_Not(self, expr):
+        return f"(!{self._paren(expr.args[0])})"
+
+
 def triton_code(expr, scalar: bool = False, **settings) -> str:
     return TritonPrinter({"scalar": scalar, **settings}).doprint(expr)
 
 
 def torch_code(expr, scalar: bool = False) -> str:
     return TorchPrinter({"scalar": scalar}).doprint(expr)
+
+
+def c_code(expr, scalar: bool = False, **settings) -> str:
+    return CPrinter({"scalar": scalar, **settings}).doprint(expr)

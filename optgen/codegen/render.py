@@ -1,7 +1,8 @@
 """Rendering: plan -> template context -> source, and loading generated modules.
 
-The context holds names, positions and printer output only; the templates (``templates/*.py.j2``,
-jinja2 with ``StrictUndefined``) hold the structure. Built-in optimizers load the golden files under
+The context holds names, positions and printer output only; the templates (``templates/*.j2``, jinja2 with
+``StrictUndefined``) hold the structure. A target is one entry of ``TARGETS``: its printer, its template and
+the few spellings its templates need; adding one touches no other code here. Built-in optimizers load the golden files under
 ``generated/`` when their source hash matches; anything else is generated into the user's cache directory
 (``$OPTGEN_CACHE_DIR`` or ``~/.cache/optgen``) under a name derived from the hash, and imported from there.
 """
@@ -14,6 +15,7 @@ import importlib.util
 import os
 import re
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import jinja2
@@ -21,9 +23,30 @@ import sympy
 
 from ..analysis import Pass, Plan
 from ..spec import SpecError
-from .printers import TorchPrinter, TritonPrinter
+from .abi import pass_args, reduce_args
+from .printers import CPrinter, TorchPrinter, TritonPrinter
 
-TARGETS = ("torch", "triton")
+
+@dataclass(frozen=True)
+class Target:
+    """A code-generation target: ``render(plan, name)`` prints the plan with ``printer`` into ``template``."""
+
+    name: str
+    printer: type
+    template: str
+    suffix: str  # of generated files
+    identity: dict  # a reduction's starting value, by op, as the target writes it
+    scalar_settings: dict = field(default_factory=dict)  # printer settings for per-step fp64 scalar code
+
+
+_PYTHON_IDENTITY = {"sum": "0.0", "max": 'float("-inf")'}
+
+TARGETS: dict[str, Target] = {
+    "torch": Target("torch", TorchPrinter, "torch_module.py.j2", ".py", _PYTHON_IDENTITY),
+    "triton": Target("triton", TritonPrinter, "triton_module.py.j2", ".py", _PYTHON_IDENTITY),
+    # the C template names per-program fp64 values d_<name>; element-wise code reads their casts by name
+    "c": Target("c", CPrinter, "c_module.c.j2", ".c", {"sum": "0.0", "max": "(-INFINITY)"}, {"prefix": "d_"}),
+}
 
 
 def _resource_dir(name: str) -> Path:
@@ -90,9 +113,6 @@ def _flags_text(plan: Plan) -> str:
     return ", ".join(f"{k}={v}" for k, v in plan.ir.flags) or "no flags"
 
 
-IDENTITY = {"sum": "0.0", "max": 'float("-inf")'}
-
-
 def _hyper_columns(plan: Plan) -> dict[str, int]:
     return {h.name: i for i, h in enumerate(plan.ir.hypers)}
 
@@ -103,7 +123,7 @@ def _is_elementwise(expr, elementwise_names) -> bool:
     return any(isinstance(s, ELEMENTWISE) or s.name in elementwise_names for s in expr.free_symbols)
 
 
-def _pass_context(plan: Plan, p: Pass, printer, scalar_printer) -> dict:
+def _pass_context(plan: Plan, p: Pass, printer, scalar_printer, identity: dict) -> dict:
     code = printer.doprint
     scalar_code = scalar_printer.doprint
     slots = plan.slots
@@ -124,10 +144,19 @@ def _pass_context(plan: Plan, p: Pass, printer, scalar_printer) -> dict:
             "column": col,
             "width": width,
             "op": slots[k].op,
-            "identity": IDENTITY[slots[k].op],
+            "identity": identity[slots[k].op],
         }
         (layer_reads if slots[k].scope == "layer" else global_reads).append(read)
-    tables = sorted({(r["producer"], r["width"]) for r in layer_reads + global_reads})
+    # Per producer: its [tensors, slots] table (layer reads) and/or its folded global vector (global reads).
+    tables = [
+        {
+            "producer": prod,
+            "width": width,
+            "layer": any(r["producer"] == prod for r in layer_reads),
+            "global": any(r["producer"] == prod for r in global_reads),
+        }
+        for prod, width in sorted({(r["producer"], r["width"]) for r in layer_reads + global_reads})
+    ]
     buffers = sorted({ld.buffer for ld in p.loads} | {b for b, _ in p.stores}, key=plan.buffers.index)
     if not buffers and any(not _is_elementwise(e, elementwise_names) for _, e in p.produces):
         raise SpecError(
@@ -140,6 +169,9 @@ def _pass_context(plan: Plan, p: Pass, printer, scalar_printer) -> dict:
         "loads": [{"symbol": ld.symbol, "buffer": ld.buffer} for ld in p.loads],
         "scalars": [(name, scalar_code(e)) for name, e in p.scalars],
         "casts": _scalar_casts(plan, p),
+        # boolean per-step values (a cse'd ``found_inf == 0``): all of them, and those element-wise code reads
+        "bool_scalars": [n for n, e in p.scalars if isinstance(e, sympy.logic.boolalg.Boolean)],
+        "bool_casts": [n for n in _element_reads(p) if n in {m for m, e in p.scalars if isinstance(e, sympy.logic.boolalg.Boolean)}],
         "elementwise": [(name, code(e)) for name, e in p.elementwise],
         "stores": [
             {
@@ -153,25 +185,30 @@ def _pass_context(plan: Plan, p: Pass, printer, scalar_printer) -> dict:
             }
             for b, e in p.stores
         ],
-        "produces": [_partial_context(slots[k], produced_columns[k], e, code, elementwise_names) for k, e in p.produces],
+        "produces": [_partial_context(slots[k], produced_columns[k], e, code, elementwise_names, identity) for k, e in p.produces],
         # a tensor of the parameter's shape, for a reduced value that simplified to a per-step scalar
         "shape_donor": p.loads[0].symbol if p.loads else (f"_{p.stores[0][0]}" if p.stores else None),
         "n_partials": len(p.produces),
         "hypers": [{"name": h, "column": hyper_columns[h]} for h in p.hypers],
         "layer_reads": layer_reads,
         "global_reads": global_reads,
-        "tables": [{"producer": prod, "width": width} for prod, width in tables],
+        "tables": tables,
+        # columns of this pass's partials that are global values: its reduce launch folds them once per step
+        "global_columns": [produced_columns[k] for k, _ in p.produces if slots[k].scope == "global"],
         "buffers": [{"name": b, "dtype_arg": f"DT_{b}"} for b in buffers],
         "reduce_after": p.reduce_after,
         "writes_step": p.writes_step,
         "device_scalars": list(p.device_scalars),
         "step_advance": scalar_code(p.step_advance),
         # buffers are passed as ``_<name>``: the loaded value of an old state is named like the state
+        # the kernel ABI (codegen/abi.py): what every template's signature and every launcher follow
+        "kernel_args": [vars(a) for a in pass_args(plan, p)],
+        "reduce_args": [vars(a) for a in reduce_args(plan, p)] if p.produces else [],
         "args": [*(f"_{b}" for b in buffers), "dtype", "t", *p.hypers, *p.device_scalars, *(slots[k].name for k in p.consumes)],
     }
 
 
-def _partial_context(slot, column: int, expr, code, elementwise_names) -> dict:
+def _partial_context(slot, column: int, expr, code, elementwise_names, identity: dict) -> dict:
     """A reduction's per-element contribution. Partials accumulate in fp64; a square is formed in fp64 from
     its fp32 base, so ||g||^2 of gradients near 1e30 (or 1e-30) neither overflows nor underflows. ``scalar``:
     the contribution simplified to a per-step value (``Min(0, sign(|x|))`` is 0) and is broadcast to every
@@ -181,21 +218,26 @@ def _partial_context(slot, column: int, expr, code, elementwise_names) -> dict:
         "name": slot.name,
         "column": column,
         "op": slot.op,
-        "identity": IDENTITY[slot.op],
+        "identity": identity[slot.op],
         "square": square,
         "code": code(expr.base if square else expr),
         "scalar": not _is_elementwise(expr, elementwise_names),
     }
 
 
+def _element_reads(p: Pass) -> set[str]:
+    """Names that element-wise code (values, stores, reduction contributions) reads."""
+    elementwise_exprs = [e for _, e in p.elementwise] + [e for _, e in p.stores] + [e for _, e in p.produces]
+    return {s.name for e in elementwise_exprs for s in e.free_symbols}
+
+
 def _scalar_casts(plan: Plan, p: Pass) -> list[str]:
     """Scalars (fp64, like torch's Python-float math) that element-wise fp32 code reads: cast once."""
-    elementwise_exprs = [e for _, e in p.elementwise] + [e for _, e in p.stores] + [e for _, e in p.produces]
-    used = set().union(*(e.free_symbols for e in elementwise_exprs)) if elementwise_exprs else set()
+    used = _element_reads(p)
     # boolean scalars (a cse'd ``found_inf == 0``) stay booleans: only numbers are cast
     numeric = [n for n, e in p.scalars if not isinstance(e, sympy.logic.boolalg.Boolean)]
     scalar_names = ["t", *p.hypers, *p.device_scalars, *(plan.slots[k].name for k in p.consumes), *numeric]
-    return [n for n in scalar_names if any(s.name == n for s in used)]
+    return [n for n in scalar_names if n in used]
 
 
 def _known_signs(plan: Plan) -> dict:
@@ -213,13 +255,13 @@ def _known_signs(plan: Plan) -> dict:
 
 
 def render(plan: Plan, target: str) -> str:
-    """The source of ``plan`` for ``target`` ("torch" or "triton"); byte-stable for a given plan."""
+    """The source of ``plan`` for ``target`` (a key of ``TARGETS``); byte-stable for a given plan."""
     if target not in TARGETS:
-        raise ValueError(f"unknown target {target!r}; expected one of {TARGETS}")
+        raise ValueError(f"unknown target {target!r}; expected one of {tuple(TARGETS)}")
+    spec = TARGETS[target]
     signs = _known_signs(plan)
-    printer_class = TorchPrinter if target == "torch" else TritonPrinter
-    printer = printer_class(signs)
-    scalar_printer = printer_class({**signs, "scalar": True})
+    printer = spec.printer(signs)
+    scalar_printer = spec.printer({**signs, "scalar": True, **spec.scalar_settings})
     context = {
         "name": plan.ir.name,
         "prefix": re.sub(r"\W", "_", variant_stem(plan)),
@@ -228,9 +270,23 @@ def render(plan: Plan, target: str) -> str:
         "n_passes": len(plan.passes),
         "launches": plan.launches_per_step,
         "bytes_per_param": plan.bytes_per_param,
-        "passes": [_pass_context(plan, p, printer, scalar_printer) for p in plan.passes],
+        "buffers": list(plan.buffers),
+        "passes": [_pass_context(plan, p, printer, scalar_printer, spec.identity) for p in plan.passes],
     }
-    return _environment().get_template(f"{target}_module.py.j2").render(**context)
+    return _environment().get_template(spec.template).render(**context)
+
+
+def check_names(plan: Plan) -> None:
+    """Every name the generated code declares for the spec (loads, values, hyperparameters, states) is one
+    every target can declare: a SpecError at build, not a compiler error at the first step."""
+    exprs = [e for p in plan.passes for _, e in (*p.scalars, *p.elementwise, *p.stores, *p.produces)]
+    names = {s.name for e in exprs for s in e.free_symbols}
+    names |= {ld.symbol for p in plan.passes for ld in p.loads} | {h.name for h in plan.ir.hypers} | set(plan.buffers)
+    for target in TARGETS.values():
+        for name in sorted(names):
+            problem = target.printer.name_problem(name)
+            if problem:
+                raise SpecError(f"{plan.ir.name}: {problem}")
 
 
 def cache_dir() -> Path:
@@ -238,10 +294,10 @@ def cache_dir() -> Path:
 
 
 def golden_path(plan: Plan, target: str) -> Path:
-    return generated_dir() / target / f"{variant_stem(plan)}.py"
+    return generated_dir() / target / f"{variant_stem(plan)}{TARGETS[target].suffix}"
 
 
-_HASH_LINE = re.compile(r"^# source hash: ([0-9a-f]+)$", re.M)
+_HASH_LINE = re.compile(r"^(?:#| \*) source hash: ([0-9a-f]+)$", re.M)
 
 
 def _file_hash(path: Path) -> str | None:
@@ -272,15 +328,22 @@ def _import(path: str, module_name: str):
     return module
 
 
-def load_module(plan: Plan, target: str):
-    """Import the generated module of ``plan`` for ``target``: the golden file if current, else the cache."""
+def source_path(plan: Plan, target: str) -> Path:
+    """A file holding the current source of ``plan`` for ``target``: the golden file if current, else one
+    generated into the cache (named by the source hash)."""
     digest = source_hash(plan)
     path = golden_path(plan, target)
     if _file_hash(path) != digest:
-        path = cache_dir() / target / f"{variant_stem(plan)}_{digest}.py"
+        path = cache_dir() / target / f"{variant_stem(plan)}_{digest}{TARGETS[target].suffix}"
         if _file_hash(path) != digest:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".{os.getpid()}.tmp")
             tmp.write_text(render(plan, target))
-            os.replace(tmp, path)  # atomic: concurrent processes never import a half-written file
-    return _import(str(path), f"optgen_generated_{target}_{variant_stem(plan)}_{digest}")
+            os.replace(tmp, path)  # atomic: concurrent processes never read a half-written file
+    return path
+
+
+def load_module(plan: Plan, target: str):
+    """Import the generated Python module of ``plan`` for ``target``: the golden file if current, else the cache."""
+    path = source_path(plan, target)
+    return _import(str(path), f"optgen_generated_{target}_{variant_stem(plan)}_{source_hash(plan)}")

@@ -33,6 +33,8 @@ from dataclasses import asdict, replace
 import torch
 
 from ..codegen.render import cache_dir, source_hash
+from .tables import scratch_buffer
+from .triton_backend import TritonBackend
 
 BLOCKS = (512, 1024, 2048, 4096)
 CHUNKS = (16384, 65536, 262144)
@@ -221,9 +223,6 @@ def tune(plan, items, default, *, device_scalars=None, timer=None, progress=True
     timer = timer or _timer_for(device)
     if timer is None:
         return default  # the interpreter: nothing to time
-    from .optimizer import scratch_buffer
-    from .triton_backend import TritonBackend
-
     make_backend = make_backend or (lambda config: TritonBackend(plan, config))
     max_elements = int(os.environ.get("OPTGEN_AUTOTUNE_MAX_ELEMENTS", 2**27))
     try:

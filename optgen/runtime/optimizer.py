@@ -8,12 +8,15 @@ raises before any parameter, state or step count changes.
 
 from __future__ import annotations
 
+import collections
 import inspect
 import itertools
 import math
+import operator
 import os
 import sys
 import warnings
+from dataclasses import dataclass
 
 import sympy
 import torch
@@ -21,12 +24,13 @@ import torch
 from .. import transforms
 from ..analysis import plan as make_plan
 from ..codegen.printers import torch_code
-from ..codegen.render import source_hash
+from ..codegen.render import check_names, source_hash
 from ..ir import lower
 from ..spec import BoolHyperSymbol, HyperSymbol, Spec, SpecError, StepSymbol
 from . import distributed
+from .tables import scratch_buffer
 
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "triton", "c")
 
 
 def _env_flag(name: str) -> bool:
@@ -38,19 +42,11 @@ def triton_interpreting() -> bool:
     return _env_flag("TRITON_INTERPRET")
 
 
-def scratch_buffer(cache: dict, param: torch.Tensor, name: str) -> torch.Tensor:
-    """The scratch buffer ``name`` of ``param`` (values a pass stores for a later one), kept in ``cache``:
-    the compute dtype, made again when the parameter's shape or device changed."""
-    key = (id(param), name)
-    buf = cache.get(key)
-    if buf is None or buf.shape != param.shape or buf.device != param.device:
-        buf = torch.empty_like(param, dtype=torch.promote_types(param.dtype, torch.float32))
-        cache[key] = buf
-    return buf
-
-
 class GeneratedOptimizer(torch.optim.Optimizer):
     """Base of the classes ``optgen.build`` returns. Subclasses set ``_spec``."""
+
+    # steps whose layout equals the last step's skip the per-parameter checks (see _fast_step)
+    _fast_path = True
 
     # torch.amp.GradScaler then sets ``grad_scale``/``found_inf`` around step() instead of unscaling the
     # gradients itself and reading found_inf on the host (the contract of torch's fused AdamW).
@@ -106,6 +102,7 @@ class GeneratedOptimizer(torch.optim.Optimizer):
             self._check_value(key, value)
         self._check_requirements(defaults, "defaults")
         super().__init__(params, defaults)
+        self.state = _States(self.state)
         if backend == "triton":
             devices = {p.device.type for g in self.param_groups for p in g["params"]}
             if "cpu" in devices and not triton_interpreting():
@@ -132,6 +129,8 @@ class GeneratedOptimizer(torch.optim.Optimizer):
         self._backends = _Backends()
         self._scratch: dict[tuple[int, str], torch.Tensor] = {}
         self._checked: dict[int, tuple] = {}  # id(group) -> (fingerprint of its hyperparameters, values)
+        self._generation = 0  # bumped by whatever changes the layout of a step (groups, loaded state)
+        self._fast = None
 
     def __getstate__(self):
         """torch's (defaults, state, param_groups) and the constructor's choices: copy.deepcopy and pickle
@@ -143,6 +142,9 @@ class GeneratedOptimizer(torch.optim.Optimizer):
     def __setstate__(self, state):
         config = state.pop("_config", None)
         super().__setstate__(state)  # also torch's load_state_dict: state and param_groups, no configuration
+        if not isinstance(self.state, _States):
+            self.state = _States(self.state)
+        _STATE_EDITS[0] += 1
         if config is not None:
             self._configure(config)
         elif not hasattr(self, "_config"):
@@ -249,6 +251,7 @@ class GeneratedOptimizer(torch.optim.Optimizer):
         merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
         self._check_requirements(merged, "param group")
         super().add_param_group(param_group)
+        self._generation = self.__dict__.get("_generation", 0) + 1
 
     # -- state -------------------------------------------------------------------------------------------
 
@@ -294,6 +297,8 @@ class GeneratedOptimizer(torch.optim.Optimizer):
         """Create the missing state entries (all on the first step; some after loading a checkpoint of another
         optimizer, e.g. master weights resumed from a torch.optim.AdamW state dict)."""
         state = self.state[param]
+        if type(state) is not _ParamState:
+            state = self.state[param] = _ParamState(state)
         missing = [decl for decl in self._ir.states if decl.name not in state]
         if "step" not in state:
             state["step"] = torch.tensor(0.0, dtype=torch.float32, device=param.device)
@@ -339,13 +344,19 @@ class GeneratedOptimizer(torch.optim.Optimizer):
                 if p.is_complex() or grad.is_complex():
                     raise RuntimeError(f"{type(self).__name__} does not support complex parameters")
                 items.append((group, p, grad))
-        _check_no_shared_memory([p for _, p, _ in items], type(self).__name__)
+        # the overlap check walks every parameter's strides: only when the parameters or their storage changed
+        key = tuple((id(p), p.data_ptr(), p.shape) for _, p, _ in items)
+        if key != self.__dict__.get("_memory_checked"):
+            _check_no_shared_memory([p for _, p, _ in items], type(self).__name__)
+            self._memory_checked = key
         return items
 
     def _backend_for(self, device: torch.device, plan):
         choice = self._backend_choice
         if choice == "auto":
-            choice = "triton" if device.type == "cuda" else "torch"
+            choice = {"cuda": "triton", "cpu": "c"}.get(device.type, "torch")
+        if choice == "c" and device.type != "cpu":
+            raise RuntimeError(f"backend='c' runs on CPU tensors, not {device.type} ones: use backend='auto'")
         if choice == "triton" and device.type == "cpu" and not triton_interpreting():
             raise RuntimeError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1")
         key = (choice, str(device), source_hash(plan))
@@ -354,10 +365,17 @@ class GeneratedOptimizer(torch.optim.Optimizer):
                 from .torch_backend import TorchBackend
 
                 self._backends[key] = TorchBackend(plan)
+            elif choice == "c":
+                from .c_backend import CBackend
+
+                self._backends[key] = CBackend(plan)
             else:
                 from .triton_backend import TritonBackend
 
-                self._backends[key] = TritonBackend(plan, autotune=self._autotune)
+                tuner = None
+                if self._autotune:
+                    from .autotune import tune as tuner
+                self._backends[key] = TritonBackend(plan, tuner=tuner)
         return self._backends[key]
 
     def _amp(self):
@@ -380,6 +398,8 @@ class GeneratedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self._fast_step():
+            return loss
         collected = self._collect()
         if not collected:
             return loss
@@ -418,7 +438,75 @@ class GeneratedOptimizer(torch.optim.Optimizer):
             device = backend_items[0][0].device
             scalars = {k: v.to(device=device, dtype=torch.float32, non_blocking=True).reshape(1) for k, v in device_scalars.items()}
             backend.step(backend_items, self._scratch_of, scalars, None if reducer is None else reducer.rows(sharded))
+        self._remember_layout(collected, by_backend, amp_mode, reducer, plan)
         return loss
+
+    # -- the fast path: a step with the layout of the last one ---------------------------------------------
+
+    def _remember_layout(self, collected, by_backend, amp_mode, reducer, plan) -> None:
+        """After a full step: when the next steps can be told apart from this one by a few identity and
+        metadata compares per tensor (one backend with a fast path, every parameter with a gradient, no
+        GradScaler, nothing sharded, plain hyperparameter values), keep what they are compared against."""
+        self._fast = None
+        if amp_mode is not None or reducer is not None or len(by_backend) != 1 or plan is not self._plan:
+            return
+        (backend, items, _), = by_backend.values()
+        advance = plan.passes[-1].step_advance
+        if not hasattr(backend, "fast_step") or not advance.is_number or float(advance) != 1.0:
+            return
+        params = [p for group in self.param_groups for p in group["params"]]
+        if len(params) != len(collected) or any(distributed.is_dtensor(p) for p in params):
+            return
+        rows = [self._step_values(group) for group in self.param_groups]
+        if any(isinstance(v, torch.Tensor) for row in rows for v in row):
+            return
+        group_of = [i for i, group in enumerate(self.param_groups) for _ in group["params"]]
+        if not backend.prepare_fast(group_of, rows):
+            return
+        self._fast = _FastLayout(
+            generation=self._generation,
+            backend=backend,
+            param_ids=[id(p) for p in params],
+            param_ptrs=[p.data_ptr() for p in params],
+            param_strides=[p.stride() for p in params],
+            grad_shapes=[g.shape for _, _, g in collected],
+            grad_dtypes=[g.dtype for _, _, g in collected],
+            grad_devices=[g.device for _, _, g in collected],
+            grad_ids=[id(g) for _, _, g in collected],
+            state_edits=_STATE_EDITS[0],
+            states=self.state,
+        )
+
+    def _fast_step(self) -> bool:
+        """Run the step through the backend's fast path if nothing but gradients and hyperparameter values
+        changed since the step that set it up; anything else (or any doubt) takes the full path."""
+        fast = self.__dict__.get("_fast")
+        if fast is None or fast.generation != self._generation or not self._fast_path:
+            return False
+        if getattr(self, "grad_scale", None) is not None or getattr(self, "found_inf", None) is not None:
+            return False
+        params = [p for group in self.param_groups for p in group["params"]]
+        # per tensor a handful of C-level attribute reads (map over unbound methods: ~40 ns each)
+        if list(map(id, params)) != fast.param_ids:
+            return False
+        grads = list(map(_GRAD, params))
+        grad_ids = list(map(id, grads))
+        try:  # gradients that are not last step's objects (set_to_none=True makes new ones) are checked
+            if grad_ids != fast.grad_ids and (list(map(_SHAPE, grads)) != fast.grad_shapes or list(map(_DTYPE, grads)) != fast.grad_dtypes
+                    or list(map(_DEVICE, grads)) != fast.grad_devices or not all(map(torch.Tensor.is_contiguous, grads))):  # fmt: skip
+                return False
+        except (AttributeError, TypeError, RuntimeError):  # no gradient, or a layout without strides: the full path says what
+            return False
+        if list(map(torch.Tensor.data_ptr, params)) != fast.param_ptrs or list(map(torch.Tensor.stride, params)) != fast.param_strides:
+            return False
+        if _STATE_EDITS[0] != fast.state_edits or self.state is not fast.states:  # a state entry set or replaced
+            return False
+        rows = [self._step_values(group) for group in self.param_groups]
+        if any(isinstance(v, torch.Tensor) for row in rows for v in row):
+            return False
+        fast.backend.fast_step(grads, rows)
+        fast.grad_ids = grad_ids  # held by the backend's tables until the next step: ids are not reused meanwhile
+        return True
 
     def _reducer(self, params):
         """The all-reduce of partial tables between passes when parameters are sharded (see distributed)."""
@@ -436,6 +524,12 @@ class GeneratedOptimizer(torch.optim.Optimizer):
             view = distributed.LocalState(state)
             cache[param] = view
         return view
+
+    def state_dict(self) -> dict:
+        """torch's state dict, with plain dicts as each parameter's state."""
+        saved = super().state_dict()
+        saved["state"] = {k: dict(v) if isinstance(v, dict) else v for k, v in saved["state"].items()}
+        return saved
 
     def load_state_dict(self, state_dict: dict) -> None:
         """torch's load, then states keep their saved dtype (torch casts floating state to the parameter's
@@ -473,11 +567,83 @@ class GeneratedOptimizer(torch.optim.Optimizer):
             invalidate = getattr(backend, "invalidate", None)
             if invalidate:
                 invalidate()
+        self._generation += 1
 
     @property
     def plan(self):
         """The pass plan of the chosen variant (``print(opt.plan.describe())``)."""
         return self._plan
+
+
+_GRAD, _SHAPE, _DTYPE, _DEVICE = (operator.attrgetter(name) for name in ("grad", "shape", "dtype", "device"))
+# Edits of any optimizer's state dicts (entries set, replaced or removed): a fast step compares a count.
+_STATE_EDITS = [0]
+
+
+def _counted(base: type, name: str):
+    """``base.name``, counting the call as a state edit."""
+    method = getattr(base, name)
+
+    def edited(self, *args, **kwargs):
+        _STATE_EDITS[0] += 1
+        return method(self, *args, **kwargs)
+
+    edited.__name__ = name
+    return edited
+
+
+class _ParamState(dict):
+    """A parameter's state, as torch.optim keeps it (a dict of tensors), counting its edits: a fast step must
+    notice a state tensor replaced by assignment. ``state_dict()`` hands out plain dicts."""
+
+    __slots__ = ()
+
+    def __setitem__(self, key, value):
+        _STATE_EDITS[0] += 1
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key):
+        _STATE_EDITS[0] += 1
+        super().__delitem__(key)
+
+    pop, popitem, clear, update, setdefault = (_counted(dict, n) for n in ("pop", "popitem", "clear", "update", "setdefault"))
+
+
+class _States(collections.defaultdict):
+    """The optimizer's ``state`` (parameter -> state dict), counting parameters' state dicts set or removed."""
+
+    def __init__(self, states=None):
+        super().__init__(dict, states or {})
+
+    def __setitem__(self, key, value):
+        _STATE_EDITS[0] += 1
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key):
+        _STATE_EDITS[0] += 1
+        super().__delitem__(key)
+
+    pop, popitem, clear, update, setdefault = (_counted(collections.defaultdict, n) for n in ("pop", "popitem", "clear", "update", "setdefault"))
+
+    def __reduce__(self):  # pickles (and deep-copies) as a plain defaultdict of plain dicts
+        return collections.defaultdict, (dict, {k: dict(v) for k, v in self.items()})
+
+
+@dataclass
+class _FastLayout:
+    """What a fast step compares against (see ``GeneratedOptimizer._fast_step``)."""
+
+    generation: int
+    backend: object
+    param_ids: list
+    param_ptrs: list
+    param_strides: list
+    grad_shapes: list
+    grad_dtypes: list
+    grad_devices: list
+    grad_ids: list
+    state_edits: int
+    states: object
 
 
 def _counts_steps(ir) -> bool:
@@ -599,7 +765,7 @@ def build(spec: Spec) -> type[torch.optim.Optimizer]:
     if not isinstance(spec, Spec):
         raise TypeError(f"build() takes an optgen.Spec, got {type(spec).__name__}")
     for values in itertools.product((False, True), repeat=len(spec.flags)):
-        make_plan(lower(spec, dict(zip((f.name for f in spec.flags), values))))
+        check_names(make_plan(lower(spec, dict(zip((f.name for f in spec.flags), values)))))
     _check_default_requirements(spec)
     signature = _signature_for(spec)
     doc = (spec.doc or f"{spec.name} optimizer generated by optgen.") + _arguments_doc(spec)

@@ -1,0 +1,108 @@
+"""The kernel ABI: the one list of a generated kernel's runtime arguments.
+
+Every target's template prints its kernel signatures from these lists, every launcher builds its argument
+tuple from them (by name, from the tables of one step), and ``optgen inspect`` types the Triton signature
+with them; nothing else spells an argument list. What a target adds of its own is not here: Triton's
+``constexpr`` specialisations (storage dtypes, block sizes) and the grid, C's leading program count and the
+chunk size (compile-time in Triton, a runtime integer in C).
+
+A pass kernel covers chunks ``[0, programs)`` of its partition's slice of the chunk table; a reduce kernel runs
+``n_segments`` segment programs (one per tensor: its chunks' partials folded in order into ``[tensors,
+slots]``) and, when the pass produces global values, one more that folds the rows of ``_fold`` (the chunk
+partials, or the all-reduced ``[tensors, slots]`` table when parameters are sharded) into ``_global``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..analysis import Pass, Plan
+
+
+@dataclass(frozen=True)
+class KernelArg:
+    """``name`` as in the generated source; ``pointer``: a table of ``dtype`` elements (``i32``, ``i64``,
+    ``fp32``, ``fp64``) passed by address, else an ``i64`` passed by value; ``writes``: the kernel stores into
+    it; ``doc``: what it holds."""
+
+    name: str
+    pointer: bool
+    dtype: str
+    doc: str
+    writes: bool = False
+
+
+def _table(name: str, dtype: str, doc: str, writes: bool = False) -> KernelArg:
+    return KernelArg(name, True, dtype, doc, writes)
+
+
+def _int(name: str, doc: str) -> KernelArg:
+    return KernelArg(name, False, "i64", doc)
+
+
+def pass_buffers(plan: Plan, p: Pass) -> list[str]:
+    """Buffers a pass touches, in the order of its address arguments."""
+    used = {ld.buffer for ld in p.loads} | {b for b, _ in p.stores}
+    return [b for b in plan.buffers if b in used]
+
+
+def producer_of(plan: Plan, slot_index: int) -> int:
+    """The pass that computes a reduction slot (its stage)."""
+    return plan.slots[slot_index].stage
+
+
+def read_tables(plan: Plan, p: Pass) -> list[tuple[int, str]]:
+    """(producer pass, "layer" | "global") for every table of finished reductions ``p`` reads, in argument order."""
+    scopes: dict[int, set[str]] = {}
+    for k in p.consumes:
+        scopes.setdefault(producer_of(plan, k), set()).add(plan.slots[k].scope)
+    return [(producer, scope) for producer in sorted(scopes) for scope in ("layer", "global") if scope in scopes[producer]]
+
+
+def pass_args(plan: Plan, p: Pass) -> tuple[KernelArg, ...]:
+    """Runtime arguments of pass ``p``'s kernel, in order."""
+    n_partials = len(p.produces)
+    args = [
+        _table("_chunk_tensor", "i32", "[chunks]: the tensor of each chunk"),
+        _table("_chunk_start", "i64", "[chunks]: the chunk's first element in its tensor"),
+        _table("_numel", "i64", "[tensors]: elements"),
+        _table("_group", "i32", "[tensors]: param group (row of _hyper)"),
+        _table("_step", "fp32", "[chunks]: steps taken so far", writes=p.writes_step),
+        _table("_hyper", "fp64", "[groups, hypers]: hyperparameters"),
+    ]
+    args += [_table(f"_{b}_addr", "i64", f"[tensors]: data_ptr of each tensor's {b}") for b in pass_buffers(plan, p)]
+    for producer, scope in read_tables(plan, p):
+        width = len(plan.passes[producer].produces)
+        if scope == "layer":
+            args.append(_table(f"_table_{producer}", "fp64", f"[tensors, {width}]: per-layer reductions of pass {producer}"))
+        else:
+            args.append(_table(f"_global_{producer}", "fp64", f"[{width}]: global reductions of pass {producer}, folded once per step"))
+    args += [_table(f"_dev_{name}", "fp32", f"[1]: {name}, read on the device (no host sync)") for name in p.device_scalars]
+    if n_partials:
+        args.append(_table("_partials", "fp64", f"[chunks, {n_partials}]: per-chunk partial reductions", writes=True))
+    args.append(_int("_chunk_offset", "row of this call's first chunk in _partials (partitions share the table)"))
+    return tuple(args)
+
+
+def reduce_args(plan: Plan, p: Pass) -> tuple[KernelArg, ...]:
+    """Runtime arguments of pass ``p``'s reduce kernel (a pass that produces partials), in order."""
+    n_partials = len(p.produces)
+    args = [
+        _table("_partials", "fp64", f"[chunks, {n_partials}]"),
+        _table("_first_chunk", "i64", "[tensors]: first chunk of each tensor"),
+        _table("_n_chunks", "i64", "[tensors]: chunks of each tensor"),
+        _table("_out", "fp64", f"[tensors, {n_partials}]: per-tensor values", writes=True),
+    ]
+    if global_columns(plan, p):
+        args += [
+            _int("_n_segments", "programs [0, _n_segments) fold one tensor's chunks each; program _n_segments the globals"),
+            _table("_fold", "fp64", f"[_fold_rows, {n_partials}]: the chunk partials, or (sharded) the all-reduced [tensors, {n_partials}] table"),
+            _int("_fold_rows", "rows of _fold"),
+            _table("_global", "fp64", f"[{n_partials}]: the global values, at their slot's column", writes=True),
+        ]
+    return tuple(args)
+
+
+def global_columns(plan: Plan, p: Pass) -> list[int]:
+    """Columns of ``p``'s partials that are global values."""
+    return [col for col, (k, _) in enumerate(p.produces) if plan.slots[k].scope == "global"]

@@ -1,0 +1,247 @@
+"""The C backend: generated multi-tensor C kernels for CPU tensors, one call per pass for all parameters.
+
+The plan is printed into C (``templates/c_module.c.j2``), compiled once per storage-dtype signature with the
+system compiler (``optgen.runtime.cbuild``: flags probed per machine, objects cached on disk by content) and
+called through ctypes over the same tables as the Triton backend (``optgen.runtime.tables``): a pass is one
+call that OpenMP spreads over the chunks of every parameter; a pass with per-layer or global values is
+followed by one reduce call. Argument tuples follow the kernel ABI (``optgen.codegen.abi``) and are cached
+while the tables stand, so a step's host work does not grow with the number of tensors.
+
+If no compiler is found or a build fails, the backend warns once (with the failing command) and runs the
+eager torch backend instead; nothing has been modified when that happens (objects are built before any
+kernel runs).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+import warnings
+
+import torch
+
+from ..codegen.abi import pass_args, reduce_args
+from ..codegen.render import source_path, variant_stem
+from . import cbuild
+from .tables import ChunkTables, Staging, pass_values, reduce_launches
+
+# storage dtype -> the template's OG_DT_<buffer> code
+STORAGE_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
+DEFAULT_CHUNK = 65536  # elements per chunk: 256 KiB of each fp32 buffer, a unit of OpenMP work
+# A pass over fewer elements runs on the calling thread: an OpenMP fork/join costs microseconds on a quiet
+# machine and milliseconds on a busy one (threads wait for a core), more than such a pass takes.
+DEFAULT_PARALLEL_MIN = 1 << 15
+_ITEM_SIZE = {"i32": 4, "i64": 8, "fp32": 4, "fp64": 8}
+_WARNED: set[str] = set()
+
+
+def storage_code(dtype: torch.dtype) -> int:
+    if dtype not in STORAGE_CODES:
+        raise TypeError(f"the C backend supports fp32, fp64, bf16 and fp16 tensors, not {dtype}")
+    return STORAGE_CODES[dtype]
+
+
+def chunk_size() -> int:
+    """``OPTGEN_C_CHUNK`` overrides the default (tests use small chunks)."""
+    value = int(os.environ.get("OPTGEN_C_CHUNK") or DEFAULT_CHUNK)
+    if value < 1:
+        raise ValueError(f"OPTGEN_C_CHUNK must be a positive number of elements, not {value}")
+    return value
+
+
+def parallel_min() -> int:
+    """``OPTGEN_C_PARALLEL_MIN``: elements a pass must cover to use several threads."""
+    return int(os.environ.get("OPTGEN_C_PARALLEL_MIN") or DEFAULT_PARALLEL_MIN)
+
+
+def _argtypes(args) -> list:
+    return [ctypes.c_void_p if a.pointer else ctypes.c_int64 for a in args]
+
+
+class _Kernels:
+    """The compiled functions of one storage-dtype signature, typed from the kernel ABI."""
+
+    def __init__(self, backend: CBackend, dtypes: dict[str, torch.dtype]):
+        plan = backend.plan
+        real64 = dtypes["param"] == torch.float64  # math in fp64 for fp64 parameters, as the torch backend
+        defines = {f"OG_DT_{b}": STORAGE_CODES[dtypes[b]] for b in plan.buffers}
+        defines["OG_REAL_F64"] = int(real64)
+        library = cbuild.load(cbuild.build(backend.source, defines, variant_stem(plan)))
+        self.passes, self.reduces = [], []
+        for p in plan.passes:
+            fn = getattr(library, f"{backend.prefix}_pass_{p.index}")
+            fn.argtypes = [ctypes.c_int64] * 4 + _argtypes(pass_args(plan, p))
+            fn.restype = None
+            self.passes.append(fn)
+            reduce_fn = None
+            if p.produces:
+                reduce_fn = getattr(library, f"{backend.prefix}_reduce_{p.index}")
+                reduce_fn.argtypes = [ctypes.c_int64] + _argtypes(reduce_args(plan, p))
+                reduce_fn.restype = None
+            self.reduces.append(reduce_fn)
+
+
+class CBackend:
+    name = "c"
+
+    def __init__(self, plan, chunk: int | None = None):
+        self.plan = plan
+        self.source = source_path(plan, "c")
+        self.prefix = re.sub(r"\W", "_", variant_stem(plan))
+        self.chunk = chunk or chunk_size()
+        self.parallel_min = parallel_min()
+        self._tables: ChunkTables | None = None
+        self._staging = Staging()
+        self._kernels: dict[tuple, _Kernels] = {}
+        self._calls: tuple | None = None  # (key, [per pass: [(fn, args) per partition]]) while the tables stand
+        self._fallback = None
+        self.launches = 0  # kernel calls issued (tests count them)
+        self.fast_steps = 0  # steps that came through fast_step
+
+    @staticmethod
+    def check(param: torch.Tensor, grad: torch.Tensor, state_dtype: torch.dtype | None = None) -> None:
+        """Refuse what the kernels cannot take, before the optimizer creates any state."""
+        for tensor in (param, grad):
+            storage_code(tensor.dtype)
+        if state_dtype is not None:
+            storage_code(state_dtype)
+
+    def invalidate(self) -> None:
+        self._tables = None
+        self._calls = None
+
+    @property
+    def fallback(self):
+        """The eager torch backend, when the C kernels could not be built (else None)."""
+        return self._fallback
+
+    def _tables_for(self, items, scratch_of) -> ChunkTables:
+        tables = self._tables
+        if tables is None or not tables.still_valid(items):
+            tables = ChunkTables(self.plan, items, scratch_of, self.chunk, storage_code)
+            self._tables = tables
+            self._calls = None
+        else:
+            tables.refresh(items)
+            tables.sync_steps()
+        return tables
+
+    def _kernels_for(self, tables: ChunkTables) -> list[_Kernels]:
+        out = []
+        for partition in tables.partitions:
+            dtypes = partition[4]
+            key = tuple(dtypes[b] for b in self.plan.buffers)
+            if key not in self._kernels:
+                self._kernels[key] = _Kernels(self, dtypes)
+            out.append(self._kernels[key])
+        return out
+
+    def step(self, items, scratch_of, device_scalars=None, reducer=None) -> None:
+        if self._fallback is None:
+            try:
+                cbuild.toolchain()
+            except cbuild.BuildError as exc:
+                self._fall_back(exc)
+        if self._fallback is not None:
+            self._fallback.step(items, scratch_of, device_scalars, reducer)
+            return
+        device_scalars = device_scalars or {}
+        staged_items, staged = self._staging.contiguous(items)
+        tables = self._tables_for(staged_items, scratch_of)
+        try:
+            kernels = self._kernels_for(tables)  # every build happens here, before any kernel runs
+        except cbuild.BuildError as exc:
+            self._fall_back(exc)
+            self.invalidate()
+            self._fallback.step(items, scratch_of, device_scalars, reducer)
+            return
+        self._run(tables, kernels, device_scalars, reducer)
+        for original, twin in staged:
+            original.copy_(twin)
+        if tables.empty_steps:  # zero-size parameters: no chunk, no kernel; the step still advances
+            from ..codegen.render import load_module
+
+            advance = load_module(self.plan, "torch").step_advance(
+                **{d: device_scalars[d].reshape(()) for d in self.plan.passes[-1].device_scalars}
+            )
+            for state in tables.empty_steps:
+                state["step"].add_(advance)
+
+    def prepare_fast(self, group_of: list[int], rows: list[tuple]) -> bool:
+        """After a step: the optimizer's layout is stable; later steps may come through ``fast_step``."""
+        t = self._tables
+        if t is None or self._fallback is not None or self._staging.staged:
+            return False
+        t.use_group_rows(group_of, rows)
+        return True
+
+    def fast_step(self, grads: list, rows: list[tuple]) -> None:
+        """A step of the layout of the last one (same tensors, storage, dtypes, groups; checked by the
+        optimizer): only gradient addresses and hyperparameter rows can differ, each written in place into
+        its table, so the cached calls run as they are."""
+        t = self._tables
+        ptrs = list(map(torch.Tensor.data_ptr, grads))
+        if ptrs != t.grad_ptrs:
+            t.set_grads(grads, ptrs)
+        t.set_group_rows(rows)
+        t.sync_steps()
+        self._run(t, self._kernels_for(t), {}, None)
+        self.fast_steps += 1
+        if t.empty_steps:
+            for state in t.empty_steps:
+                state["step"].add_(1.0)
+
+    def _fall_back(self, exc: Exception) -> None:
+        from .torch_backend import TorchBackend
+
+        message = str(exc)
+        if message not in _WARNED:
+            _WARNED.add(message)
+            warnings.warn(f"optgen: C kernels unavailable, using the eager torch path: {message}", cbuild.CKernelsUnavailable, stacklevel=4)
+        self._fallback = TorchBackend(self.plan)
+
+    def _run(self, t: ChunkTables, kernels: list[_Kernels], device_scalars: dict, reducer) -> None:
+        plan = self.plan
+        key = (id(t), t.version, tuple(sorted((k, v.data_ptr()) for k, v in device_scalars.items())), reducer is not None)
+        if self._calls is None or self._calls[0] != key:
+            self._calls = (key, self._calls_for(t, kernels, device_scalars, reducer))
+        for p, (passes, before, after) in zip(plan.passes, self._calls[1]):
+            for fn, args in passes:
+                fn(*args)
+            for fn, args in before:
+                fn(*args)
+            if reducer is not None and p.produces:  # sharded: one all-reduce of the [tensors, slots] table
+                reducer(t.layer[p.index], [plan.slots[k].op for k, _ in p.produces])
+            for fn, args in after:
+                fn(*args)
+            self.launches += len(passes) + len(before) + len(after)
+
+    def _calls_for(self, t: ChunkTables, kernels: list[_Kernels], device_scalars: dict, reducer) -> list[tuple]:
+        """Per pass: (its calls, one per partition; its reduce calls before the all-reduce; after it), each a
+        function and its argument tuple in the kernel ABI's order (tensors by address), cached while the tables
+        stand: the tables' contents change in place, their addresses do not."""
+        plan = self.plan
+        calls = []
+        for p in plan.passes:
+            passes = []
+            for (offset, count, _, members, _), kernel in zip(t.partitions, kernels):
+                if count == 0:
+                    continue
+                values = pass_values(t, plan, p, offset, count, device_scalars)
+                parallel = int(sum(t.numels[i] for i in members) >= self.parallel_min)
+                head = [count, parallel, t.chunk, len(plan.ir.hypers)]
+                passes.append((kernel.passes[p.index], tuple(head + [_address(values[a.name]) for a in pass_args(plan, p)])))
+            before, after = [], []
+            if p.produces and kernels:
+                fn = kernels[0].reduces[p.index]  # reduce functions do not depend on storage dtypes
+                names = [a.name for a in reduce_args(plan, p)]
+                launches = reduce_launches(t, p, reducer is not None)
+                before, after = ([(fn, (programs, *(_address(v[n]) for n in names))) for programs, v in part] for part in launches)
+            calls.append((passes, before, after))
+        return calls
+
+
+def _address(value):
+    """A kernel argument as ctypes takes it: a tensor by its address, an integer as it is."""
+    return value.data_ptr() if isinstance(value, torch.Tensor) else value

@@ -1,0 +1,309 @@
+"""The tables a chunked kernel backend (Triton, C) drives its launches with, and contiguous staging.
+
+Tables (built once, rebuilt only when the set of parameters with gradients or their storage changes):
+
+* chunk table: for each chunk of ``chunk`` elements, its tensor index (int32) and first element (int64);
+* per tensor: element count, group index, first chunk and chunk count, and the address (``data_ptr``)
+  of each buffer (parameter, gradient, states, scratch) in an int64 table per buffer;
+* the step count per chunk (fp32). ``state["step"]`` of each parameter is a 0-d view into it (its first
+  chunk), so the last pass advances the step inside the kernel, one writer per entry, no extra launch;
+* the group hyperparameters as fp64 ``[groups, hypers]``, re-uploaded only when a value changes.
+
+Tensors whose buffers share storage dtypes form a partition: one launch per pass per partition. Between
+passes, per-chunk partial sums live in ``[chunks, slots]`` tables that a reduce launch folds into
+``[tensors, slots]`` (per-layer values; what sharded training all-reduces) and ``[slots]`` (global values).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+
+class ChunkTables:
+    """Everything the launches of one step need, for one fixed set of tensors. ``storage(dtype)`` maps a
+    buffer's torch dtype to the backend's own name for it (a Triton dtype, a C code) and raises a clear
+    TypeError for a dtype the backend cannot take."""
+
+    def __init__(self, plan, items, scratch_of, chunk: int, storage: Callable):
+        params = [item[0] for item in items]
+        device = params[0].device
+        self.device = device
+        self.key = tables_key(items)
+        self.buffers: dict[str, list[torch.Tensor]] = {"param": params, "grad": [item[1] for item in items]}
+        for name in plan.ir.state_names:
+            self.buffers[name] = [item[2][name] for item in items]
+        for name in plan.scratch:
+            self.buffers[name] = [scratch_of(p, name) for p in params]
+        signature = [tuple(self.buffers[name][i].dtype for name in self.buffers) for i in range(len(params))]
+        for sig in signature:
+            for dtype in sig:
+                storage(dtype)  # a clear error for unsupported dtypes, before anything runs
+        order = [i for sig in dict.fromkeys(signature) for i in range(len(params)) if signature[i] == sig]
+        numels = [p.numel() for p in params]
+        chunks_of = [(n + chunk - 1) // chunk for n in numels]
+        first = [0] * len(params)
+        chunk_tensor, chunk_start = [], []
+        self.partitions = []  # (first chunk, chunk count, {buffer: storage name}, tensor indices, {buffer: torch dtype})
+        for sig in dict.fromkeys(signature):
+            offset = len(chunk_tensor)
+            members = [i for i in order if signature[i] == sig]
+            for i in members:
+                first[i] = len(chunk_tensor)
+                chunk_tensor += [i] * chunks_of[i]
+                chunk_start += [k * chunk for k in range(chunks_of[i])]
+            dtypes = {name: storage(dtype) for name, dtype in zip(self.buffers, sig)}
+            self.partitions.append((offset, len(chunk_tensor) - offset, dtypes, members, dict(zip(self.buffers, sig))))
+        n_chunks = len(chunk_tensor)
+        self.chunk = chunk
+        self.n_chunks = n_chunks
+        self.n_tensors = len(params)
+        self.numels = numels
+        as_long = dict(dtype=torch.int64, device=device)
+        self.chunk_tensor = torch.tensor(chunk_tensor, dtype=torch.int32, device=device)
+        self.chunk_start = torch.tensor(chunk_start, **as_long)
+        self.numel = torch.tensor(numels, **as_long)
+        self.first_chunk = torch.tensor(first, **as_long)
+        self.n_chunks_of = torch.tensor(chunks_of, **as_long)
+        self.values = None
+        self.keys = None  # capturable hyperparameters: the tensors' identities per tensor
+        self.group_rows = None  # set by use_group_rows: one row per param group
+        self.grad_ptrs = None
+        self.signature = signature
+        self.addr_host = {name: [t.data_ptr() for t in tensors] for name, tensors in self.buffers.items()}
+        self.addr = {name: torch.tensor(ptrs, **as_long) for name, ptrs in self.addr_host.items()}
+        self._aligned: dict[int, bool] = {}
+        self.version = 0  # bumped whenever a table is replaced (launchers cache argument tuples by it)
+        self.refresh(items)
+        # Steps: per chunk, gathered from the parameters' state, and state["step"] becomes a view.
+        steps = [item[2]["step"] for item in items]
+        self.step = torch.zeros(max(n_chunks, 1), dtype=torch.float32, device=device)
+        self.empty_steps = []
+        for i, (s, c) in enumerate(zip(steps, chunks_of)):
+            if c == 0:
+                self.empty_steps.append(items[i][2])
+                continue
+            self.step[first[i] : first[i] + c] = s.to(device=device, dtype=torch.float32)
+            items[i][2]["step"] = self.step[first[i]]
+        self._step_views = [item[2]["step"] for item in items]
+        # for sync_steps: each chunk's copy of its tensor's step comes from the tensor's first chunk
+        self._first_of_chunk = self.first_chunk[self.chunk_tensor.long()] if n_chunks else None
+        self._step_version = self.step._version
+        self.partials = {}
+        self.layer = {}
+        self.globals = {}
+        for p in plan.passes:
+            if p.produces:
+                self.partials[p.index] = torch.empty(max(n_chunks, 1), len(p.produces), dtype=torch.float64, device=device)
+                # per-layer values (and, when sharded, the table that is all-reduced)
+                self.layer[p.index] = torch.empty(max(self.n_tensors, 1), len(p.produces), dtype=torch.float64, device=device)
+                self.globals[p.index] = torch.empty(len(p.produces), dtype=torch.float64, device=device)
+
+    def still_valid(self, items) -> bool:
+        if tables_key(items) != self.key:
+            return False
+        grad_dtypes = list(self.buffers).index("grad")
+        if any(item[1].dtype != sig[grad_dtypes] for item, sig in zip(items, self.signature)):
+            return False  # a gradient changed dtype: it may belong to another partition now
+        return all(item[2]["step"] is view for item, view in zip(items, self._step_views))
+
+    def aligned(self, partition: int) -> bool:
+        """All buffers of the partition's tensors start on 16 bytes (torch's allocations do; views may not)."""
+        if partition not in self._aligned:
+            members = self.partitions[partition][3]
+            ptrs = [self.addr_host[name][i] for name in self.buffers for i in members]
+            self._aligned[partition] = all(ptr % 16 == 0 for ptr in ptrs)
+        return self._aligned[partition]
+
+    def sync_steps(self) -> None:
+        """Step counts written in place since the last step (``state["step"].zero_()`` to restart the bias
+        correction, a checkpoint tool's ``copy_``) are spread to all of their tensor's chunks; the version
+        counter tells, without reading the device."""
+        if self.step._version != self._step_version and self._first_of_chunk is not None:
+            self.step.copy_(self.step[self._first_of_chunk])  # the kernels advance every copy alike: only the first can differ
+            self._step_version = self.step._version
+
+    def refresh(self, items) -> None:
+        """Per-step updates, decided on the host without reading the device: gradients that moved (autograd
+        allocates new ones after ``zero_grad(set_to_none=True)``) and hyperparameters that changed (an lr
+        schedule) are re-uploaded; nothing else is rebuilt."""
+        grads = [item[1] for item in items]
+        grad_ptrs = [g.data_ptr() for g in grads]
+        if grad_ptrs != self.grad_ptrs:
+            self.set_grads(grads, grad_ptrs)
+        values = [item[3] for item in items]
+        if values == self.values:  # the same tuples (the optimizer keeps one per group while it is unchanged)
+            return
+        distinct = list({id(row): row for row in values}.values())
+        if any(isinstance(v, torch.Tensor) for row in distinct for v in row):
+            # Hyperparameters given as device tensors (capturable): gather them on the device every step,
+            # a copy kernel instead of a host read; the group structure follows tensor identity.
+            keys = [tuple(id(v) if isinstance(v, torch.Tensor) else v for v in row) for row in values]
+            groups = list(dict.fromkeys(keys))
+            if keys != self.keys:
+                self.group = torch.tensor([groups.index(k) for k in keys], dtype=torch.int32).to(self.device)
+                self.keys = keys
+            rows = [values[keys.index(g)] for g in groups]
+            self.hyper = torch.stack(
+                [torch.stack([torch.as_tensor(v, dtype=torch.float64, device=self.device).reshape(()) for v in row]) for row in rows]
+            )
+            self.values = None  # gathered again at every step: the tensors' values may have changed in place
+            self.version += 1
+            return
+        groups = list(dict.fromkeys(values))
+        index = [groups.index(v) for v in values]
+        self.group = torch.tensor(index, dtype=torch.int32).to(self.device, non_blocking=True)
+        self.hyper = torch.tensor(groups, dtype=torch.float64).reshape(len(groups), -1).to(self.device, non_blocking=True)
+        self.values = values
+        self.keys = None
+        self.group_rows = None
+        self.version += 1
+
+    def set_grads(self, grads, grad_ptrs) -> None:
+        """New gradient tensors: their addresses are written into the existing table (launchers' cached
+        argument tuples stay valid)."""
+        self.buffers["grad"] = grads
+        if len(grad_ptrs) == self.addr["grad"].numel():
+            self.addr["grad"].copy_(torch.tensor(grad_ptrs, dtype=torch.int64), non_blocking=True)
+        else:
+            self.addr["grad"] = torch.tensor(grad_ptrs, dtype=torch.int64).to(self.device, non_blocking=True)
+            self.version += 1
+        self.addr_host["grad"] = grad_ptrs
+        self.grad_ptrs = grad_ptrs
+        self._aligned.clear()
+
+    def use_group_rows(self, group_of: list[int], rows: list[tuple]) -> None:
+        """One hyperparameter row per param group (``group_of[i]``: the row of tensor i): a step that only
+        changes values (an lr schedule) then rewrites the rows in place, in O(groups)."""
+        self.group = torch.tensor(group_of, dtype=torch.int32).to(self.device)
+        self.hyper = torch.tensor(rows, dtype=torch.float64).reshape(len(rows), -1).to(self.device)
+        self.group_rows = list(rows)
+        self.values = None  # the next refresh() (a step that is not a fast one) rebuilds its own grouping
+        self.keys = None
+        self.version += 1
+
+    def set_group_rows(self, rows: list[tuple]) -> None:
+        if rows != self.group_rows:
+            self.hyper.copy_(torch.tensor(rows, dtype=torch.float64).reshape(self.hyper.shape), non_blocking=True)
+            self.group_rows = list(rows)
+
+
+def tables_key(items):
+    """What the tables depend on: the parameters and their storage, and the state tensors (gradients and
+    hyperparameters are refreshed in place, see ``ChunkTables.refresh``). A state tensor replaced in the
+    state dict is a new object; one whose storage is swapped in place (``set_``) is not seen."""
+    return [(id(p), p.data_ptr(), p.numel(), *[id(v) for k, v in state.items() if k != "step"]) for p, _, state, _ in items]
+
+
+class _StagedState(dict):
+    """A parameter's state with contiguous twins in place of non-contiguous tensors; ``step`` writes through
+    (the step-table view must land in the real state)."""
+
+    def __init__(self, state: dict):
+        super().__init__(state)
+        self.state = state
+
+    def __setitem__(self, key, value):
+        super().__setitem__(key, value)
+        self.state[key] = value
+
+
+class Staging:
+    """Kernels address flat memory: non-contiguous parameters and states run on persistent contiguous twins
+    that are copied back after the launches (extra copies for those tensors only); gradients are copied."""
+
+    def __init__(self):
+        self._twins: dict[int, tuple] = {}
+        self.staged = False  # the last step ran some tensor on a twin
+
+    def _twin(self, tensor: torch.Tensor) -> torch.Tensor:
+        buf = self._twins.get(id(tensor))
+        if buf is None or buf[0] is not tensor:
+            buf = (tensor, torch.empty(tensor.shape, dtype=tensor.dtype, device=tensor.device))
+            self._twins[id(tensor)] = buf
+        buf[1].copy_(tensor)
+        return buf[1]
+
+    def contiguous(self, items):
+        """(items on contiguous memory, [(original, twin)] to copy back after the step)."""
+        staged, out = [], []
+        for p, grad, state, values in items:
+            if not p.is_contiguous():
+                twin = self._twin(p)
+                staged.append((p, twin))
+                p = twin
+            if not grad.is_contiguous():
+                grad = grad.contiguous()
+            if any(isinstance(v, torch.Tensor) and k != "step" and not v.is_contiguous() for k, v in state.items()):
+                view = _StagedState(state)
+                for k, v in state.items():
+                    if k != "step" and isinstance(v, torch.Tensor) and not v.is_contiguous():
+                        twin = self._twin(v)
+                        staged.append((v, twin))
+                        dict.__setitem__(view, k, twin)
+                state = view
+            out.append((p, grad, state, values))
+        self.staged = bool(staged)
+        return out, staged
+
+
+def pass_values(t: ChunkTables, plan, p, offset: int, count: int, device_scalars: dict) -> dict:
+    """The runtime arguments of pass ``p``'s kernel over one partition (chunks ``[offset, offset + count)``),
+    by the names of the kernel ABI (``optgen.codegen.abi.pass_args``): tensors (sliced to the partition) and
+    integers. Every launcher takes its argument tuple from here, in the ABI's order."""
+    span = slice(offset, offset + count)
+    values = {
+        "_chunk_tensor": t.chunk_tensor[span],
+        "_chunk_start": t.chunk_start[span],
+        "_numel": t.numel,
+        "_group": t.group,
+        "_step": t.step[span],
+        "_hyper": t.hyper,
+        "_chunk_offset": offset,
+    }
+    for name, addr in t.addr.items():
+        values[f"_{name}_addr"] = addr
+    for k in p.consumes:
+        producer = plan.slots[k].stage
+        values[f"_table_{producer}"] = t.layer[producer]
+        values[f"_global_{producer}"] = t.globals[producer]
+    for name, value in device_scalars.items():
+        values[f"_dev_{name}"] = value
+    if p.produces:
+        values["_partials"] = t.partials[p.index]
+    return values
+
+
+def reduce_launches(t: ChunkTables, p, sharded: bool) -> tuple[list, list]:
+    """The reduce launches after pass ``p``, as (programs, {ABI name: value}), before and after the all-reduce
+    of sharded training. Unsharded: one launch, ``n_tensors`` segment-reduce programs if the pass has
+    per-layer values, plus one program that folds the global values from the chunk partials. Sharded: every
+    pass with partials is segment-reduced, its ``[tensors, slots]`` table all-reduced (one collective), then
+    the global values are folded from the all-reduced table (a one-program launch), so they are exact and the
+    same on every rank."""
+    partials, layer = t.partials[p.index], t.layer[p.index]
+    base = {"_partials": partials, "_first_chunk": t.first_chunk, "_n_chunks": t.n_chunks_of, "_out": layer,
+            "_global": t.globals[p.index]}  # fmt: skip
+    segments = t.n_tensors if (p.reduce_after or sharded) else 0
+    before, after = [], []
+    if not sharded:
+        if segments or p.fold_after:
+            before.append((segments + int(p.fold_after), {**base, "_n_segments": segments, "_fold": partials, "_fold_rows": t.n_chunks}))
+        return before, after
+    if segments:
+        before.append((segments, {**base, "_n_segments": segments, "_fold": partials, "_fold_rows": 0}))
+    if p.fold_after:
+        after.append((1, {**base, "_n_segments": 0, "_fold": layer, "_fold_rows": t.n_tensors}))
+    return before, after
+
+
+def scratch_buffer(cache: dict, param: torch.Tensor, name: str) -> torch.Tensor:
+    """The scratch buffer ``name`` of ``param`` (values a pass stores for a later one), kept in ``cache``:
+    the compute dtype, made again when the parameter's shape or device changed."""
+    key = (id(param), name)
+    buf = cache.get(key)
+    if buf is None or buf.shape != param.shape or buf.device != param.device:
+        buf = torch.empty_like(param, dtype=torch.promote_types(param.dtype, torch.float32))
+        cache[key] = buf
+    return buf

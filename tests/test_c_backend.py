@@ -1,0 +1,358 @@
+"""The C backend: generated multi-tensor C kernels against the eager torch oracle, storage conversions, the
+build (flags, cache, concurrent builds, failures) and the static vectorisation check.
+
+The runtime contract (state dicts, schedulers, GradScaler, master weights, capturable, sharding) runs on the
+C backend through the ``backend`` fixture of the other test files (``conftest.BACKENDS``)."""
+
+import multiprocessing
+import os
+import stat
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from conftest import CHUNK, ODD_SHAPES, TOL, assert_close_rel, make_grads, make_params, run_steps
+
+import optgen
+from optgen.analysis import plan as make_plan
+from optgen.catalog import variants
+from optgen.codegen.render import source_path
+from optgen.ir import lower
+from optgen.runtime import cbuild
+from optgen.runtime.c_backend import STORAGE_CODES
+from optgen.specs import BUILTINS
+
+CLASSES = {
+    "sgd": optgen.SGD, "adam": optgen.Adam, "adamw": optgen.AdamW, "lars": optgen.LARS, "lars_optax": optgen.LARSOptax,
+    "lamb": optgen.LAMB, "nvlamb": optgen.NVLAMB, "novograd": optgen.NovoGrad, "lion": optgen.Lion,
+    "layer_adaptive_lion": optgen.LayerAdaptiveLion, "adabelief": optgen.AdaBelief,
+}  # fmt: skip
+# hyperparameters that make every term of each update matter (momentum, decay, a trust clip)
+EXTRA = {"sgd": dict(momentum=0.9, weight_decay=0.01), "lars": dict(momentum=0.9), "lamb": dict(trust_clip=(0.0, 10.0))}
+STEPS = 20
+EDGE_SHAPES = [*ODD_SHAPES, (0,), (2, 0, 3)]  # empty tensors beside the rest: no chunk, the step still counts
+
+
+def _run(cls, backend, shapes, dtype, kwargs, steps=STEPS, seed=0):
+    params = make_params(shapes, seed=seed, dtype=dtype, zero=(len(ODD_SHAPES) - 1,) if len(shapes) >= len(ODD_SHAPES) else ())
+    opt = cls(params, backend=backend, **kwargs)
+    run_steps(opt, params, make_grads(shapes, steps, seed=seed + 1, dtype=dtype))
+    return params, opt
+
+
+def _c_backend(opt):
+    (backend,) = opt._backends.values()
+    assert backend.name == "c" and backend.fallback is None
+    return backend
+
+
+@pytest.mark.parametrize("name", list(CLASSES))
+def test_every_builtin_variant_equals_the_torch_oracle(name):
+    """fp32, 20 steps, odd shapes (0-d, chunk-straddling, empty): within 1e-6 of the eager torch backend, the
+    state too, for every flag variant; the step count advances on every tensor, empty ones included."""
+    cls = CLASSES[name]
+    for flags in variants(BUILTINS[name]()):
+        kwargs = {**EXTRA.get(name, {}), **flags}
+        if flags.get("nesterov") and name == "sgd":
+            kwargs["dampening"] = 0.0
+        got, opt = _run(cls, "c", EDGE_SHAPES, torch.float32, kwargs)
+        want, ref = _run(cls, "torch", EDGE_SHAPES, torch.float32, kwargs)
+        _c_backend(opt)
+        assert_close_rel(got, want, torch.float32, what=f"{name} {flags} params")
+        for p, q in zip(got, want):
+            for key, value in ref.state[q].items():
+                assert_close_rel(opt.state[p][key], value, torch.float32, what=f"{name} {flags} state {key}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("name", ["adamw", "lamb", "nvlamb", "lion"])
+def test_low_and_double_precision_parameters(name, dtype):
+    """bf16/fp16 parameters: fp32 math, stores rounded to nearest even (the torch backend rounds the same
+    fp32 values: one ulp apart at most); fp64 parameters computed in double (1e-12 of the torch backend)."""
+    kwargs = EXTRA.get(name, {})
+    got, opt = _run(CLASSES[name], "c", ODD_SHAPES, dtype, kwargs, steps=5)
+    want, _ = _run(CLASSES[name], "torch", ODD_SHAPES, dtype, kwargs, steps=5)
+    _c_backend(opt)
+    assert all(p.dtype == dtype for p in got)
+    assert_close_rel(got, want, dtype, tol=1e-12 if dtype == torch.float64 else TOL[dtype], what=f"{name} {dtype}")
+
+
+def test_mixed_dtypes_master_weights_and_bf16_state():
+    """fp32, bf16 and fp16 parameters in one optimizer (one call per pass per dtype partition), master
+    weights and bf16 moments: equal to the torch backend within one ulp of each dtype."""
+    shapes = [(5, 7), (300,), (), (CHUNK + 3,)]
+    dtypes = [torch.float32, torch.bfloat16, torch.float16, torch.bfloat16]
+
+    def run(backend):
+        gen = torch.Generator().manual_seed(3)
+        params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(d)) for s, d in zip(shapes, dtypes)]
+        opt = optgen.LAMB(params, lr=1e-2, backend=backend, master_weights=True, state_dtype=torch.bfloat16)
+        for _ in range(4):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
+            opt.step()
+        return params, opt
+
+    got, opt = run("c")
+    want, _ = run("torch")
+    backend = _c_backend(opt)
+    assert len(backend._tables.partitions) == 3
+    for p, q, d in zip(got, want, dtypes):
+        assert_close_rel(p, q, d, what=str(d))
+
+
+def test_a_thousand_tensors_in_one_call_per_pass():
+    """1000 tensors (0-d, empty, odd sizes, a few chunk-straddling ones): one call per pass, one reduce call
+    where the plan has one, equal to the torch backend."""
+    gen = torch.Generator().manual_seed(5)
+    sizes = torch.randint(0, 40, (1000,), generator=gen).tolist()
+    shapes = [() if s == 1 else (s,) for s in sizes]
+    shapes[::97] = [(2 * CHUNK + 17,)] * len(shapes[::97])
+    for cls in (optgen.AdamW, optgen.NVLAMB):
+        got, opt = _run(cls, "c", shapes, torch.float32, {}, steps=3)
+        want, _ = _run(cls, "torch", shapes, torch.float32, {}, steps=3)
+        backend = _c_backend(opt)
+        assert backend.launches == 3 * opt.plan.launches_per_step
+        assert_close_rel(got, want, torch.float32, what=cls.__name__)
+
+
+@pytest.mark.parametrize("name", list(CLASSES))
+def test_calls_per_step_follow_the_plan(name):
+    params = make_params([(3, 5), (CHUNK + 1,)])
+    opt = CLASSES[name](params, backend="c", **EXTRA.get(name, {}))
+    run_steps(opt, params, make_grads([(3, 5), (CHUNK + 1,)], 2))
+    assert _c_backend(opt).launches == 2 * opt.plan.launches_per_step
+
+
+# -- storage conversions -------------------------------------------------------------------------------------
+
+
+def _specials(dtype):
+    finfo = torch.finfo(dtype)
+    values = [0.0, -0.0, 1.0, -1.0, float("inf"), float("-inf"), finfo.max, -finfo.max, finfo.tiny, finfo.tiny / 2,
+              finfo.tiny / 3, finfo.eps, 1.0 + finfo.eps / 2, 1.0 + 1.5 * finfo.eps, 1.0 + finfo.eps / 4, 3.0e38,
+              65504.0, 65519.0, 65520.0, 6.0e-8, 3.0e-8, 2.9e-8, 1e-45, 1e-30, float(finfo.max) * (1 + 2.0**-9)]  # fmt: skip
+    gen = torch.Generator().manual_seed(7)
+    wide = torch.randn(20000, generator=gen) * torch.exp2(torch.randint(-140, 130, (20000,), generator=gen).float())
+    return torch.cat([torch.tensor(values, dtype=torch.float32), wide])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_stores_round_to_nearest_even_like_torch(dtype):
+    """SGD's first step stores the gradient into the momentum buffer: in a bf16/fp16 buffer the kernel's
+    rounding of each fp32 value equals torch's ``.to(dtype)``, bitwise: ties to even, subnormals, overflow to
+    inf, NaN stays NaN."""
+    grad = _specials(dtype)
+    grad = torch.cat([grad, torch.tensor([float("nan")])])
+    param = torch.nn.Parameter(torch.zeros_like(grad))
+    opt = optgen.SGD([param], lr=0.0, momentum=0.9, backend="c", state_dtype=dtype)
+    param.grad = grad.clone()
+    opt.step()
+    _c_backend(opt)
+    buffer = opt.state[param]["momentum_buffer"]
+    expected = (grad + 0.0).to(dtype)  # the buffer is g + weight_decay * w: -0.0 + 0.0 is +0.0
+    assert torch.equal(torch.isnan(buffer), torch.isnan(expected))
+    finite = ~torch.isnan(expected)
+    assert torch.equal(buffer[finite].view(torch.int16), expected[finite].view(torch.int16))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_loads_are_exact_for_every_bit_pattern(dtype):
+    """Every one of the 65536 bf16/fp16 values, loaded by the kernel and stored into an fp32 buffer, is the
+    same fp32 number torch makes of it."""
+    grad = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
+    param = torch.nn.Parameter(torch.zeros(grad.shape, dtype=dtype))
+    opt = optgen.SGD([param], lr=0.0, momentum=0.9, backend="c", master_weights=True)
+    param.grad = grad.clone()
+    opt.step()
+    _c_backend(opt)
+    buffer = opt.state[param]["momentum_buffer"]
+    assert buffer.dtype == torch.float32
+    expected = grad.float()
+    assert torch.equal(torch.isnan(buffer), torch.isnan(expected))
+    finite = ~torch.isnan(expected)
+    assert torch.equal(buffer[finite], expected[finite])
+
+
+# -- the build ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(CLASSES))
+def test_every_element_loop_is_vectorised(name):
+    """A static check (gcc's vectorisation report of the backend's own flags): every element loop of every
+    variant, for fp32, bf16 storage and fp64 math. Without -fno-math-errno the sqrt loops would not be."""
+    for flags in variants(BUILTINS[name]()):
+        source = source_path(make_plan(lower(BUILTINS[name](), flags)), "c")
+        for defines in ({}, {"OG_DT_param": STORAGE_CODES[torch.bfloat16]}, {"OG_DT_param": 1, "OG_REAL_F64": 1}):
+            try:
+                loops = cbuild.vectorization(source, defines)
+            except cbuild.BuildError:
+                pytest.skip(f"no vectorisation report (it is gcc's) from {cbuild.toolchain().identity}")
+            assert loops and all(loops.values()), f"{name} {flags} {defines}: not vectorised: {loops}"
+
+
+def test_no_compiler_warns_once_and_runs_the_torch_path(monkeypatch, tmp_path):
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    cbuild.toolchain.cache_clear()
+    try:
+        params = make_params([(4, 3), (9,)])
+        ref = [torch.nn.Parameter(p.detach().clone()) for p in params]
+        opt = optgen.LAMB(params, backend="auto")
+        grads = make_grads([(4, 3), (9,)], 3)
+        with pytest.warns(cbuild.CKernelsUnavailable, match="no C compiler"):
+            run_steps(opt, params, grads[:1])
+        run_steps(opt, params, grads[1:])  # no second warning (the filter makes one an error)
+        (backend,) = opt._backends.values()
+        assert backend.fallback is not None
+        run_steps(optgen.LAMB(ref, backend="torch"), ref, grads)
+        assert all(torch.equal(p, q) for p, q in zip(params, ref))
+    finally:
+        cbuild.toolchain.cache_clear()
+
+
+def test_a_failing_build_names_the_command_and_changes_nothing_first(monkeypatch, tmp_path):
+    """A compiler that builds the probe but fails on the kernels: the warning shows the command and the
+    compiler's message; the step then runs on the torch path from unmodified parameters and state."""
+    fake = tmp_path / "fake-cc"
+    fake.write_text(textwrap.dedent(f"""\
+        #!/bin/sh
+        case "$*" in *-DOG_*) echo "fake-cc: kernels refused" >&2; exit 1;; esac
+        exec {cbuild.toolchain().compiler} "$@"
+    """))
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("CC", str(fake))
+    monkeypatch.setenv("OPTGEN_CACHE_DIR", str(tmp_path / "cache"))
+    cbuild.toolchain.cache_clear()
+    try:
+        params = make_params([(4, 3), (9,)])
+        ref = [torch.nn.Parameter(p.detach().clone()) for p in params]
+        opt = optgen.AdamW(params, backend="c")
+        grads = make_grads([(4, 3), (9,)], 2)
+        with pytest.warns(cbuild.CKernelsUnavailable, match="(?s)fake-cc.*-DOG_DT_param=0.*kernels refused"):
+            run_steps(opt, params, grads)
+        run_steps(optgen.AdamW(ref, backend="torch"), ref, grads)
+        assert all(torch.equal(p, q) for p, q in zip(params, ref))
+    finally:
+        cbuild.toolchain.cache_clear()
+
+
+_WORKER = """
+import os, sys, torch, optgen
+params = [torch.nn.Parameter(torch.linspace(-1, 1, n)) for n in (1000, 3, 70000)]
+opt = optgen.LAMB(params, lr=1e-2, backend="c")
+for step in range(3):
+    for p in params:
+        p.grad = torch.sin(p.detach() * (step + 1))
+    opt.step()
+(backend,) = opt._backends.values()
+assert backend.fallback is None
+torch.save([p.detach() for p in params], sys.argv[1])
+"""
+
+
+def _compiler_log_env(tmp_path, cache):
+    """An environment whose CC logs every compile of a kernel object to ``log`` (probes are not logged)."""
+    log = tmp_path / "compiles.log"
+    wrapper = tmp_path / "logging-cc"
+    wrapper.write_text(textwrap.dedent(f"""\
+        #!/bin/sh
+        case "$*" in *-DOG_*) echo "$$" >> {log};; esac
+        exec {cbuild.toolchain().compiler} "$@"
+    """))
+    wrapper.chmod(wrapper.stat().st_mode | stat.S_IEXEC)
+    env = {**os.environ, "CC": str(wrapper), "OPTGEN_CACHE_DIR": str(cache), "OPTGEN_C_CHUNK": "65536"}
+    return env, log
+
+
+def test_cold_build_then_warm_cache_without_compiling(tmp_path):
+    """A fresh cache compiles each object once; a second process loads them without running the compiler."""
+    env, log = _compiler_log_env(tmp_path, tmp_path / "cache")
+    for k in range(2):
+        subprocess.run([sys.executable, "-c", _WORKER, str(tmp_path / f"out{k}.pt")], env=env, check=True, timeout=300)
+        compiles = len(log.read_text().splitlines()) if log.exists() else 0
+        assert compiles == 1, f"run {k}: {compiles} compiles (one dtype signature: one object, once)"
+    assert all(torch.equal(a, b) for a, b in zip(torch.load(tmp_path / "out0.pt"), torch.load(tmp_path / "out1.pt")))
+
+
+def test_concurrent_processes_share_the_cache(tmp_path):
+    """Four processes step at once on one empty cache: all succeed with equal results, and the cache holds
+    whole objects only (no temporary files left, every object loads)."""
+    env, _ = _compiler_log_env(tmp_path, tmp_path / "cache")
+    context = multiprocessing.get_context("spawn")
+    del context  # processes are started with subprocess.Popen: each is a fresh interpreter
+    procs = [
+        subprocess.Popen([sys.executable, "-c", _WORKER, str(tmp_path / f"out{k}.pt")], env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+        for k in range(4)
+    ]
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err.decode()[-2000:]
+    results = [torch.load(tmp_path / f"out{k}.pt") for k in range(4)]
+    assert all(torch.equal(a, b) for r in results[1:] for a, b in zip(results[0], r))
+    objects = list((tmp_path / "cache" / "c").glob("*.so"))
+    assert objects and not list((tmp_path / "cache" / "c").glob("*.tmp"))
+    for path in objects:
+        cbuild.load(path)
+
+
+def test_a_name_reserved_in_c_is_a_spec_error_at_build():
+    spec = optgen.Spec("Reserved")
+    lr = spec.hyper(lr=0.1)
+    double = spec.state("double")
+    spec.update(double, 0.5 * double + spec.grad)
+    spec.update(spec.param, spec.param - lr * double)
+    with pytest.raises(optgen.SpecError, match="'double' is reserved in C"):
+        optgen.build(spec)
+
+
+# -- the fast path (a step with the layout of the last one) ---------------------------------------------------
+
+
+def _fast_path_run(fast: bool, monkeypatch):
+    """A training loop that changes, between steps, everything a fast step must notice: new gradient tensors,
+    in-place gradients, an lr schedule, a param group added, a parameter without a gradient, a parameter's
+    storage replaced, a state tensor replaced, a state dict loaded. Returns the parameters and fast steps."""
+    monkeypatch.setattr(optgen.LAMB, "_fast_path", fast)
+    shapes = [(6, 5), (300,), (), (0,), (CHUNK + 9,)]
+    params = make_params(shapes)
+    extra = torch.nn.Parameter(torch.linspace(-1.0, 1.0, 17))
+    opt = optgen.LAMB([{"params": params[:3]}, {"params": params[3:], "weight_decay": 0.0}], lr=1e-2, backend="c")
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    grads = make_grads(shapes + [(17,)], 16, seed=4)
+
+    def step(k, with_extra=False, skip=None):
+        for i, p in enumerate(params + ([extra] if with_extra else [])):
+            p.grad = None if i == skip else grads[k][i].clone()
+        opt.step()
+        scheduler.step()
+
+    for k in range(4):
+        step(k)  # new gradient tensors every step, lr halved every second step
+    for p in params:  # gradients updated in place (zero_grad(set_to_none=False) and accumulation)
+        p.grad.mul_(0.5)
+    opt.step()
+    step(5, skip=1)  # a parameter without a gradient: skipped
+    step(6)
+    params[0].data = params[0].data.clone()  # storage replaced
+    step(7)
+    opt.state[params[1]]["exp_avg"] = opt.state[params[1]]["exp_avg"].clone() * 0.5  # a state replaced
+    step(8)
+    opt.add_param_group({"params": [extra], "lr": 3e-3})
+    step(9, with_extra=True)
+    step(10, with_extra=True)
+    opt.load_state_dict(opt.state_dict())
+    step(11, with_extra=True)
+    step(12, with_extra=True)
+    (backend,) = opt._backends.values()
+    return [p.detach().clone() for p in params + [extra]], backend.fast_steps
+
+
+def test_fast_steps_equal_full_steps_bitwise(monkeypatch):
+    fast, fast_steps = _fast_path_run(True, monkeypatch)
+    full, full_steps = _fast_path_run(False, monkeypatch)
+    assert full_steps == 0 and fast_steps >= 6  # steps right after a change take the full path
+    for a, b in zip(fast, full):
+        assert torch.equal(a, b)
