@@ -356,3 +356,16 @@ def test_fast_steps_equal_full_steps_bitwise(monkeypatch):
     assert full_steps == 0 and fast_steps >= 6  # steps right after a change take the full path
     for a, b in zip(fast, full):
         assert torch.equal(a, b)
+
+
+def test_auto_runs_the_c_kernels_on_cpu_and_c_refuses_other_devices():
+    from optgen.runtime import backends
+
+    assert backends.resolve("auto", torch.device("cpu")).name == "c"
+    assert backends.resolve("auto", torch.device("meta")).name == "torch"  # no kernel target there
+    with pytest.raises(RuntimeError, match="backend='c' runs on CPU tensors"):
+        optgen.AdamW([torch.nn.Parameter(torch.ones(3, device="meta"))], backend="c")
+    params = make_params([(3,)])
+    opt = optgen.AdamW(params)
+    run_steps(opt, params, make_grads([(3,)], 1))
+    _c_backend(opt)

@@ -84,6 +84,7 @@ class _Kernels:
 
 class CBackend:
     name = "c"
+    options = ()  # constructor options the optimizer may pass (runtime/backends.py)
 
     def __init__(self, plan, chunk: int | None = None):
         self.plan = plan

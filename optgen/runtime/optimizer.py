@@ -27,19 +27,13 @@ from ..codegen.printers import torch_code
 from ..codegen.render import check_names, source_hash
 from ..ir import lower
 from ..spec import BoolHyperSymbol, HyperSymbol, Spec, SpecError, StepSymbol
-from . import distributed
+from . import backends, distributed
 from .tables import scratch_buffer
-
-BACKENDS = ("auto", "torch", "triton", "c")
 
 
 def _env_flag(name: str) -> bool:
     """An environment switch: set and neither empty nor "0"."""
     return os.environ.get(name, "0") not in ("", "0")
-
-
-def triton_interpreting() -> bool:
-    return _env_flag("TRITON_INTERPRET")
 
 
 class GeneratedOptimizer(torch.optim.Optimizer):
@@ -80,8 +74,8 @@ class GeneratedOptimizer(torch.optim.Optimizer):
         for key, value in list(arguments.items()):
             if value is None:  # None means the default, as for torch's optional arguments
                 arguments[key] = self._signature.parameters[key].default
-        if backend not in BACKENDS:
-            raise ValueError(f"Invalid backend: {backend!r} (expected one of {BACKENDS})")
+        if backend not in backends.CHOICES:
+            raise ValueError(f"Invalid backend: {backend!r} (expected one of {backends.CHOICES})")
         for name, value in {**flags, "maximize": maximize, "master_weights": master, "autotune": autotune}.items():
             if not isinstance(value, bool):
                 raise ValueError(f"Invalid {name} value: {value!r} (expected True or False)")
@@ -103,13 +97,8 @@ class GeneratedOptimizer(torch.optim.Optimizer):
         self._check_requirements(defaults, "defaults")
         super().__init__(params, defaults)
         self.state = _States(self.state)
-        if backend == "triton":
-            devices = {p.device.type for g in self.param_groups for p in g["params"]}
-            if "cpu" in devices and not triton_interpreting():
-                raise RuntimeError(
-                    "backend='triton' on CPU tensors needs the Triton interpreter: set TRITON_INTERPRET=1 "
-                    "before importing triton, or use backend='torch' (or 'auto')"
-                )
+        for device in {p.device for g in self.param_groups for p in g["params"]}:
+            backends.resolve(backend, device)  # a backend that cannot run on these tensors: say so now
 
     def _configure(self, config: dict) -> None:
         """Everything derived from the constructor's choices: the IR, the plan and its variants, the backends."""
@@ -352,30 +341,15 @@ class GeneratedOptimizer(torch.optim.Optimizer):
         return items
 
     def _backend_for(self, device: torch.device, plan):
-        choice = self._backend_choice
-        if choice == "auto":
-            choice = {"cuda": "triton", "cpu": "c"}.get(device.type, "torch")
-        if choice == "c" and device.type != "cpu":
-            raise RuntimeError(f"backend='c' runs on CPU tensors, not {device.type} ones: use backend='auto'")
-        if choice == "triton" and device.type == "cpu" and not triton_interpreting():
-            raise RuntimeError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1")
-        key = (choice, str(device), source_hash(plan))
+        backend = backends.resolve(self._backend_choice, device)
+        key = (backend.name, str(device), source_hash(plan))
         if key not in self._backends:
-            if choice == "torch":
-                from .torch_backend import TorchBackend
+            options = {}
+            if self._autotune:
+                from .autotune import tune
 
-                self._backends[key] = TorchBackend(plan)
-            elif choice == "c":
-                from .c_backend import CBackend
-
-                self._backends[key] = CBackend(plan)
-            else:
-                from .triton_backend import TritonBackend
-
-                tuner = None
-                if self._autotune:
-                    from .autotune import tune as tuner
-                self._backends[key] = TritonBackend(plan, tuner=tuner)
+                options["tuner"] = tune
+            self._backends[key] = backends.make(backend, plan, options)
         return self._backends[key]
 
     def _amp(self):

@@ -23,6 +23,7 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 class TorchBackend:
     name = "torch"
+    options = ()  # constructor options the optimizer may pass (runtime/backends.py)
 
     def __init__(self, plan):
         self.plan = plan

@@ -67,6 +67,7 @@ def default_config() -> LaunchConfig:
 
 class TritonBackend:
     name = "triton"
+    options = ("tuner",)  # constructor options the optimizer may pass (runtime/backends.py)
 
     def __init__(self, plan, config: LaunchConfig | None = None, tuner=None):
         """``tuner(plan, items, default_config, device_scalars=...)`` -> LaunchConfig chooses the configuration
