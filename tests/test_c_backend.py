@@ -20,7 +20,7 @@ from optgen.analysis import plan as make_plan
 from optgen.catalog import variants
 from optgen.codegen.render import source_path
 from optgen.ir import lower
-from optgen.runtime import cbuild
+from optgen.runtime import c_backend, cbuild
 from optgen.runtime.c_backend import STORAGE_CODES
 from optgen.specs import BUILTINS
 
@@ -369,3 +369,153 @@ def test_auto_runs_the_c_kernels_on_cpu_and_c_refuses_other_devices():
     opt = optgen.AdamW(params)
     run_steps(opt, params, make_grads([(3,)], 1))
     _c_backend(opt)
+
+
+# -- found by the adversarial review (each failed before its fix) -------------------------------------------------
+
+
+def _twin_runs(monkeypatch, cls, change, steps_after=2, **kwargs):
+    """The same run with the fast path on and off: ``change(opt, params)`` between steps 3 and 4."""
+    out = []
+    for fast in (True, False):
+        monkeypatch.setattr(cls, "_fast_path", fast)
+        params = make_params([(4, 4), (300,), ()])
+        opt = cls(params, backend="c", **kwargs)
+        grads = make_grads([(4, 4), (300,), ()], 3 + steps_after, seed=9)
+        run_steps(opt, params, grads[:3])
+        change(opt, params)
+        for k in range(3, 3 + steps_after):
+            for p, g in zip(params, grads[k]):
+                if p.grad is None or p.grad.shape == g.shape:
+                    p.grad = g.clone()
+            opt.step()
+        out.append([p.detach().clone() for p in params])
+    return out
+
+
+@pytest.mark.parametrize("change", ["grad transposed in place", "grad storage swapped", "state storage swapped",
+                                    "parameter moved to another group", "group appended to param_groups"])  # fmt: skip
+def test_fast_path_notices_in_place_changes(monkeypatch, change):
+    def transposed(opt, params):  # the same gradient object, non-contiguous now
+        params[0].grad = params[0].grad.clone()
+        opt.step()  # a full step, then a fast one over the object to be changed
+        params[0].grad.data = params[0].grad.data.t()
+
+    def grad_swapped(opt, params):
+        params[1].grad = params[1].grad.clone()
+        opt.step()
+        params[1].grad.set_(torch.linspace(-1, 1, 300))
+
+    def state_swapped(opt, params):
+        opt.state[params[1]]["exp_avg"].data = torch.full((300,), 0.25)
+
+    def moved(opt, params):
+        first = opt.param_groups[0]["params"]
+        del first[next(i for i, p in enumerate(first) if p is params[2])]
+        opt.param_groups[1]["params"].append(params[2])
+
+    def appended(opt, params):
+        opt.param_groups.append({**opt.param_groups[1], "params": []})
+
+    groups = lambda params: [{"params": params[:1] + params[2:], "lr": 0.1}, {"params": params[1:2], "lr": 0.0}]  # noqa: E731
+    if change in ("parameter moved to another group", "group appended to param_groups"):
+        cls = optgen.AdamW
+        out = []
+        for fast in (True, False):
+            monkeypatch.setattr(cls, "_fast_path", fast)
+            params = make_params([(4, 4), (300,), ()])
+            opt = cls(groups(params), backend="c")
+            grads = make_grads([(4, 4), (300,), ()], 6, seed=9)
+            run_steps(opt, params, grads[:3])
+            (moved if change.startswith("parameter") else appended)(opt, params)
+            run_steps(opt, params, grads[3:])
+            out.append([p.detach().clone() for p in params])
+    else:
+        out = _twin_runs(monkeypatch, optgen.LAMB, {"grad transposed in place": transposed,
+                                                    "grad storage swapped": grad_swapped,
+                                                    "state storage swapped": state_swapped}[change])  # fmt: skip
+    for a, b in zip(*out):
+        assert torch.equal(a, b)
+
+
+def test_a_gradient_shrunk_in_place_is_refused_not_read_past(monkeypatch):
+    params = make_params([(1000,)])
+    opt = optgen.AdamW(params, backend="c")
+    run_steps(opt, params, make_grads([(1000,)], 3))
+    before = params[0].detach().clone()
+    params[0].grad.set_(torch.randn(3))  # the same gradient object
+    with pytest.raises(RuntimeError, match=r"gradient of shape \(3,\) for a parameter of shape \(1000,\)"):
+        opt.step()
+    assert torch.equal(params[0].detach(), before)
+
+
+@pytest.mark.parametrize("backend", ["c", "torch"])
+def test_a_state_of_another_shape_is_refused_before_anything_changes(backend):
+    a, b = torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(1000))
+    opt = optgen.AdamW([a, b], backend=backend)
+    a.grad, b.grad = torch.randn(3), torch.randn(1000)
+    opt.step()
+    reordered = optgen.AdamW([b, a], backend=backend)
+    reordered.load_state_dict(opt.state_dict())  # the saved states belong to the other order
+    before = [a.detach().clone(), b.detach().clone()]
+    with pytest.raises(RuntimeError, match=r"state 'exp_avg' has shape \(3,\) for a parameter of shape \(1000,\)"):
+        reordered.step()
+    assert torch.equal(a.detach(), before[0]) and torch.equal(b.detach(), before[1])
+
+
+def test_a_truncated_cached_object_is_built_again(tmp_path):
+    """An object cut short on disk (a crash while another process wrote it, a full disk) is compiled again
+    by the next process that needs it, instead of failing every step. (Processes: an object already mapped by
+    this one must not be truncated under it.)"""
+    env, log = _compiler_log_env(tmp_path, tmp_path / "cache")
+    subprocess.run([sys.executable, "-c", _WORKER, str(tmp_path / "out0.pt")], env=env, check=True, timeout=300)
+    (obj,) = (tmp_path / "cache" / "c").glob("*.so")
+    obj.write_bytes(obj.read_bytes()[:100])
+    subprocess.run([sys.executable, "-c", _WORKER, str(tmp_path / "out1.pt")], env=env, check=True, timeout=300)
+    assert len(log.read_text().splitlines()) == 2  # built, then built again
+    assert all(torch.equal(a, b) for a, b in zip(torch.load(tmp_path / "out0.pt"), torch.load(tmp_path / "out1.pt")))
+
+
+def test_an_unwritable_cache_falls_back_with_a_warning(monkeypatch, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("OPTGEN_CACHE_DIR", str(blocker / "cache"))  # a directory under a file: cannot exist
+    cbuild.toolchain.cache_clear()
+    try:
+        params = make_params([(4,)])
+        ref = [torch.nn.Parameter(p.detach().clone()) for p in params]
+        opt = optgen.SGD(params, lr=0.1, backend="c")  # its C source is a golden file: only the object needs the cache
+        grads = make_grads([(4,)], 2)
+        with pytest.warns(cbuild.CKernelsUnavailable, match="cannot build"):
+            run_steps(opt, params, grads)
+        run_steps(optgen.SGD(ref, lr=0.1, backend="torch"), ref, grads)
+        assert torch.equal(params[0], ref[0])
+    finally:
+        cbuild.toolchain.cache_clear()
+
+
+def test_cc_with_arguments_and_bad_settings_name_themselves(monkeypatch, tmp_path):
+    monkeypatch.setenv("CC", f"{cbuild.toolchain().compiler} -m64")
+    monkeypatch.setenv("OPTGEN_CACHE_DIR", str(tmp_path))
+    cbuild.toolchain.cache_clear()
+    try:
+        params = make_params([(7,)])
+        opt = optgen.AdamW(params, backend="c")
+        run_steps(opt, params, make_grads([(7,)], 1))
+        _c_backend(opt)
+        assert cbuild.toolchain().prefix[1:] == ("-m64",)
+    finally:
+        cbuild.toolchain.cache_clear()
+    monkeypatch.setenv("OPTGEN_C_CHUNK", "abc")
+    with pytest.raises(ValueError, match="OPTGEN_C_CHUNK='abc'"):
+        c_backend.chunk_size()
+
+
+@pytest.mark.parametrize("name", ["d_lr", "HUGE_VAL", "intptr_t", "OG_F32", "og_bits", "double", "sqrt"])
+def test_names_the_c_kernels_cannot_declare_are_refused_at_build(name):
+    spec = optgen.Spec("Names")
+    lr = spec.hyper(lr=0.1)
+    other = spec.hyper(**{name: 0.5})
+    spec.update(spec.param, spec.param - lr * other * spec.grad)
+    with pytest.raises(optgen.SpecError, match=repr(name)):
+        optgen.build(spec)

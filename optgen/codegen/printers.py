@@ -36,8 +36,9 @@ class _FloatRules:
     known_functions: dict[str, str] = {}
 
     @classmethod
-    def name_problem(cls, name: str) -> str | None:
-        """Why a spec's symbol ``name`` cannot be a name in this target's code, or None."""
+    def name_problem(cls, name: str, names: frozenset = frozenset()) -> str | None:
+        """Why a spec's symbol ``name`` cannot be a name in this target's code (``names``: all the names the
+        generated code declares for the spec), or None."""
         return None
 
     # -- numbers -------------------------------------------------------------------------------------
@@ -352,9 +353,19 @@ class CPrinter(_FloatRules, C99CodePrinter):
     _taken_names = frozenset({"real", "sqrt", "pow", "fabs", "exp", "log", "floor", "ceil", "sin", "cos", "NAN", "INFINITY"})
 
     @classmethod
-    def name_problem(cls, name: str) -> str | None:
-        if name in cls.reserved_words or name in cls._taken_names:
+    def name_problem(cls, name: str, names: frozenset = frozenset()) -> str | None:
+        reserved = (
+            name in cls.reserved_words
+            or name in cls._taken_names
+            or name.startswith(("OG_", "og_"))  # the template's macros, types and helpers
+            or name.endswith("_t")  # C's and POSIX's type names (int64_t, intptr_t, ...)
+            or (len(name) > 1 and name.isupper())  # the macro name space (HUGE_VAL, EOF, M_PI ...)
+        )
+        if reserved:
             return f"the name {name!r} is reserved in C (the C kernels could not declare it): rename it"
+        if name.startswith("d_") and (name[2:] in names or name[2:] == "t"):
+            # the template declares each per-program value x as d_x
+            return f"the name {name!r} collides with the C kernels' name for {name[2:]!r}: rename it"
         return None
 
     def _print_Symbol(self, expr):

@@ -282,9 +282,11 @@ def check_names(plan: Plan) -> None:
     exprs = [e for p in plan.passes for _, e in (*p.scalars, *p.elementwise, *p.stores, *p.produces)]
     names = {s.name for e in exprs for s in e.free_symbols}
     names |= {ld.symbol for p in plan.passes for ld in p.loads} | {h.name for h in plan.ir.hypers} | set(plan.buffers)
+    names |= {slot.name for slot in plan.slots} | {name for p in plan.passes for name, _ in p.scalars}
+    frozen = frozenset(names)
     for target in TARGETS.values():
         for name in sorted(names):
-            problem = target.printer.name_problem(name)
+            problem = target.printer.name_problem(name, frozen)
             if problem:
                 raise SpecError(f"{plan.ir.name}: {problem}")
 

@@ -42,17 +42,25 @@ def storage_code(dtype: torch.dtype) -> int:
     return STORAGE_CODES[dtype]
 
 
+def _env_count(name: str, default: int) -> int:
+    text = os.environ.get(name) or str(default)
+    try:
+        value = int(float(text)) if any(c in text for c in ".eE") else int(text)
+    except ValueError:
+        raise ValueError(f"{name}={text!r}: expected a number of elements") from None
+    if value < 1:
+        raise ValueError(f"{name}={text!r}: expected a positive number of elements")
+    return value
+
+
 def chunk_size() -> int:
     """``OPTGEN_C_CHUNK`` overrides the default (tests use small chunks)."""
-    value = int(os.environ.get("OPTGEN_C_CHUNK") or DEFAULT_CHUNK)
-    if value < 1:
-        raise ValueError(f"OPTGEN_C_CHUNK must be a positive number of elements, not {value}")
-    return value
+    return _env_count("OPTGEN_C_CHUNK", DEFAULT_CHUNK)
 
 
 def parallel_min() -> int:
     """``OPTGEN_C_PARALLEL_MIN``: elements a pass must cover to use several threads."""
-    return int(os.environ.get("OPTGEN_C_PARALLEL_MIN") or DEFAULT_PARALLEL_MIN)
+    return _env_count("OPTGEN_C_PARALLEL_MIN", DEFAULT_PARALLEL_MIN)
 
 
 def _argtypes(args) -> list:
@@ -67,7 +75,7 @@ class _Kernels:
         real64 = dtypes["param"] == torch.float64  # math in fp64 for fp64 parameters, as the torch backend
         defines = {f"OG_DT_{b}": STORAGE_CODES[dtypes[b]] for b in plan.buffers}
         defines["OG_REAL_F64"] = int(real64)
-        library = cbuild.load(cbuild.build(backend.source, defines, variant_stem(plan)))
+        library = cbuild.load_built(backend.source, defines, variant_stem(plan))
         self.passes, self.reduces = [], []
         for p in plan.passes:
             fn = getattr(library, f"{backend.prefix}_pass_{p.index}")

@@ -1,6 +1,6 @@
 """Build generated C sources into shared objects, cached on disk, and load them with ctypes.
 
-* The compiler is ``$CC``, else ``cc``. Its flags are probed once per machine and compiler (the result is
+* The compiler is ``$CC`` (split like a shell: ``ccache gcc`` works), else ``cc``. Its flags are probed once per machine and compiler (the result is
   cached beside the objects): ``-O3 -std=c11 -fPIC -shared -fno-math-errno -ffp-contract=off`` always
   (without ``-fno-math-errno`` gcc keeps ``sqrtf`` a library call for errno's sake and does not vectorise the
   loop: 3.5x slower, measured; without ``-ffp-contract=off`` it fuses multiply-adds and the last bits differ
@@ -14,11 +14,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -55,13 +57,15 @@ class BuildError(RuntimeError):
 @dataclass(frozen=True)
 class Toolchain:
     compiler: str  # the resolved path
+    prefix: tuple[str, ...]  # the compiler and the words $CC gave after it (``ccache gcc``, ``gcc -m64``)
     identity: str  # first line of `cc --version`: part of every object's key
     flags: tuple[str, ...]
     openmp: bool
 
 
-def compiler_name() -> str:
-    return os.environ.get("CC") or "cc"
+def compiler_command() -> list[str]:
+    """``$CC`` split as a shell would (``ccache gcc``, ``gcc -m64``), else ``cc``."""
+    return shlex.split(os.environ.get("CC") or "cc")
 
 
 def _run(command: list[str], cwd: str | None = None) -> subprocess.CompletedProcess:
@@ -69,20 +73,21 @@ def _run(command: list[str], cwd: str | None = None) -> subprocess.CompletedProc
 
 
 @functools.cache
-def toolchain(name: str | None = None) -> Toolchain:
+def toolchain(command: tuple[str, ...] | None = None) -> Toolchain:
     """The compiler and the flags it takes, probed once per machine (cached on disk) and per process."""
-    name = name or compiler_name()
-    path = shutil.which(name)
+    command = list(command or compiler_command())
+    path = shutil.which(command[0]) if command else None
     if path is None:
-        raise BuildError(f"no C compiler: {name!r} is not on PATH (set CC to one)")
-    version = _run([path, "--version"])
+        raise BuildError(f"no C compiler: {' '.join(command) or '$CC'!r} is not on PATH (set CC to one)")
+    prefix = (path, *command[1:])
+    version = _run([*prefix, "--version"])
     identity = (version.stdout or version.stderr).splitlines()[0].strip() if version.returncode == 0 else path
-    key = hashlib.sha256(f"{path}\n{identity}\n{BASE_FLAGS}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{prefix}\n{identity}\n{BASE_FLAGS}".encode()).hexdigest()[:16]
     record = cache_dir() / "c" / f"toolchain_{key}.json"
     try:
         saved = json.loads(record.read_text())
-        return Toolchain(path, identity, tuple(saved["flags"]), bool(saved["openmp"]))
-    except (OSError, ValueError, KeyError):
+        return Toolchain(path, prefix, identity, tuple(saved["flags"]), bool(saved["openmp"]))
+    except (OSError, ValueError, KeyError, TypeError):
         pass
     flags = list(BASE_FLAGS)
     with tempfile.TemporaryDirectory() as tmp:
@@ -90,7 +95,7 @@ def toolchain(name: str | None = None) -> Toolchain:
         source.write_text(_PROBE_SOURCE)
 
         def builds(extra: list[str]) -> bool:
-            result = _run([path, *flags, *extra, str(source), "-o", str(Path(tmp) / "probe.so")])
+            result = _run([*prefix, *flags, *extra, str(source), "-o", str(Path(tmp) / "probe.so")])
             return result.returncode == 0
 
         if not builds([]):
@@ -100,38 +105,64 @@ def toolchain(name: str | None = None) -> Toolchain:
         openmp = builds(["-fopenmp"])
         if openmp:
             flags.append("-fopenmp")
-    chain = Toolchain(path, identity, tuple(flags), openmp)
-    record.parent.mkdir(parents=True, exist_ok=True)
-    tmp_record = record.with_suffix(f".{os.getpid()}.tmp")
-    tmp_record.write_text(json.dumps({"flags": chain.flags, "openmp": openmp, "identity": identity}))
-    os.replace(tmp_record, record)
+    chain = Toolchain(path, prefix, identity, tuple(flags), openmp)
+    try:  # remembered for the next process; a cache that cannot be written only costs the probe again
+        record.parent.mkdir(parents=True, exist_ok=True)
+        tmp_record = record.with_suffix(f".{os.getpid()}.tmp")
+        tmp_record.write_text(json.dumps({"flags": chain.flags, "openmp": openmp, "identity": identity}))
+        os.replace(tmp_record, record)
+    except OSError:
+        pass
     if not openmp:
         warnings.warn(f"optgen: {path} does not take -fopenmp: the C kernels run on one thread", CKernelsUnavailable, stacklevel=2)
     return chain
 
 
-def build(source: Path, defines: dict[str, int | str], stem: str) -> Path:
-    """The shared object of ``source`` compiled with ``-D`` ``defines``: from the cache, or compiled now."""
+def build(source: Path, defines: dict[str, int | str], stem: str, rebuild: bool = False) -> Path:
+    """The shared object of ``source`` compiled with ``-D`` ``defines``: from the cache, or compiled now
+    (``rebuild``: compiled again over a cached object that does not load)."""
     chain = toolchain()
     define_flags = [f"-D{k}={v}" for k, v in sorted(defines.items())]
     text = source.read_bytes()
-    digest = hashlib.sha256(b"\n".join([text, chain.identity.encode(), " ".join(chain.flags).encode(), " ".join(define_flags).encode()]))
+    digest = hashlib.sha256(b"\n".join([text, " ".join(chain.prefix).encode(), chain.identity.encode(),
+                                        " ".join(chain.flags).encode(), " ".join(define_flags).encode()]))  # fmt: skip
     target = cache_dir() / "c" / f"{stem}_{digest.hexdigest()[:16]}.so"
-    if target.is_file():
+    if target.is_file() and not rebuild:
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
-    command = [chain.compiler, *chain.flags, *define_flags, str(source), "-o", str(tmp), "-lm"]
-    result = _run(command)
-    if result.returncode != 0:
-        tmp.unlink(missing_ok=True)
-        raise BuildError(
-            f"the C compiler failed on {source.name}:\n  {' '.join(command)}\n{(result.stderr or result.stdout)[-4000:]}",
-            command,
-            result.stderr or result.stdout,
-        )
-    os.replace(tmp, target)
+    command = [*chain.prefix, *chain.flags, *define_flags, str(source), "-o", str(tmp), "-lm"]
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        result = _run(command)
+        if result.returncode != 0:
+            raise BuildError(
+                f"the C compiler failed on {source.name}:\n  {' '.join(command)}\n{(result.stderr or result.stdout)[-4000:]}",
+                command,
+                result.stderr or result.stdout,
+            )
+        with open(tmp, "rb") as written:  # on disk before it is named: a crash leaves no truncated object
+            os.fsync(written.fileno())
+        os.replace(tmp, target)
+    except OSError as exc:
+        raise BuildError(f"cannot build {target.name} in {target.parent}: {exc}", command) from exc
+    finally:
+        with contextlib.suppress(OSError):  # gone already, or the folder never existed
+            tmp.unlink()
     return target
+
+
+def load_built(source: Path, defines: dict[str, int | str], stem: str) -> ctypes.CDLL:
+    """``build`` then ``load``; a cached object that does not load (truncated, foreign) is built again once."""
+    path = build(source, defines, stem)
+    try:
+        return load(path)
+    except OSError:
+        load.cache_clear()
+        path = build(source, defines, stem, rebuild=True)
+        try:
+            return load(path)
+        except OSError as exc:
+            raise BuildError(f"the object built from {source.name} does not load: {exc}") from exc
 
 
 @functools.cache
@@ -147,7 +178,7 @@ def vectorization(source: Path, defines: dict[str, int | str] | None = None) -> 
     chain = toolchain()
     lines = [n for n, text in enumerate(source.read_text().splitlines(), 1) if text.strip().startswith("for (int64_t _i ")]
     with tempfile.TemporaryDirectory() as tmp:
-        command = [chain.compiler, *chain.flags, *(f"-D{k}={v}" for k, v in sorted((defines or {}).items())),
+        command = [*chain.prefix, *chain.flags, *(f"-D{k}={v}" for k, v in sorted((defines or {}).items())),
                    "-fopt-info-vec-optimized", str(source), "-o", str(Path(tmp) / "report.so")]  # fmt: skip
         result = _run(command)
     if result.returncode != 0 or "-fopt-info" in result.stderr:

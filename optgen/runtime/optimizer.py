@@ -291,6 +291,15 @@ class GeneratedOptimizer(torch.optim.Optimizer):
         missing = [decl for decl in self._ir.states if decl.name not in state]
         if "step" not in state:
             state["step"] = torch.tensor(0.0, dtype=torch.float32, device=param.device)
+        for decl in self._ir.states:
+            value = state.get(decl.name)
+            if isinstance(value, torch.Tensor) and value.shape != param.shape:
+                # a state dict loaded for other parameters (their order changed), or a state assigned by hand:
+                # the kernels would read and write past it
+                raise RuntimeError(
+                    f"{type(self).__name__}: state {decl.name!r} has shape {tuple(value.shape)} for a parameter of "
+                    f"shape {tuple(param.shape)} (a state dict of other parameters, or a state set by hand?)"
+                )
         if missing:
             compute = torch.promote_types(param.dtype, torch.float32)
             env = {"torch": torch, "w": param.detach().to(compute), "dtype": compute}  # the printer's names
@@ -437,18 +446,22 @@ class GeneratedOptimizer(torch.optim.Optimizer):
         group_of = [i for i, group in enumerate(self.param_groups) for _ in group["params"]]
         if not backend.prepare_fast(group_of, rows):
             return
+        state_tensors = [v for _, _, state, _ in items for k, v in state.items() if k != "step" and isinstance(v, torch.Tensor)]
         self._fast = _FastLayout(
             generation=self._generation,
             backend=backend,
             param_ids=[id(p) for p in params],
+            group_sizes=[len(group["params"]) for group in self.param_groups],
             param_ptrs=[p.data_ptr() for p in params],
             param_strides=[p.stride() for p in params],
-            grad_shapes=[g.shape for _, _, g in collected],
+            param_dtypes=[p.dtype for p in params],
+            shapes=[p.shape for p in params],
             grad_dtypes=[g.dtype for _, _, g in collected],
             grad_devices=[g.device for _, _, g in collected],
-            grad_ids=[id(g) for _, _, g in collected],
             state_edits=_STATE_EDITS[0],
             states=self.state,
+            state_tensors=state_tensors,
+            state_ptrs=[t.data_ptr() for t in state_tensors],
         )
 
     def _fast_step(self) -> bool:
@@ -459,27 +472,31 @@ class GeneratedOptimizer(torch.optim.Optimizer):
             return False
         if getattr(self, "grad_scale", None) is not None or getattr(self, "found_inf", None) is not None:
             return False
+        if [len(group["params"]) for group in self.param_groups] != fast.group_sizes:  # a group added, or a
+            return False  # parameter moved between groups
         params = [p for group in self.param_groups for p in group["params"]]
-        # per tensor a handful of C-level attribute reads (map over unbound methods: ~40 ns each)
+        # Per tensor a handful of C-level attribute reads (map over unbound methods: ~40 ns each). Metadata can
+        # change without the tensor object changing (``.data = ``, ``set_``): every step checks it all.
         if list(map(id, params)) != fast.param_ids:
             return False
         grads = list(map(_GRAD, params))
-        grad_ids = list(map(id, grads))
-        try:  # gradients that are not last step's objects (set_to_none=True makes new ones) are checked
-            if grad_ids != fast.grad_ids and (list(map(_SHAPE, grads)) != fast.grad_shapes or list(map(_DTYPE, grads)) != fast.grad_dtypes
+        try:
+            if (list(map(_SHAPE, grads)) != fast.shapes or list(map(_DTYPE, grads)) != fast.grad_dtypes
                     or list(map(_DEVICE, grads)) != fast.grad_devices or not all(map(torch.Tensor.is_contiguous, grads))):  # fmt: skip
                 return False
         except (AttributeError, TypeError, RuntimeError):  # no gradient, or a layout without strides: the full path says what
             return False
-        if list(map(torch.Tensor.data_ptr, params)) != fast.param_ptrs or list(map(torch.Tensor.stride, params)) != fast.param_strides:
+        if (list(map(torch.Tensor.data_ptr, params)) != fast.param_ptrs or list(map(_SHAPE, params)) != fast.shapes
+                or list(map(torch.Tensor.stride, params)) != fast.param_strides or list(map(_DTYPE, params)) != fast.param_dtypes):  # fmt: skip
             return False
         if _STATE_EDITS[0] != fast.state_edits or self.state is not fast.states:  # a state entry set or replaced
+            return False
+        if list(map(torch.Tensor.data_ptr, fast.state_tensors)) != fast.state_ptrs:  # a state's storage swapped in place
             return False
         rows = [self._step_values(group) for group in self.param_groups]
         if any(isinstance(v, torch.Tensor) for row in rows for v in row):
             return False
         fast.backend.fast_step(grads, rows)
-        fast.grad_ids = grad_ids  # held by the backend's tables until the next step: ids are not reused meanwhile
         return True
 
     def _reducer(self, params):
@@ -566,38 +583,28 @@ def _counted(base: type, name: str):
     return edited
 
 
+def _counting_edits(cls: type) -> type:
+    """``cls`` with every mutating method of its (dict) base counting as a state edit."""
+    base = cls.__bases__[0]
+    for name in ("__setitem__", "__delitem__", "pop", "popitem", "clear", "update", "setdefault"):
+        setattr(cls, name, _counted(base, name))
+    return cls
+
+
+@_counting_edits
 class _ParamState(dict):
     """A parameter's state, as torch.optim keeps it (a dict of tensors), counting its edits: a fast step must
     notice a state tensor replaced by assignment. ``state_dict()`` hands out plain dicts."""
 
     __slots__ = ()
 
-    def __setitem__(self, key, value):
-        _STATE_EDITS[0] += 1
-        super().__setitem__(key, value)
 
-    def __delitem__(self, key):
-        _STATE_EDITS[0] += 1
-        super().__delitem__(key)
-
-    pop, popitem, clear, update, setdefault = (_counted(dict, n) for n in ("pop", "popitem", "clear", "update", "setdefault"))
-
-
+@_counting_edits
 class _States(collections.defaultdict):
     """The optimizer's ``state`` (parameter -> state dict), counting parameters' state dicts set or removed."""
 
     def __init__(self, states=None):
         super().__init__(dict, states or {})
-
-    def __setitem__(self, key, value):
-        _STATE_EDITS[0] += 1
-        super().__setitem__(key, value)
-
-    def __delitem__(self, key):
-        _STATE_EDITS[0] += 1
-        super().__delitem__(key)
-
-    pop, popitem, clear, update, setdefault = (_counted(collections.defaultdict, n) for n in ("pop", "popitem", "clear", "update", "setdefault"))
 
     def __reduce__(self):  # pickles (and deep-copies) as a plain defaultdict of plain dicts
         return collections.defaultdict, (dict, {k: dict(v) for k, v in self.items()})
@@ -610,14 +617,17 @@ class _FastLayout:
     generation: int
     backend: object
     param_ids: list
+    group_sizes: list
     param_ptrs: list
     param_strides: list
-    grad_shapes: list
+    param_dtypes: list
+    shapes: list  # of the parameters, and of their gradients
     grad_dtypes: list
     grad_devices: list
-    grad_ids: list
     state_edits: int
     states: object
+    state_tensors: list
+    state_ptrs: list
 
 
 def _counts_steps(ir) -> bool:

@@ -184,16 +184,20 @@ class ChunkTables:
         self.version += 1
 
     def set_group_rows(self, rows: list[tuple]) -> None:
+        if len(rows) != len(self.group_rows):
+            raise RuntimeError(f"{len(rows)} hyperparameter rows for tables made for {len(self.group_rows)} groups")
         if rows != self.group_rows:
             self.hyper.copy_(torch.tensor(rows, dtype=torch.float64).reshape(self.hyper.shape), non_blocking=True)
             self.group_rows = list(rows)
 
 
 def tables_key(items):
-    """What the tables depend on: the parameters and their storage, and the state tensors (gradients and
-    hyperparameters are refreshed in place, see ``ChunkTables.refresh``). A state tensor replaced in the
-    state dict is a new object; one whose storage is swapped in place (``set_``) is not seen."""
-    return [(id(p), p.data_ptr(), p.numel(), *[id(v) for k, v in state.items() if k != "step"]) for p, _, state, _ in items]
+    """What the tables depend on: the parameters and their storage, and the state tensors and their storage
+    (gradients and hyperparameters are refreshed in place, see ``ChunkTables.refresh``)."""
+    return [
+        (id(p), p.data_ptr(), p.numel(), *[(id(v), v.data_ptr()) for k, v in state.items() if k != "step"])
+        for p, _, state, _ in items
+    ]
 
 
 class _StagedState(dict):
