@@ -571,36 +571,49 @@ _GRAD, _SHAPE, _DTYPE, _DEVICE = (operator.attrgetter(name) for name in ("grad",
 _STATE_EDITS = [0]
 
 
-def _counted(base: type, name: str):
-    """``base.name``, counting the call as a state edit."""
-    method = getattr(base, name)
+class _CountsEdits:
+    """Mixed into a dict: every mutating method counts a state edit. Written with ``super()`` (not by
+    wrapping dict's slots): dynamo traces these inside a user's ``torch.compile``."""
 
-    def edited(self, *args, **kwargs):
+    __slots__ = ()
+
+    def __setitem__(self, key, value):
         _STATE_EDITS[0] += 1
-        return method(self, *args, **kwargs)
+        super().__setitem__(key, value)
 
-    edited.__name__ = name
-    return edited
+    def __delitem__(self, key):
+        _STATE_EDITS[0] += 1
+        super().__delitem__(key)
+
+    def pop(self, *args):
+        _STATE_EDITS[0] += 1
+        return super().pop(*args)
+
+    def popitem(self):
+        _STATE_EDITS[0] += 1
+        return super().popitem()
+
+    def clear(self):
+        _STATE_EDITS[0] += 1
+        super().clear()
+
+    def update(self, *args, **kwargs):
+        _STATE_EDITS[0] += 1
+        super().update(*args, **kwargs)
+
+    def setdefault(self, key, default=None):
+        _STATE_EDITS[0] += 1
+        return super().setdefault(key, default)
 
 
-def _counting_edits(cls: type) -> type:
-    """``cls`` with every mutating method of its (dict) base counting as a state edit."""
-    base = cls.__bases__[0]
-    for name in ("__setitem__", "__delitem__", "pop", "popitem", "clear", "update", "setdefault"):
-        setattr(cls, name, _counted(base, name))
-    return cls
-
-
-@_counting_edits
-class _ParamState(dict):
+class _ParamState(_CountsEdits, dict):
     """A parameter's state, as torch.optim keeps it (a dict of tensors), counting its edits: a fast step must
     notice a state tensor replaced by assignment. ``state_dict()`` hands out plain dicts."""
 
     __slots__ = ()
 
 
-@_counting_edits
-class _States(collections.defaultdict):
+class _States(_CountsEdits, collections.defaultdict):
     """The optimizer's ``state`` (parameter -> state dict), counting parameters' state dicts set or removed."""
 
     def __init__(self, states=None):
