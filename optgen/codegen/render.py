@@ -23,7 +23,7 @@ import sympy
 
 from ..analysis import Pass, Plan
 from ..spec import SpecError
-from .abi import pass_args, reduce_args
+from .abi import global_columns, pass_args, reduce_args
 from .printers import CPrinter, TorchPrinter, TritonPrinter
 
 
@@ -147,16 +147,6 @@ def _pass_context(plan: Plan, p: Pass, printer, scalar_printer, identity: dict) 
             "identity": identity[slots[k].op],
         }
         (layer_reads if slots[k].scope == "layer" else global_reads).append(read)
-    # Per producer: its [tensors, slots] table (layer reads) and/or its folded global vector (global reads).
-    tables = [
-        {
-            "producer": prod,
-            "width": width,
-            "layer": any(r["producer"] == prod for r in layer_reads),
-            "global": any(r["producer"] == prod for r in global_reads),
-        }
-        for prod, width in sorted({(r["producer"], r["width"]) for r in layer_reads + global_reads})
-    ]
     buffers = sorted({ld.buffer for ld in p.loads} | {b for b, _ in p.stores}, key=plan.buffers.index)
     if not buffers and any(not _is_elementwise(e, elementwise_names) for _, e in p.produces):
         raise SpecError(
@@ -192,9 +182,8 @@ def _pass_context(plan: Plan, p: Pass, printer, scalar_printer, identity: dict) 
         "hypers": [{"name": h, "column": hyper_columns[h]} for h in p.hypers],
         "layer_reads": layer_reads,
         "global_reads": global_reads,
-        "tables": tables,
         # columns of this pass's partials that are global values: its reduce launch folds them once per step
-        "global_columns": [produced_columns[k] for k, _ in p.produces if slots[k].scope == "global"],
+        "global_columns": global_columns(plan, p),
         "buffers": [{"name": b, "dtype_arg": f"DT_{b}"} for b in buffers],
         "reduce_after": p.reduce_after,
         "writes_step": p.writes_step,

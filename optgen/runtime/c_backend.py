@@ -24,7 +24,7 @@ import torch
 from ..codegen.abi import pass_args, reduce_args
 from ..codegen.render import source_path, variant_stem
 from . import cbuild
-from .tables import ChunkTables, Staging, pass_values, reduce_launches
+from .tables import ChunkTables, Staging, advance_empty_steps, pass_values, reduce_launches
 
 # storage dtype -> the template's OG_DT_<buffer> code
 STORAGE_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
@@ -32,7 +32,6 @@ DEFAULT_CHUNK = 65536  # elements per chunk: 256 KiB of each fp32 buffer, a unit
 # A pass over fewer elements runs on the calling thread: an OpenMP fork/join costs microseconds on a quiet
 # machine and milliseconds on a busy one (threads wait for a core), more than such a pass takes.
 DEFAULT_PARALLEL_MIN = 1 << 15
-_ITEM_SIZE = {"i32": 4, "i64": 8, "fp32": 4, "fp64": 8}
 _WARNED: set[str] = set()
 
 
@@ -168,14 +167,7 @@ class CBackend:
         self._run(tables, kernels, device_scalars, reducer)
         for original, twin in staged:
             original.copy_(twin)
-        if tables.empty_steps:  # zero-size parameters: no chunk, no kernel; the step still advances
-            from ..codegen.render import load_module
-
-            advance = load_module(self.plan, "torch").step_advance(
-                **{d: device_scalars[d].reshape(()) for d in self.plan.passes[-1].device_scalars}
-            )
-            for state in tables.empty_steps:
-                state["step"].add_(advance)
+        advance_empty_steps(tables, self.plan, device_scalars)
 
     def prepare_fast(self, group_of: list[int], rows: list[tuple]) -> bool:
         """After a step: the optimizer's layout is stable; later steps may come through ``fast_step``."""
@@ -197,9 +189,7 @@ class CBackend:
         t.sync_steps()
         self._run(t, self._kernels_for(t), {}, None)
         self.fast_steps += 1
-        if t.empty_steps:
-            for state in t.empty_steps:
-                state["step"].add_(1.0)
+        advance_empty_steps(t, self.plan, {})
 
     def _fall_back(self, exc: Exception) -> None:
         from .torch_backend import TorchBackend

@@ -440,8 +440,8 @@ class GeneratedOptimizer(torch.optim.Optimizer):
         params = [p for group in self.param_groups for p in group["params"]]
         if len(params) != len(collected) or any(distributed.is_dtensor(p) for p in params):
             return
-        rows = [self._step_values(group) for group in self.param_groups]
-        if any(isinstance(v, torch.Tensor) for row in rows for v in row):
+        rows = self._plain_group_rows()
+        if rows is None:
             return
         group_of = [i for i, group in enumerate(self.param_groups) for _ in group["params"]]
         if not backend.prepare_fast(group_of, rows):
@@ -463,6 +463,14 @@ class GeneratedOptimizer(torch.optim.Optimizer):
             state_tensors=state_tensors,
             state_ptrs=[t.data_ptr() for t in state_tensors],
         )
+
+    def _plain_group_rows(self) -> list[tuple] | None:
+        """Every group's hyperparameters for this step, or None when one is a tensor (capturable values are
+        gathered on the device by the full path)."""
+        rows = [self._step_values(group) for group in self.param_groups]
+        if any(isinstance(v, torch.Tensor) for row in rows for v in row):
+            return None
+        return rows
 
     def _fast_step(self) -> bool:
         """Run the step through the backend's fast path if nothing but gradients and hyperparameter values
@@ -493,8 +501,8 @@ class GeneratedOptimizer(torch.optim.Optimizer):
             return False
         if list(map(torch.Tensor.data_ptr, fast.state_tensors)) != fast.state_ptrs:  # a state's storage swapped in place
             return False
-        rows = [self._step_values(group) for group in self.param_groups]
-        if any(isinstance(v, torch.Tensor) for row in rows for v in row):
+        rows = self._plain_group_rows()
+        if rows is None:
             return False
         fast.backend.fast_step(grads, rows)
         return True

@@ -20,6 +20,9 @@ from collections.abc import Callable
 
 import torch
 
+from ..codegen.abi import producer_of
+from ..codegen.render import load_module
+
 
 class ChunkTables:
     """Everything the launches of one step need, for one fixed set of tensors. ``storage(dtype)`` maps a
@@ -269,7 +272,7 @@ def pass_values(t: ChunkTables, plan, p, offset: int, count: int, device_scalars
     for name, addr in t.addr.items():
         values[f"_{name}_addr"] = addr
     for k in p.consumes:
-        producer = plan.slots[k].stage
+        producer = producer_of(plan, k)
         values[f"_table_{producer}"] = t.layer[producer]
         values[f"_global_{producer}"] = t.globals[producer]
     for name, value in device_scalars.items():
@@ -300,6 +303,16 @@ def reduce_launches(t: ChunkTables, p, sharded: bool) -> tuple[list, list]:
     if p.fold_after:
         after.append((1, {**base, "_n_segments": 0, "_fold": layer, "_fold_rows": t.n_tensors}))
     return before, after
+
+
+def advance_empty_steps(t: ChunkTables, plan, device_scalars: dict) -> None:
+    """Zero-size parameters have no chunk, so no kernel advances their step count: it moves here, by the
+    plan's step advance (0 when GradScaler skips the step)."""
+    if not t.empty_steps:
+        return
+    advance = load_module(plan, "torch").step_advance(**{d: device_scalars[d].reshape(()) for d in plan.passes[-1].device_scalars})
+    for state in t.empty_steps:
+        state["step"].add_(advance)
 
 
 def scratch_buffer(cache: dict, param: torch.Tensor, name: str) -> torch.Tensor:

@@ -1,19 +1,12 @@
 """The Triton backend: one launch per pass over every parameter, driven by cached tables.
 
-Tables (built once, rebuilt only when the set of parameters with gradients or their storage changes):
-
-* chunk table: for each chunk of ``CHUNK`` elements, its tensor index and first element (int64);
-* per tensor: element count, group index, first chunk and chunk count, and the address (``data_ptr``)
-  of each buffer (parameter, gradient, states, scratch) in an int64 ``[buffers, tensors]`` table;
-* the step count per chunk (fp32). ``state["step"]`` of each parameter is a 0-d view into it (its first
-  chunk), so the last pass advances the step inside the kernel, one writer per entry, no extra launch;
-* the group hyperparameters as fp64 ``[groups, hypers]``, re-uploaded only when a value changes.
-
-Between passes, per-layer partial sums live in ``[chunks, slots]`` tables that a segment-reduce launch
-folds into ``[tensors, slots]``: the object that sharded training all-reduces. Global values are folded once
-per step, by one more program of the same reduce launch, into an fp64 vector per producing pass (one entry
-per slot column) that consumers read with one load; when sharded, from the all-reduced ``[tensors, slots]``
-table, by a second one-program launch of the reduce kernel after the collective.
+The tables (chunks, addresses, groups, per-chunk step counts, partial, per-layer and global tables) and the
+contiguous staging are ``optgen.runtime.tables``', shared with the C backend; every launch's arguments follow
+the kernel ABI (``optgen.codegen.abi``), the list the templates print the signatures from. What is Triton's
+own: the launch configuration (chunk, block, warps, stages: ``LaunchConfig``, chosen by ``tuner`` when one is
+given), the ``constexpr`` storage dtypes, and launching on the parameters' own CUDA device. Global values are
+folded once per step by one more program of a pass's reduce launch (when sharded: a one-program launch after
+the all-reduce of the ``[tensors, slots]`` table).
 """
 
 from __future__ import annotations
@@ -26,7 +19,7 @@ import torch
 
 from ..codegen.abi import pass_args, reduce_args
 from ..codegen.render import load_module
-from .tables import ChunkTables, Staging, pass_values, reduce_launches
+from .tables import ChunkTables, Staging, advance_empty_steps, pass_values, reduce_launches
 
 _TL_DTYPES = {}
 
@@ -145,9 +138,4 @@ class TritonBackend:
                 self.launches += len(before) + len(after)
         for original, twin in staged:
             original.copy_(twin)
-        if t.empty_steps:  # zero-size parameters: no chunk, no kernel; the step still advances
-            advance = load_module(plan, "torch").step_advance(
-                **{d: device_scalars[d].reshape(()) for d in plan.passes[-1].device_scalars}
-            )
-            for state in t.empty_steps:
-                state["step"].add_(advance)
+        advance_empty_steps(t, plan, device_scalars)
