@@ -387,7 +387,7 @@ def copy_bandwidth(device: str, mib: int | None = None) -> float:
 
 def _plan_of(cls: type):
     """The default plan of an optimizer class (flags as constructed with no options)."""
-    return cls([torch.nn.Parameter(torch.zeros(1))])._plan
+    return cls([torch.nn.Parameter(torch.zeros(1))]).plan
 
 
 def bytes_per_param(cls: type, dtype: torch.dtype) -> float:

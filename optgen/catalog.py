@@ -1,5 +1,5 @@
-"""The optimizers a command can name: the built-ins and a user's ``path/file.py:VARIABLE``, and the flag
-variants of a spec.
+"""The optimizers a command can name: the built-ins and a user's ``path/file.py:VARIABLE``, the flag
+variants of a spec, and the one-paragraph plain-text summary ``optgen list`` shows.
 
 Here, not in ``cli``, so that the commands' modules (``bench``, ``inspect_kernels``) and ``cli`` all import
 one module that imports none of them.
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
+import re
 import sys
 from pathlib import Path
 
@@ -53,3 +54,47 @@ def variants(spec: Spec):
     defaults = tuple(f.default for f in spec.flags)
     combos = sorted(itertools.product((False, True), repeat=len(names)), key=lambda c: (c != defaults, c))
     return [dict(zip(names, combo)) for combo in combos]
+
+
+# The reStructuredText of the built-ins' docstrings, as a terminal should show it: roles (:math:, :class:) and
+# double- or single-backquoted literals lose their markup, and math keeps its symbols without LaTeX commands.
+_RST_ROLE = re.compile(r":[\w.+-]+:`([^`]*)`")
+_RST_LITERAL = re.compile(r"``(.+?)``")
+_RST_INTERPRETED = re.compile(r"`([^`]+)`")
+_TEX_SYMBOLS = {
+    r"\|": "‖",
+    r"\,": " ",
+    r"\!": "",
+    r"\alpha": "α",
+    r"\beta": "β",
+    r"\gamma": "γ",
+    r"\epsilon": "ε",
+    r"\eta": "η",
+    r"\lambda": "λ",
+    r"\mu": "μ",
+    r"\phi": "φ",
+    r"\tau": "τ",
+    r"\Delta": "Δ",
+}
+
+
+def _plain_math(tex: str) -> str:
+    for command, text in _TEX_SYMBOLS.items():
+        tex = tex.replace(command, text)
+    return re.sub(r"\\([A-Za-z]+)", r"\1", tex).replace("{", "").replace("}", "")
+
+
+def summary(doc: str | None) -> str:
+    """The first paragraph of a spec's docstring as one line of plain text (RST roles and literals unwrapped),
+    whole: what ``optgen list`` prints, wrapped to the terminal."""
+    lines = []
+    for line in (doc or "").strip().splitlines():
+        if not line.strip():
+            break
+        lines.append(line.strip())
+    text = " ".join(lines)
+    text = _RST_ROLE.sub(lambda m: _plain_math(m.group(1)), text)
+    text = _RST_LITERAL.sub(r"\1", text)
+    text = _RST_INTERPRETED.sub(r"\1", text)
+    # A paragraph that ends in ':' introduces the formula below it, which a one-line summary does not show.
+    return text[:-1].rstrip() + "." if text.endswith(":") else text

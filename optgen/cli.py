@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
+import textwrap
 from pathlib import Path
 
+from . import settings
 from .analysis import plan as make_plan
-from .catalog import resolve_spec, variants
+from .catalog import resolve_spec, summary, variants
 from .codegen.render import TARGETS, generated_dir, golden_path, render
 from .ir import lower
 from .spec import SpecError
@@ -29,9 +32,17 @@ def cmd_list(args) -> int:
     specs = {key: factory() for key, factory in BUILTINS.items()}
     key_width = max(map(len, specs))
     name_width = max(len(spec.name) for spec in specs.values())
+    indent = " " * (key_width + name_width + 2)
+    # The whole summary, wrapped under its column at word boundaries (never a line cut mid-sentence); at least
+    # 40 columns of text however narrow the terminal. Dotted names and keyword=value stay whole.
+    width = max(shutil.get_terminal_size().columns, len(indent) + 40)
     for key, spec in specs.items():
-        first = (spec.doc or "").strip().splitlines()[0] if spec.doc else ""
-        print(f"{key:{key_width}s} {spec.name:{name_width}s} {first}")
+        head = f"{key:{key_width}s} {spec.name:{name_width}s} "
+        text = summary(spec.doc)
+        lines = textwrap.wrap(
+            text, width, initial_indent=head, subsequent_indent=indent, break_long_words=False, break_on_hyphens=False
+        )
+        print("\n".join(lines) if lines else head.rstrip())
     return 0
 
 
@@ -96,7 +107,7 @@ def cmd_inspect(args) -> int:
         return 2
     if interpreter_active():
         # TRITON_INTERPRET=1 replaced triton.language's standard library at import: compile in a clean process.
-        if os.environ.get("OPTGEN_INSPECT_CHILD"):
+        if settings.flag("OPTGEN_INSPECT_CHILD"):
             print("optgen: inspect needs TRITON_INTERPRET unset", file=sys.stderr)
             return 2
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -168,7 +179,11 @@ def main(argv=None) -> int:
     insp.set_defaults(fn=cmd_inspect)
 
     bench = sub.add_parser("bench", help="step time of optgen against torch.optim and other optimizers, interleaved")
-    bench.add_argument("--optimizers", default="adamw,lamb", help="comma list of built-ins (adamw, adam, sgd, lamb, lars, nvlamb have peers; also lion, novograd, ...) or path/file.py:SPEC")
+    bench.add_argument(
+        "--optimizers",
+        default="adamw,lamb",
+        help="comma list of built-ins (adamw, adam, sgd, lamb, lars, nvlamb have peers; also lion, novograd, ...) or path/file.py:SPEC",
+    )
     bench.add_argument(
         "--model",
         default=None,
@@ -179,13 +194,23 @@ def main(argv=None) -> int:
     bench.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 parameters and gradients")
     bench.add_argument("--rounds", type=int, default=5, help="timed samples per implementation (interleaved)")
     bench.add_argument("--warmup", type=int, default=2, help="untimed steps after the first")
-    bench.add_argument("--sample-ms", type=float, default=None, help="steps per timed sample: enough for this long (default 20 on CPU, 5 on GPU)")
-    bench.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads); default: torch's")
+    bench.add_argument(
+        "--sample-ms",
+        type=float,
+        default=None,
+        help="steps per timed sample: enough for this long (default 20 on CPU, 5 on GPU)",
+    )
+    bench.add_argument(
+        "--threads", type=int, default=None, help="CPU threads (torch.set_num_threads); default: torch's"
+    )
     bench.add_argument("--json", metavar="FILE", help="write the results as JSON")
     bench.add_argument("--plot", metavar="FILE.png", help="write a PNG: effective GB/s against model size")
     bench.add_argument(
-        "--merge", nargs="+", metavar="REPORT.json", help="measure nothing: join earlier --json reports of one machine "
-        "(a run split into several calls) into one table, --json and --plot"
+        "--merge",
+        nargs="+",
+        metavar="REPORT.json",
+        help="measure nothing: join earlier --json reports of one machine "
+        "(a run split into several calls) into one table, --json and --plot",
     )
     bench.set_defaults(fn=cmd_bench)
 

@@ -33,6 +33,7 @@ from .spec import (
     Spec,
     SpecError,
     StateDecl,
+    StateSymbol,
     TrustRatio,
     Where,
 )
@@ -194,8 +195,12 @@ def _fold_constants(expr):
     )
 
 
-def lower(spec: Spec, flags: dict | None = None) -> IR:
-    """Validate ``spec`` and lower the variant selected by ``flags`` (defaults for those not given)."""
+def lower(spec: Spec, flags: dict | None = None, runtime: tuple[str, ...] = ()) -> IR:
+    """Validate ``spec`` and lower the variant selected by ``flags`` (defaults for those not given).
+
+    The flags named in ``runtime`` are not fixed: each becomes a boolean hyperparameter of the same name, read
+    per param group at run time (param groups that disagree on a flag share one variant, one launch per pass).
+    """
     flag_values = {f.name: f.default for f in spec.flags}
     for name, value in (flags or {}).items():
         if name not in flag_values:
@@ -203,11 +208,17 @@ def lower(spec: Spec, flags: dict | None = None) -> IR:
         if not isinstance(value, bool):
             raise SpecError(f"{spec.name}: flag {name!r} must be True or False, got {value!r}")
         flag_values[name] = value
-    flag_subs = {FlagSymbol(name): sympy.true if value else sympy.false for name, value in flag_values.items()}
+    for name in runtime:
+        if name not in flag_values:
+            raise SpecError(f"{spec.name} has no flag {name!r} (flags: {sorted(flag_values) or 'none'})")
+    flag_subs = {
+        FlagSymbol(name): sympy.Ne(BoolHyperSymbol(name), 0) if name in runtime else sympy.true if value else sympy.false
+        for name, value in flag_values.items()
+    }
 
-    hypers = list(spec.hypers)
+    hypers = list(spec.hypers) + [runtime_flag(f.name, f.default) for f in spec.flags if f.name in runtime]
     hypers_by_name = {h.name: h for h in hypers}
-    declared = set(spec._symbols.values())
+    declared = set(spec._symbols.values()) | {BoolHyperSymbol(name) for name in runtime}
     updated = {u.target for u in spec.updates}
     new_symbols = {NewStateSymbol("w_new" if t == PARAM else f"{t}_new"): t for t in updated}
     uses_trust_ratio = any(u.expr.atoms(TrustRatio) for u in spec.updates)
@@ -305,15 +316,47 @@ def lower(spec: Spec, flags: dict | None = None) -> IR:
     # Order updates by target declaration order (states, then the parameter) so the IR is canonical.
     order = {name: i for i, name in enumerate(state_names + [PARAM])}
     lowered.sort(key=lambda item: order[item[0]])
+    states, lowered = _without_idle_states(states, lowered)
     locations = tuple((u.target, u.where) for u in spec.updates)
     return IR(
         name=spec.name,
         doc=spec.doc,
         hypers=tuple(hypers),
-        flags=tuple(sorted(flag_values.items())),
+        flags=tuple(sorted((k, v) for k, v in flag_values.items() if k not in runtime)),
         states=tuple(states),
         updates=tuple(lowered),
         requirements=tuple(requirements),
         update_locations=locations,
         device_scalars=tuple(spec.device_scalars),
     )
+
+
+def runtime_flag(name: str, default: bool) -> HyperDecl:
+    """The boolean hyperparameter a flag becomes when param groups may disagree on it (``lower(runtime=)``)."""
+    return HyperDecl(
+        name=name,
+        default=default,
+        lo=0.0,
+        hi=1.0,
+        lo_open=False,
+        hi_open=False,
+        is_bool=True,
+        key=name,
+        index=None,
+        doc="compile-time flag, here read per param group",
+    )
+
+
+def _without_idle_states(states: list[StateDecl], updates: list) -> tuple[list, list]:
+    """Drop the states a variant neither changes nor reads (AMSGrad's running maximum without ``amsgrad``):
+    no memory, no traffic, and no entry in the state dict, as torch.optim keeps none."""
+    while True:
+        read = set()
+        for target, expr in updates:
+            read |= {s.name for s in expr.free_symbols if isinstance(s, StateSymbol) and s.name != target}
+            read |= {s.name[: -len("_new")] for s in expr.free_symbols if isinstance(s, NewStateSymbol)}
+        idle = {s.name for s in states if s.name not in read and dict(updates)[s.name] == StateSymbol(s.name)}
+        if not idle:
+            return states, updates
+        states = [s for s in states if s.name not in idle]
+        updates = [(t, e) for t, e in updates if t not in idle]

@@ -298,13 +298,37 @@ def global_norm(x):
     return sympy.sqrt(global_sumsq(x))
 
 
+def _elementwise_leaves_outside_reductions(expr: sympy.Basic) -> set[sympy.Symbol]:
+    """The element-wise leaves (parameter, gradient, states) of ``expr`` that no reduction encloses: empty
+    exactly when ``expr`` is one number per layer. The rule of ``ir.elementwise_leaves``, repeated here because
+    ``ir`` imports this module."""
+    if isinstance(expr, Reduction):
+        return set()
+    if isinstance(expr, ELEMENTWISE_LEAVES):
+        return {expr}
+    return set().union(*(_elementwise_leaves_outside_reductions(arg) for arg in expr.args))
+
+
 def trust_ratio(numerator, denominator, *guards):
     """The layer-wise trust ratio ``numerator/denominator``.
 
     It is 1 where the numerator, the denominator or any of ``guards`` is not positive (a zero-initialised
     bias would otherwise never move), and where the group's ``layer_adaptation`` option is False.
+    Every argument is one number per layer (``norm(w)``, a hyperparameter), never an element-wise value.
     """
-    return TrustRatio(*(sympy.sympify(a) for a in (numerator, denominator, *guards)))
+    args = [sympy.sympify(a) for a in (numerator, denominator, *guards)]
+    roles = ["numerator", "denominator"] + [f"guard {i + 1}" for i in range(len(guards))]
+    for role, arg in zip(roles, args):
+        # An element-wise argument would make the "per-layer" ratio, and its 1-where-not-positive guard,
+        # element-wise: a different optimizer that builds without complaint. Refuse it where it is written.
+        leaves = _elementwise_leaves_outside_reductions(arg)
+        if leaves:
+            names = ", ".join(sorted(str(leaf) for leaf in leaves))
+            raise SpecError(
+                f"trust_ratio(): the {role} {arg} is element-wise (it uses {names} outside a reduction); every "
+                f"argument must be a per-layer scalar, such as norm({arg}) [{_caller_location()}]"
+            )
+    return TrustRatio(*args)
 
 
 def clip(x, lo, hi):
@@ -357,27 +381,36 @@ class HyperDecl:
     finite: bool = True
 
     def check(self, value) -> str | None:
-        """Why ``value`` is invalid, or None."""
+        """Why ``value`` is invalid, or None; torch.optim's phrasing for the keys it names ("Invalid learning
+        rate: -1", "Invalid beta parameter at index 0: 1.0"), so that messages match torch's."""
         label = self.key if self.index is None else f"{self.key}[{self.index}]"
+        torch_label = _TORCH_LABELS.get(self.key)
+        prefix = (
+            f"Invalid {torch_label.format(index=self.index)}: {value!r}" if torch_label else f"Invalid {label} value: {value!r}"
+        )
         if self.is_bool:
             if not isinstance(value, (bool, int)) or value not in (0, 1):
-                return f"Invalid {label} value: {value!r} (expected True or False)"
+                return f"{prefix} (expected True or False)"
             return None
         try:
             number = float(value)
         except (TypeError, ValueError):
-            return f"Invalid {label} value: {value!r} (expected a real number)"
+            return f"{prefix} (expected a real number)"
         if isinstance(value, complex):
-            return f"Invalid {label} value: {value!r} (expected a real number)"
+            return f"{prefix} (expected a real number)"
         if math.isnan(number) or (self.finite and not math.isfinite(number)):
-            return f"Invalid {label} value: {value!r} (must be finite)"
+            return f"{prefix} (must be finite)"
         below = number <= self.lo if self.lo_open else number < self.lo
         above = number >= self.hi if self.hi_open else number > self.hi
         if below or above:
             left = "(" if self.lo_open else "["
             right = ")" if self.hi_open else "]"
-            return f"Invalid {label} value: {value!r} (must be in {left}{self.lo}, {self.hi}{right})"
+            return f"{prefix} (must be in {left}{self.lo}, {self.hi}{right})"
         return None
+
+
+# torch.optim's words for some group keys in its "Invalid ...: value" messages
+_TORCH_LABELS = {"lr": "learning rate", "eps": "epsilon value", "betas": "beta parameter at index {index}"}
 
 
 @dataclass(frozen=True)
@@ -450,6 +483,9 @@ class Spec:
         self.device_scalars: list[str] = []
         self._symbols: dict[str, sympy.Symbol] = {"w": self.param, "g": self.grad, "t": self.step}
         self.where = _caller_location()
+        # torch.optim's Adam family refuses tensor hyperparameters with foreach=True and capturable=False (its
+        # foreach code reads them on the host); a spec standing in for such a class says so, to refuse the same
+        self.torch_foreach_refuses_tensors = False
 
     # -- declarations ------------------------------------------------------------------------------
 

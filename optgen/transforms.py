@@ -21,9 +21,10 @@ import dataclasses
 
 import sympy
 
-from .ir import IR
+from .ir import IR, runtime_flag
 from .spec import (
     PARAM,
+    BoolHyperSymbol,
     DeviceScalarSymbol,
     GlobalSum,
     GradSymbol,
@@ -47,8 +48,18 @@ def _with_option(ir: IR, name: str, **changes) -> IR:
     return dataclasses.replace(ir, options=tuple(sorted({**dict(ir.options), name: True}.items())), **changes)
 
 
-def maximize(ir: IR) -> IR:
-    return _with_option(ir, "maximize", updates=_map_updates(ir, lambda _, e: e.xreplace({GRAD: -GRAD})))
+def maximize(ir: IR, runtime: bool = False) -> IR:
+    """``g -> -g``; with ``runtime`` a per-group switch instead (param groups that disagree on maximize)."""
+    if not runtime:
+        return _with_option(ir, "maximize", updates=_map_updates(ir, lambda _, e: e.xreplace({GRAD: -GRAD})))
+    switch = sympy.Ne(BoolHyperSymbol("maximize"), 0)
+    signed = sympy.Piecewise((-GRAD, switch), (GRAD, True))
+    return _with_option(
+        ir,
+        "maximize_per_group",
+        updates=_map_updates(ir, lambda _, e: e.xreplace({GRAD: signed})),
+        hypers=ir.hypers + (runtime_flag("maximize", False),),
+    )
 
 
 def clip_grad_norm(ir: IR) -> IR:
@@ -117,10 +128,13 @@ def amp(ir: IR, unscale: bool) -> IR:
     )
 
 
-def apply(ir: IR, *, maximize_: bool = False, max_grad_norm: bool = False, master: bool = False, amp_mode: str | None = None) -> IR:
-    """Apply the optimizer-level options in their fixed order (the order matters: AMP gates last)."""
+def apply(
+    ir: IR, *, maximize_: bool | str = False, max_grad_norm: bool = False, master: bool = False, amp_mode: str | None = None
+) -> IR:
+    """Apply the optimizer-level options in their fixed order (the order matters: AMP gates last).
+    ``maximize_="runtime"``: a per-group switch."""
     if maximize_:
-        ir = maximize(ir)
+        ir = maximize(ir, runtime=maximize_ == "runtime")
     if max_grad_norm:
         ir = clip_grad_norm(ir)
     if master:

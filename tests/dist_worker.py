@@ -127,7 +127,7 @@ def worker(rank, world, backend, mode, out_path, port):
         params = train(model, opt, data, lambda m: list(m.parameters()))
         full = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in params]
         results[name] = full
-        reducer = getattr(opt, "_shard_reducer", None)
+        reducer = getattr(opt._runner, "_shard_reducer", None)
         collectives[name] = reducer.collectives if reducer is not None else 0
     if rank == 0:
         torch.save({"results": results, "collectives": collectives}, out_path)

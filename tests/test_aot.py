@@ -18,6 +18,7 @@ import pytest
 import triton
 import triton.language as tl
 
+from optgen import transforms
 from optgen.analysis import plan as make_plan
 from optgen.catalog import variants
 from optgen.codegen.abi import KernelArg
@@ -40,10 +41,18 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def builtin_plans() -> dict:
-    return {variant_stem(p): p for f in BUILTINS.values() for p in (make_plan(lower(f(), fl)) for fl in variants(f()))}
+    """Every flag variant of every built-in, and the variant whose flags are per-group switches (param groups
+    that disagree on them) with maximize per group too."""
+    plans = {variant_stem(p): p for f in BUILTINS.values() for p in (make_plan(lower(f(), fl)) for fl in variants(f()))}
+    for f in BUILTINS.values():
+        flags = tuple(flag.name for flag in f().flags)
+        ir = transforms.apply(lower(f(), runtime=flags), maximize_="runtime")
+        plans[f"{variant_stem(make_plan(ir))}__per_group"] = make_plan(ir)
+    return plans
 
 
 PLANS = builtin_plans()
+ADAM, ADAMW = "adam__amsgrad_0__decoupled_weight_decay_0", "adamw__amsgrad_0__decoupled_weight_decay_1"
 # (variant, role, pass index, kernel name, launched every step), in launch order
 KERNELS = [
     (stem, role, index, kernel.fn.__name__, launched)
@@ -121,9 +130,9 @@ def worker(arch: str) -> dict:
                     True,
                 )
             )
-    _, _, adamw, _, adamw_args = plan_kernels(PLANS["adamw"])[0]
+    _, _, adamw, _, adamw_args = plan_kernels(PLANS[ADAMW])[0]
     controls = {
-        "adamw_unaligned": lambda: compile_kernel(adamw, arch, args=adamw_args, n_hyper=len(PLANS["adamw"].ir.hypers), aligned=False),
+        "adamw_unaligned": lambda: compile_kernel(adamw, arch, args=adamw_args, n_hyper=len(PLANS[ADAMW].ir.hypers), aligned=False),
         "wide": lambda: compile_kernel(wide_pass, arch, args=CONTROL_ARGS),
         "narrow": lambda: compile_kernel(narrow_pass, arch, args=CONTROL_ARGS),
     }
@@ -227,8 +236,8 @@ def test_report_matches_plan(compiled, arch, stem):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_adamw_elementwise_loads_are_vectorized_when_aligned(compiled, arch):
-    plan = PLANS["adamw"]
-    (kernel,) = compiled[arch]["reports"]["adamw"]["kernels"]
+    plan = PLANS[ADAMW]
+    (kernel,) = compiled[arch]["reports"][ADAMW]["kernels"]
     loads = len(plan.passes[0].loads)  # param, grad, exp_avg, exp_avg_sq
     assert loads == 4
     assert kernel["element_loads"]["ld.global.v4.b32"] == loads * vector_loads_per_buffer(4)
@@ -274,12 +283,12 @@ def test_autotune_search_space_corners_compile(compiled, arch):
 
 
 def test_compile_refuses_an_interpreting_process():
-    _, _, kernel, _, args = plan_kernels(PLANS["adam"])[0]
+    _, _, kernel, _, args = plan_kernels(PLANS[ADAM])[0]
     if interpreter_active():
         with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
-            compile_kernel(kernel, "sm_90", args=args, n_hyper=len(PLANS["adam"].ir.hypers))
+            compile_kernel(kernel, "sm_90", args=args, n_hyper=len(PLANS[ADAM].ir.hypers))
     else:  # the suite run with TRITON_INTERPRET=0: compiling in-process works
-        assert compile_kernel(kernel, "sm_90", args=args, n_hyper=len(PLANS["adam"].ir.hypers)).registers
+        assert compile_kernel(kernel, "sm_90", args=args, n_hyper=len(PLANS[ADAM].ir.hypers)).registers
 
 
 def run_cli(*args, env=None):
@@ -305,7 +314,7 @@ def test_inspect_cli_json():
 def test_inspect_cli_text_and_errors():
     proc = run_cli("adamw", "--arch", "80", env=clean_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "on sm_80" in proc.stdout and "adamw_pass_0 [pass 0]" in proc.stdout and "vectorized True" in proc.stdout
+    assert "on sm_80" in proc.stdout and f"{ADAMW}_pass_0 [pass 0]" in proc.stdout and "vectorized True" in proc.stdout
     bad = run_cli("adamw", "--arch", "sm_70", env=clean_env())
     assert bad.returncode == 2 and "unsupported arch" in bad.stderr
 

@@ -134,9 +134,9 @@ def test_interpreter_uses_the_default_config(tmp_path, monkeypatch):
 
 def test_autotune_env_default_and_validation(monkeypatch):
     monkeypatch.setenv("OPTGEN_AUTOTUNE", "1")
-    assert optgen.AdamW(_params([3]), backend="triton")._autotune is True
+    assert optgen.AdamW(_params([3]), backend="triton")._config["autotune"] is True
     monkeypatch.delenv("OPTGEN_AUTOTUNE")
-    assert optgen.AdamW(_params([3]), backend="triton")._autotune is False
+    assert optgen.AdamW(_params([3]), backend="triton")._config["autotune"] is False
     with pytest.raises(ValueError, match="autotune"):
         optgen.AdamW(_params([3]), autotune="yes")
 
@@ -194,7 +194,7 @@ def test_a_bad_cache_file_or_entry_means_tuning_again(content, tmp_path, small_s
     sizes = [300]
     params = _params(sizes)
     opt = optgen.AdamW(params, backend="triton", autotune=True)
-    plan = opt._plan
+    plan = opt.plan
     state = {"step": torch.zeros(()), "exp_avg": torch.zeros(300), "exp_avg_sq": torch.zeros(300)}
     items = [(params[0], torch.zeros(300), state, opt._group_values(opt.param_groups[0]))]
     key = autotune.cache_key(plan, items, params[0].device)
@@ -273,7 +273,7 @@ def test_descent_finds_the_grids_best_in_a_fraction_of_the_timings(tmp_path, mon
             return _planted_cost(config, best)
 
         (tmp_path / "autotune.json").unlink(missing_ok=True)
-        found = autotune.tune(opt._plan, items, default, timer=timer, progress=False, make_backend=_NoKernels)
+        found = autotune.tune(opt.plan, items, default, timer=timer, progress=False, make_backend=_NoKernels)
         assert found == best, planted
         assert len(timed) == len(set(timed)) <= 21, planted  # each config compiled and timed once
         counts.append(len(timed))
@@ -281,7 +281,7 @@ def test_descent_finds_the_grids_best_in_a_fraction_of_the_timings(tmp_path, mon
             monkeypatch.setenv("OPTGEN_AUTOTUNE_SEARCH", "grid")
             timed.clear()
             (tmp_path / "autotune.json").unlink()
-            assert autotune.tune(opt._plan, items, default, timer=timer, progress=False, make_backend=_NoKernels) == best
+            assert autotune.tune(opt.plan, items, default, timer=timer, progress=False, make_backend=_NoKernels) == best
             assert len(timed) == 72
             monkeypatch.delenv("OPTGEN_AUTOTUNE_SEARCH")
     assert min(counts) == 12

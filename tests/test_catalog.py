@@ -202,8 +202,9 @@ def test_adabelief_matches_pytorch_optimizer(kwargs, backend):
     ref_params = clone_params(params)
     grads = make_grads(ODD_SHAPES, STEPS)
     opt = optgen.AdaBelief(params, backend=backend, **kwargs)
-    ref = pytorch_optimizer.AdaBelief(ref_params, fixed_decay=False, rectify=False, ams_bound=False, foreach=False,
-                                      **kwargs)
+    ref = pytorch_optimizer.AdaBelief(
+        ref_params, fixed_decay=False, rectify=False, ams_bound=False, foreach=False, **kwargs
+    )
     run_steps(opt, params, grads)
     run_steps(ref, ref_params, grads)
     assert_close_rel(params, list(ref_params), tol=TOL_THIRD_PARTY, what="w")
@@ -247,8 +248,9 @@ def test_novograd_matches_pytorch_optimizer(grad_averaging, backend):
     ref_params = clone_params(params)
     grads = make_grads(ODD_SHAPES, STEPS)
     opt = optgen.NovoGrad(params, grad_averaging=grad_averaging, backend=backend, **NOVOGRAD)
-    ref = pytorch_optimizer.NovoGrad(ref_params, grad_averaging=grad_averaging, weight_decouple=False,
-                                     fixed_decay=False, foreach=False, **NOVOGRAD)
+    ref = pytorch_optimizer.NovoGrad(
+        ref_params, grad_averaging=grad_averaging, weight_decouple=False, fixed_decay=False, foreach=False, **NOVOGRAD
+    )
     run_steps(opt, params, grads)
     run_steps(ref, ref_params, grads)
     assert_close_rel(params, list(ref_params), tol=TOL_THIRD_PARTY, what="w")
@@ -296,8 +298,9 @@ def test_lars_optax_matches_float64_optax_chain(nesterov, backend):
     opt = optgen.LARSOptax(params, nesterov=nesterov, backend=backend, **h)
     run_steps(opt, params, grads)
     assert_close_rel(params, expected_w, tol=TOL_F64_REFERENCE, what="w")
-    assert_close_rel([opt.state[p]["momentum_buffer"] for p in params], expected_buf, tol=TOL_F64_REFERENCE,
-                     what="momentum_buffer")
+    assert_close_rel(
+        [opt.state[p]["momentum_buffer"] for p in params], expected_buf, tol=TOL_F64_REFERENCE, what="momentum_buffer"
+    )
     _check_zero_bias_moved(params)
 
 
@@ -324,8 +327,9 @@ def test_lars_optax_differs_from_seed_lars_only_through_weight_decay(backend):
 def test_layer_adaptive_lion_matches_float64_reference(backend):
     params = make_params()
     grads = make_grads(ODD_SHAPES, STEPS)
-    expected_w, expected_m = lion_reference(params, grads, LION["lr"], LION["betas"], LION["weight_decay"],
-                                            layer_adaptive_=True)
+    expected_w, expected_m = lion_reference(
+        params, grads, LION["lr"], LION["betas"], LION["weight_decay"], layer_adaptive_=True
+    )
     opt = optgen.LayerAdaptiveLion(params, backend=backend, **LION)
     run_steps(opt, params, grads)
     assert_close_rel(params, expected_w, tol=TOL_F64_REFERENCE, what="w")
@@ -370,8 +374,11 @@ def test_layer_adaptive_without_adaptation_is_the_original(name, factory, kwargs
     adaptive = make_params()
     opt_a = _adaptive(name, factory)(adaptive, layer_adaptation=False, backend=backend, **kwargs)
     run_steps(opt_a, adaptive, grads)
-    check = assert_bitwise if name != "sgd_nesterov" else (
-        lambda a, e, what: assert_close_rel(a, e, tol=TOL[torch.float32], what=what))
+    check = (
+        assert_bitwise
+        if name != "sgd_nesterov"
+        else (lambda a, e, what: assert_close_rel(a, e, tol=TOL[torch.float32], what=what))
+    )
     check(list(adaptive), list(original), what="w")
     for p, q in zip(adaptive, original):
         for key, value in opt.state[q].items():
@@ -395,14 +402,16 @@ def test_layer_adaptation_is_per_group(backend):
     """First group adapted, second not: the second group's parameters are plain Lion's, bitwise."""
     grads = make_grads(ODD_SHAPES, STEPS)
     params = make_params()
-    opt = optgen.LayerAdaptiveLion([dict(params=params[:5]), dict(params=params[5:], layer_adaptation=False)],
-                                   backend=backend, **LION)
+    opt = optgen.LayerAdaptiveLion(
+        [dict(params=params[:5]), dict(params=params[5:], layer_adaptation=False)], backend=backend, **LION
+    )
     run_steps(opt, params, grads)
     plain = make_params()
     run_steps(optgen.Lion(plain, backend=backend, **LION), plain, grads)
     assert_bitwise(list(params[5:]), list(plain[5:]), what="second group")
-    expected, _ = lion_reference(make_params(), grads, LION["lr"], LION["betas"], LION["weight_decay"],
-                                 layer_adaptive_=True)
+    expected, _ = lion_reference(
+        make_params(), grads, LION["lr"], LION["betas"], LION["weight_decay"], layer_adaptive_=True
+    )
     assert_close_rel(list(params[:5]), expected[:5], tol=TOL_F64_REFERENCE, what="first group")
 
 
@@ -464,7 +473,9 @@ def test_catalog_plans(name):
     for flags in catalog.variants(spec):
         p = plan(lower(spec, flags))
         assert (len(p.passes), p.bytes_per_param, p.launches_per_step) == (n_passes, n_bytes, launches), (
-            flags, p.describe())
+            flags,
+            p.describe(),
+        )
         assert all(s.scope == "layer" for s in p.slots)
 
 
@@ -476,8 +487,11 @@ def test_layer_adaptive_plans():
     # layer_adaptive(AdamW) has LAMB's plan
     adamw_plan = plan(lower(layer_adaptive(adamw)))
     lamb_plan = plan(lower(lamb()))
-    assert (len(adamw_plan.passes), adamw_plan.bytes_per_param, adamw_plan.launches_per_step) == (
-        len(lamb_plan.passes), lamb_plan.bytes_per_param, lamb_plan.launches_per_step) == (2, 40, 3)
+    assert (
+        (len(adamw_plan.passes), adamw_plan.bytes_per_param, adamw_plan.launches_per_step)
+        == (len(lamb_plan.passes), lamb_plan.bytes_per_param, lamb_plan.launches_per_step)
+        == (2, 40, 3)
+    )
 
 
 def test_optgen_list_shows_the_catalog(capsys):
@@ -489,3 +503,27 @@ def test_optgen_list_shows_the_catalog(capsys):
     for key in ("lars_optax", "novograd", "lion", "layer_adaptive_lion", "adabelief"):
         assert key in BUILTINS
         assert isinstance(getattr(optgen, BUILTINS[key]().name), type)
+
+
+def test_optgen_list_prints_plain_text_summaries_whole(capsys, monkeypatch):
+    """Each docstring's first paragraph, whole, without RST markup, wrapped at words to the terminal's width."""
+    monkeypatch.setenv("COLUMNS", "100")
+    assert cli.main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert ":math:" not in out and "``" not in out and "`" not in out
+    assert all(len(line) <= 100 for line in out.splitlines()), out
+    words = out.split()
+    for key, factory in BUILTINS.items():
+        expected = catalog.summary(factory().doc).split()
+        start = words.index(key) + 2  # key, class name, then the summary's words in order, none cut
+        assert words[start : start + len(expected)] == expected, key
+    assert "pre-normalisation, with bias correction and the trust ratio on every layer." in " ".join(words)
+
+
+def test_summary_unwraps_rst():
+    doc = r"""A :math:`\|g + \lambda w\|` per layer :math:`l`, ``FusedLAMB(use_nvlamb=True)`` and :class:`optgen.Spec`,
+    in `two` lines:
+
+    .. math::
+       x"""
+    assert catalog.summary(doc) == "A ‖g + λ w‖ per layer l, FusedLAMB(use_nvlamb=True) and optgen.Spec, in two lines."

@@ -24,7 +24,7 @@ def _all_plans():
 def test_generate_check_passes(capsys):
     assert cli.main(["generate", "--check"]) == 0
     out = capsys.readouterr().out
-    assert "up to date" in out and "57 files" in out  # 19 variants x (torch, triton, c)
+    assert "up to date" in out and "75 files" in out  # 25 variants x (torch, triton, c)
 
 
 def test_golden_files_are_the_ones_loaded():

@@ -46,7 +46,7 @@ def _cycle(graph) -> list[str] | None:
         path.append(node)
         for dep in sorted(graph[node]):
             if state.get(dep) == 1:
-                return path[path.index(dep):] + [dep]
+                return path[path.index(dep) :] + [dep]
             if dep not in state:
                 found = visit(dep)
                 if found:
@@ -73,3 +73,8 @@ def test_the_import_graph_has_no_cycle():
 def test_the_cycle_finder_finds_one():
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert _cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_settings_import_nothing_from_optgen():
+    """Every layer reads the OPTGEN_* switches through optgen.settings: it must depend on none of them."""
+    assert _graph()["optgen.settings"] == set()

@@ -44,10 +44,11 @@ EXPECTED_COSTS = {
 def test_builtin_costs(name):
     n_passes, n_bytes, launches = EXPECTED_COSTS[name]
     plans = _plans(name)
-    assert len(plans) == {"sgd": 2, "lars": 2, "lamb": 4}.get(name, 1)
+    assert len(plans) == {"sgd": 2, "lars": 2, "lamb": 4, "adam": 4, "adamw": 4}.get(name, 1)
     for flags, p in plans:
+        amsgrad = 8 if flags.get("amsgrad") else 0  # the running maximum of v: read and written
         assert len(p.passes) == n_passes, (flags, p.describe())
-        assert p.bytes_per_param == n_bytes, (flags, p.describe())
+        assert p.bytes_per_param == n_bytes + amsgrad, (flags, p.describe())
         assert p.launches_per_step == launches, (flags, p.describe())
         assert p.scratch == (), "the built-ins recompute (ties go to recomputation: no extra memory)"
         assert p.passes[-1].writes_step and not any(ps.writes_step for ps in p.passes[:-1])
@@ -56,10 +57,11 @@ def test_builtin_costs(name):
 
 def test_adam_adamw_sgd_single_pass():
     for name in ("adam", "adamw"):
-        for _, p in _plans(name):
+        for flags, p in _plans(name):
             (ps,) = p.passes
-            assert [ld.buffer for ld in ps.loads] == ["param", "grad", "exp_avg", "exp_avg_sq"]
-            assert _stores(p) == [["exp_avg", "exp_avg_sq", "param"]]
+            states = ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if flags["amsgrad"] else [])
+            assert [ld.buffer for ld in ps.loads] == ["param", "grad", *states]
+            assert _stores(p) == [[*states, "param"]]
             assert p.slots == () and not ps.reduce_after
     for _, p in _plans("sgd"):
         assert _loads(p) == [["param", "grad", "momentum_buffer"]]
@@ -250,3 +252,36 @@ def test_max_reductions_with_negative_values():
             expected[i] = expected[i] - 0.1 * (gd - gd.max()) / (1 + global_max - expected[i].abs().max())
     for backend, params in results.items():
         assert_close_rel(params, expected, tol=TOL_F64_REFERENCE, what=backend)
+
+
+def test_runtime_flags_are_per_group_switches():
+    """``lower(runtime=)``: a flag groups disagree on becomes a boolean hyperparameter; the plan keeps every state
+    either value needs, and the passes of the fixed variants."""
+    spec = BUILTINS["adam"]()
+    ir = lower(spec, runtime=("amsgrad",))
+    assert dict(ir.flags) == {"decoupled_weight_decay": False}
+    (decl,) = [h for h in ir.hypers if h.name == "amsgrad"]
+    assert decl.is_bool and decl.key == "amsgrad" and decl.default is False
+    assert "max_exp_avg_sq" in ir.state_names
+    assert plan(ir).bytes_per_param == 36 and len(plan(ir).passes) == 1
+    lamb = BUILTINS["lamb"]()
+    fixed, mixed = plan(lower(lamb)), plan(lower(lamb, runtime=("bias_correction", "eps_inside_sqrt")))
+    assert len(mixed.passes) == len(fixed.passes) and mixed.bytes_per_param == fixed.bytes_per_param
+    with pytest.raises(optgen.SpecError, match="has no flag 'amsgrad'"):
+        lower(lamb, runtime=("amsgrad",))
+
+
+def test_states_a_variant_neither_changes_nor_reads_are_dropped():
+    """AMSGrad's maximum without amsgrad: no memory and no traffic (torch.optim keeps no such state). A state
+    left unchanged but read stays (its initial value is used)."""
+    assert "max_exp_avg_sq" not in lower(BUILTINS["adamw"]()).state_names
+    assert "max_exp_avg_sq" in lower(BUILTINS["adamw"](), {"amsgrad": True}).state_names
+    spec = optgen.Spec("Frozen")
+    lr = spec.hyper(lr=0.1)
+    on = spec.flag(on=False)
+    scale, unused = spec.state("scale", init=2.0), spec.state("unused")
+    spec.update(scale, optgen.where(on, scale * 0.5, scale))
+    spec.update(unused, optgen.where(on, unused + spec.grad, unused))
+    spec.update(spec.param, spec.param - lr * scale * spec.grad)
+    assert lower(spec).state_names == ("scale",)
+    assert lower(spec, {"on": True}).state_names == ("scale", "unused")

@@ -55,7 +55,14 @@ def test_readme_tutorial_commands_run_on_the_users_spec(tmp_path):
         assert argv[0] == "optgen"
         if argv[1] == "bench":
             argv += ["--rounds", "2", "--sample-ms", "0"]  # a smoke run: the command as written, fewer samples
-        done = subprocess.run([sys.executable, "-m", "optgen.cli", *argv[1:]], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        done = subprocess.run(
+            [sys.executable, "-m", "optgen.cli", *argv[1:]],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert done.returncode == 0, f"{command}\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
         if argv[1] == "show" and "--plan" in argv:
             assert "MyLAMB" in done.stdout and "40 B/param" in done.stdout
@@ -64,3 +71,23 @@ def test_readme_tutorial_commands_run_on_the_users_spec(tmp_path):
         if argv[1] == "inspect":
             assert "sm_90" in done.stdout
     assert (tmp_path / "r.json").exists() and (tmp_path / "r.png").exists()
+
+
+def test_readme_cites_the_papers_not_a_local_path():
+    """LARS and LAMB are cited by paper (a reader has no ``../shared/seed``)."""
+    text = " ".join(README.read_text().split())  # titles may wrap across lines
+    assert "shared/seed" not in text
+    assert "Large Batch Training of Convolutional Networks" in text and "arXiv:1708.03888" in text
+    assert "Large Batch Optimization for Deep Learning: Training BERT in 76 minutes" in text
+    assert "arXiv:1904.00962" in text
+
+
+def test_gitignore_covers_the_demo_output(monkeypatch):
+    """``optgen demo`` run in a checkout writes its default folder there: git should not offer to add it."""
+    from optgen import cli, demo
+
+    seen = {}
+    monkeypatch.setattr(demo, "run", lambda out_dir, **kwargs: seen.setdefault("out", out_dir))  # no training
+    assert cli.main(["demo"]) == 0
+    ignored = (README.parent / ".gitignore").read_text().split()
+    assert f"{seen['out']}/" in ignored or f"/{seen['out']}/" in ignored, seen

@@ -4,6 +4,8 @@ hyperparameter changes without regenerating code, determinism."""
 
 import copy
 import math
+import re
+from pathlib import Path
 
 import pytest
 import sympy
@@ -23,6 +25,7 @@ from conftest import (
 )
 
 import optgen
+from optgen import settings
 from optgen.codegen import render
 from optgen.runtime import cbuild
 
@@ -79,8 +82,7 @@ def test_state_dict_moves_between_backends():
 
 
 def test_state_dict_round_trip_keeps_fp32_states_of_bf16_params():
-    (opt, params), (resumed, resumed_params) = _round_trip(optgen.AdamW, dict(lr=1e-2), "torch",
-                                                           dtype=torch.bfloat16)
+    (opt, params), (resumed, resumed_params) = _round_trip(optgen.AdamW, dict(lr=1e-2), "torch", dtype=torch.bfloat16)
     for p, q in zip(params, resumed_params):
         assert opt.state[p]["exp_avg"].dtype == torch.float32
         assert resumed.state[q]["exp_avg"].dtype == torch.float32, "state downcast to bf16 by load_state_dict"
@@ -124,8 +126,11 @@ def test_skipped_parameter_matches_a_run_without_it(backend):
     assert_bitwise([p for i, p in enumerate(with_extra) if i != 2], without, "params")
 
 
-@pytest.mark.parametrize("ours,theirs", [(optgen.Adam, torch.optim.Adam), (optgen.AdamW, torch.optim.AdamW),
-                                         (optgen.SGD, torch.optim.SGD)], ids=["Adam", "AdamW", "SGD"])
+@pytest.mark.parametrize(
+    "ours,theirs",
+    [(optgen.Adam, torch.optim.Adam), (optgen.AdamW, torch.optim.AdamW), (optgen.SGD, torch.optim.SGD)],
+    ids=["Adam", "AdamW", "SGD"],
+)
 def test_state_names_are_torch_names(ours, theirs, backend):
     params = make_params(SHAPES, zero=())
     ref_params = clone_params(params)
@@ -181,8 +186,9 @@ def test_launches_per_step_independent_of_tensor_count():
     """1 launch per step for 10 tensors and for 1000 (LAMB with 1000 tensors: test_references)."""
     few = make_params([(5,)] * 10, zero=())
     many = make_params([(n % 40 + 1,) for n in range(1000)], zero=())
-    counts = [_launches_per_step(optgen.SGD(ps, lr=0.1, momentum=0.9, backend="triton"), ps, steps=1)
-              for ps in (few, many)]
+    counts = [
+        _launches_per_step(optgen.SGD(ps, lr=0.1, momentum=0.9, backend="triton"), ps, steps=1) for ps in (few, many)
+    ]
     assert counts == [[1], [1]]
 
 
@@ -282,9 +288,11 @@ def test_layer_adaptation_switch_at_run_time(backend):
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("cls,kwargs", [(optgen.LAMB, dict(lr=1e-2)), (optgen.NVLAMB, dict(lr=1e-2)),
-                                        (optgen.LARS, dict(lr=1.0, trust_coefficient=0.01))],
-                         ids=["LAMB", "NVLAMB", "LARS"])
+@pytest.mark.parametrize(
+    "cls,kwargs",
+    [(optgen.LAMB, dict(lr=1e-2)), (optgen.NVLAMB, dict(lr=1e-2)), (optgen.LARS, dict(lr=1.0, trust_coefficient=0.01))],
+    ids=["LAMB", "NVLAMB", "LARS"],
+)
 def test_two_runs_are_bitwise_equal(cls, kwargs, backend):
     grads = make_grads(ODD_SHAPES, 3)
     runs = []
@@ -386,15 +394,38 @@ def test_generated_signature_and_defaults():
     import inspect
 
     parameters = inspect.signature(optgen.LAMB).parameters
-    assert list(parameters) == ["params", "lr", "betas", "eps", "weight_decay", "trust_clip", "layer_adaptation",
-                                "bias_correction", "eps_inside_sqrt", "max_grad_norm", "maximize",
-                                "master_weights", "state_dtype", "backend", "autotune"]
+    assert list(parameters) == [
+        "params",
+        "lr",
+        "betas",
+        "eps",
+        "weight_decay",
+        "trust_clip",
+        "layer_adaptation",
+        "bias_correction",
+        "eps_inside_sqrt",
+        "max_grad_norm",
+        "maximize",
+        "foreach",
+        "capturable",
+        "differentiable",
+        "fused",
+        "master_weights",
+        "state_dtype",
+        "backend",
+        "autotune",
+    ]
     assert parameters["betas"].default == (0.9, 0.999)
-    for option in ("max_grad_norm", "maximize", "master_weights", "state_dtype", "backend", "autotune"):
+    for option in ("max_grad_norm", "maximize", "foreach", "capturable", "differentiable", "fused", "master_weights",
+                   "state_dtype", "backend", "autotune"):  # fmt: skip
         assert parameters[option].kind is inspect.Parameter.KEYWORD_ONLY
     opt = optgen.LAMB(make_params([(3,)]))
-    assert opt.defaults == dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01,
-                                trust_clip=(0.0, math.inf), layer_adaptation=True)
+    # torch.optim keeps its flags and implementation options in the defaults (and so in every group)
+    assert opt.defaults == dict(
+        lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01, trust_clip=(0.0, math.inf), layer_adaptation=True,
+        bias_correction=True, eps_inside_sqrt=False, maximize=False,
+        foreach=None, capturable=False, differentiable=False, fused=None,
+    )  # fmt: skip
     assert isinstance(opt, torch.optim.Optimizer)
 
 
@@ -425,3 +456,58 @@ def test_gradient_storage_does_not_matter(mode, backend):
         if mode == "zero_grad_accumulate":
             opt.zero_grad(set_to_none=False)
     assert_bitwise(params, fresh, "params")
+
+
+# --------------------------------------------------------------------------------------------------
+# OPTGEN_* environment switches: one table, typed readers (optgen/settings.py)
+# --------------------------------------------------------------------------------------------------
+
+PACKAGE = Path(optgen.__file__).parent
+
+
+def test_every_optgen_switch_is_in_the_settings_table_and_read_through_it():
+    """No module reads an OPTGEN_* variable itself, every name the package mentions is in the table, and the
+    architecture notes list the table."""
+    ad_hoc = re.compile(r"""(environ\.get\(|environ\[|getenv\()\s*["']OPTGEN_""")
+    mentioned = set()
+    for path in PACKAGE.rglob("*.py"):
+        text = path.read_text()
+        mentioned |= set(re.findall(r"\bOPTGEN_[A-Z0-9_]*[A-Z0-9]", text))
+        if path.name != "settings.py":
+            assert not ad_hoc.search(text), f"{path}: read OPTGEN_* through optgen.settings"
+    assert mentioned <= set(settings.SETTINGS), mentioned - set(settings.SETTINGS)
+    notes = (PACKAGE.parent / "docs" / "architecture.md").read_text()
+    assert all(f"`{name}" in notes for name in settings.SETTINGS)
+    assert all(s.doc and s.kind in ("flag", "count", "choice", "path") for s in settings.SETTINGS.values())
+
+
+def test_settings_are_read_at_call_time_and_bad_values_name_the_variable(monkeypatch, tmp_path):
+    from optgen.runtime import autotune, c_backend, triton_backend
+
+    monkeypatch.setenv("OPTGEN_C_PARALLEL_MIN", "1e3")
+    assert c_backend.parallel_min() == 1000
+    monkeypatch.setenv("OPTGEN_C_PARALLEL_MIN", "")  # empty: the default
+    assert c_backend.parallel_min() == settings.default("OPTGEN_C_PARALLEL_MIN") == 2**15
+    for bad, why in (("abc", "a number"), ("1.5", "a whole number"), ("0", "a positive number"), ("inf", "a number")):
+        monkeypatch.setenv("OPTGEN_CHUNK", bad)
+        with pytest.raises(ValueError, match=f"OPTGEN_CHUNK='{bad}': expected {why} of elements"):
+            triton_backend.default_config()
+    monkeypatch.setenv("OPTGEN_CHUNK", "512")
+    monkeypatch.setenv("OPTGEN_BLOCK", "128")
+    assert (triton_backend.default_config().chunk, triton_backend.default_config().block) == (512, 128)
+    monkeypatch.setenv("OPTGEN_AUTOTUNE_SEARCH", " Grid ")
+    assert autotune.search_mode() == "grid"
+    for text, value in (("1", True), ("on", True), ("TRUE", True), ("0", False), ("no", False), ("", False)):
+        monkeypatch.setenv("OPTGEN_AUTOTUNE", text)
+        assert settings.flag("OPTGEN_AUTOTUNE") is value
+    monkeypatch.setenv("OPTGEN_AUTOTUNE", "maybe")
+    with pytest.raises(ValueError, match="OPTGEN_AUTOTUNE='maybe': expected 1 or 0"):
+        settings.flag("OPTGEN_AUTOTUNE")
+    monkeypatch.setenv("OPTGEN_CACHE_DIR", str(tmp_path))
+    assert render.cache_dir() == tmp_path
+    monkeypatch.delenv("OPTGEN_CACHE_DIR")
+    assert render.cache_dir() == Path.home() / ".cache" / "optgen"
+    with pytest.raises(KeyError):
+        settings.count("OPTGEN_NO_SUCH_SWITCH")  # a misspelt name fails instead of reading nothing
+    with pytest.raises(TypeError, match="OPTGEN_CHUNK is a count setting"):
+        settings.flag("OPTGEN_CHUNK")

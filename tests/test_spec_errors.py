@@ -90,8 +90,37 @@ def test_reduction_of_a_scalar():
     _build_raises(make, "LayerSum(lr**2)", "not element-wise")
 
 
-@pytest.mark.parametrize("value", [float("nan"), math.inf, -math.inf, Hyper(math.inf), Hyper(float("nan"))],
-                         ids=["nan", "inf", "-inf", "Hyper(inf)", "Hyper(nan)"])
+@pytest.mark.parametrize("position", ["numerator", "denominator", "guard 1"])
+def test_trust_ratio_of_an_element_wise_value(position):
+    """trust_ratio(norm(w), u) with u element-wise would build an element-wise "ratio": refused where written."""
+
+    def make():
+        spec, lr = _spec()
+        w, g = spec.param, spec.grad
+        m = spec.state("m")
+        u = spec.update(m, 0.9 * m + g) + w  # a new state value: element-wise too
+        args = {"numerator": (u, optgen.norm(g)), "denominator": (optgen.norm(w), u),
+                "guard 1": (optgen.norm(w), optgen.norm(u), u)}[position]  # fmt: skip
+        spec.update(w, w - lr * optgen.trust_ratio(*args) * u)
+        return spec
+
+    _build_raises(make, "trust_ratio()", f"the {position} ", "is element-wise", "per-layer scalar")
+
+
+def test_trust_ratio_of_per_layer_scalars_builds():
+    """Hyperparameters, the step, constants and reductions (per layer or global) are all per-layer scalars."""
+    spec, lr = _spec()
+    w, g, t = spec.param, spec.grad, spec.step
+    ratio = optgen.trust_ratio(lr * optgen.norm(w) + 2**-t, optgen.norm(g) + optgen.global_norm(g), 1e-3 + lr)
+    spec.update(w, w - lr * ratio * g)
+    optgen.build(spec)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [float("nan"), math.inf, -math.inf, Hyper(math.inf), Hyper(float("nan"))],
+    ids=["nan", "inf", "-inf", "Hyper(inf)", "Hyper(nan)"],
+)
 def test_non_finite_default(value):
     def make():
         spec = Spec("Bad")
@@ -228,18 +257,21 @@ def test_unknown_flag_in_lower():
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("cls", [optgen.SGD, optgen.Adam, optgen.AdamW, optgen.LARS, optgen.LAMB, optgen.NVLAMB],
-                         ids=lambda c: c.__name__)
+@pytest.mark.parametrize(
+    "cls", [optgen.SGD, optgen.Adam, optgen.AdamW, optgen.LARS, optgen.LAMB, optgen.NVLAMB], ids=lambda c: c.__name__
+)
 def test_negative_lr(cls):
-    with pytest.raises(ValueError, match=r"Invalid lr value: -0\.1"):
+    with pytest.raises(ValueError, match=r"Invalid learning rate: -0\.1"):
         cls(make_params([(3,)]), lr=-0.1)
 
 
-@pytest.mark.parametrize("betas,bad", [((0.9, 1.0), r"betas\[1\]"), ((-0.1, 0.99), r"betas\[0\]"),
-                                       ((1.5, 0.99), r"betas\[0\]"), ((0.9,), "betas")])
+@pytest.mark.parametrize(
+    "betas,bad",
+    [((0.9, 1.0), r"beta parameter at index 1"), ((-0.1, 0.99), r"beta parameter at index 0"), ((1.5, 0.99), r"beta parameter at index 0"), ((0.9,), "betas")],
+)
 @pytest.mark.parametrize("cls", [optgen.Adam, optgen.AdamW, optgen.LAMB, optgen.NVLAMB], ids=lambda c: c.__name__)
 def test_betas_outside_unit_interval(cls, betas, bad):
-    with pytest.raises(ValueError, match=f"Invalid {bad} value"):
+    with pytest.raises(ValueError, match=f"Invalid {bad}"):
         cls(make_params([(3,)]), betas=betas)
 
 
@@ -247,7 +279,7 @@ def test_bad_values_in_a_param_group():
     (p,) = make_params([(3,)])
     with pytest.raises(ValueError, match="Invalid weight_decay value"):
         optgen.AdamW([dict(params=[p], weight_decay=-1.0)])
-    with pytest.raises(ValueError, match="Invalid eps value"):
+    with pytest.raises(ValueError, match="Invalid epsilon value"):
         optgen.LAMB([dict(params=[p], eps=float("inf"))])
     with pytest.raises(ValueError, match="Invalid layer_adaptation value"):
         optgen.LAMB([dict(params=[p], layer_adaptation=0.5)])
@@ -255,8 +287,9 @@ def test_bad_values_in_a_param_group():
         optgen.NVLAMB([p], max_grad_norm=0.0)
 
 
-@pytest.mark.parametrize("kwargs", [dict(momentum=0.0), dict(momentum=0.9, dampening=0.1)],
-                         ids=["no_momentum", "dampening"])
+@pytest.mark.parametrize(
+    "kwargs", [dict(momentum=0.0), dict(momentum=0.9, dampening=0.1)], ids=["no_momentum", "dampening"]
+)
 def test_sgd_bad_nesterov(kwargs):
     params = make_params([(3,)])
     with pytest.raises(ValueError, match="Nesterov momentum requires a momentum and zero dampening"):
@@ -271,7 +304,9 @@ def test_sgd_bad_nesterov(kwargs):
 def test_flags_and_backend_checked():
     params = make_params([(3,)])
     with pytest.raises(ValueError, match="Invalid bias_correction value"):
-        optgen.LAMB(params, bias_correction=1)
+        optgen.LAMB(params, bias_correction=0.5)  # flags take True/False (or 1/0, as torch.optim's do)
+    with pytest.raises(ValueError, match="Invalid bias_correction value: 'yes'"):
+        optgen.LAMB(params, bias_correction="yes")
     with pytest.raises(ValueError, match="Invalid backend"):
         optgen.LAMB(params, backend="cuda")
     with pytest.raises(TypeError):
@@ -283,9 +318,11 @@ def test_empty_param_list():
         optgen.AdamW([])
 
 
-def test_complex_parameters_rejected():
-    with pytest.raises(ValueError, match="complex"):
-        optgen.AdamW([torch.nn.Parameter(torch.zeros(3, dtype=torch.complex64))])
+def test_integer_and_bool_parameters_rejected():
+    """torch.optim fails at the first step with an integer gradient; optgen says so when the group is added."""
+    for dtype in (torch.int64, torch.bool):
+        with pytest.raises(TypeError, match=f"floating point and complex tensors, got one of dtype {dtype}"):
+            optgen.AdamW([torch.zeros(3, dtype=dtype)])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -294,9 +331,7 @@ def test_complex_parameters_rejected():
 
 
 def _snapshot(opt, params):
-    return [p.detach().clone() for p in params], [
-        {k: v.clone() for k, v in opt.state[p].items()} for p in params
-    ]
+    return [p.detach().clone() for p in params], [{k: v.clone() for k, v in opt.state[p].items()} for p in params]
 
 
 @pytest.mark.parametrize("cls", [optgen.AdamW, optgen.LAMB], ids=lambda c: c.__name__)
@@ -334,11 +369,21 @@ def test_sparse_gradient_on_first_step_creates_no_state(backend):
 @pytest.mark.parametrize(
     "cls,key,value,message",
     [
-        (optgen.NVLAMB, "max_grad_norm", 0.0, r"Invalid max_grad_norm value: 0\.0 \(must be in \(0\.0, inf\]\) \(param group 1, at step\)"),
-        (optgen.AdamW, "lr", -1e-3, r"Invalid lr value: -0\.001 .*\(param group 1, at step\)"),
-        (optgen.AdamW, "betas", (0.9, 1.0), r"Invalid betas\[1\] value: 1\.0 .*\(param group 1, at step\)"),
+        (
+            optgen.NVLAMB,
+            "max_grad_norm",
+            0.0,
+            r"Invalid max_grad_norm value: 0\.0 \(must be in \(0\.0, inf\]\) \(param group 1, at step\)",
+        ),
+        (optgen.AdamW, "lr", -1e-3, r"Invalid learning rate: -0\.001 .*\(param group 1, at step\)"),
+        (optgen.AdamW, "betas", (0.9, 1.0), r"Invalid beta parameter at index 1: 1\.0 .*\(param group 1, at step\)"),
         (optgen.LAMB, "layer_adaptation", 0.5, r"Invalid layer_adaptation value"),
-        (optgen.SGD, "dampening", 0.5, r"Nesterov momentum requires a momentum and zero dampening \(param group 1, at step\)"),
+        (
+            optgen.SGD,
+            "dampening",
+            0.5,
+            r"Nesterov momentum requires a momentum and zero dampening \(param group 1, at step\)",
+        ),
     ],
     ids=["nvlamb_max_grad_norm", "adamw_lr", "adamw_betas", "lamb_flag", "sgd_requirement"],
 )
@@ -431,14 +476,22 @@ def test_trust_clip_bounds(cls, clip, message):
     cls(make_params([(3,)]), trust_clip=(0.5, math.inf))
 
 
-def test_a_parameter_twice_in_one_group_is_refused_when_the_group_is_added():
-    """torch warns and steps it twice; optgen refused it only at the first step (as overlapping memory)."""
+def test_a_parameter_twice_in_one_group_warns_like_torch_and_steps_once(backend):
+    """torch warns (and its for-loop steps the tensor twice); optgen warns with torch's message and keeps the
+    parameter once: one launch updates each tensor once."""
     (p,) = make_params([(3,)])
-    with pytest.raises(ValueError, match="a parameter appears twice in one param group"):
-        optgen.AdamW([p, p])
-    opt = optgen.AdamW(make_params([(2,)]))
-    with pytest.raises(ValueError, match="appears twice"):
-        opt.add_param_group(dict(params=[p, p]))
+    with pytest.warns(UserWarning, match="a parameter group with duplicate parameters"):
+        opt = optgen.AdamW([p, p], backend=backend)
+    assert opt.param_groups[0]["params"] == [p]
+    twin = p.detach().clone().requires_grad_()
+    reference = torch.optim.AdamW([twin])
+    p.grad, twin.grad = torch.ones(3), torch.ones(3)
+    opt.step()
+    reference.step()
+    torch.testing.assert_close(p, twin)
+    with pytest.warns(UserWarning, match="duplicate parameters"):
+        opt.add_param_group(dict(params=[q := make_params([(2,)])[0], q]))
+    assert opt.param_groups[1]["params"] == [q]
 
 
 @pytest.mark.parametrize(
@@ -490,5 +543,7 @@ def test_defaults_that_break_the_specs_own_requirement_fail_at_build():
         spec.update(spec.param, spec.param - lr * (1 + momentum) * spec.grad)
         return spec
 
-    with pytest.raises(SpecError, match=r"Req: the defaults do not meet require\(\): momentum must be positive \[.*test_spec_errors.py"):
+    with pytest.raises(
+        SpecError, match=r"Req: the defaults do not meet require\(\): momentum must be positive \[.*test_spec_errors.py"
+    ):
         optgen.build(make())

@@ -21,8 +21,9 @@ from pathlib import Path
 import jinja2
 import sympy
 
+from .. import settings
 from ..analysis import Pass, Plan
-from ..spec import SpecError
+from ..spec import HyperSymbol, SpecError
 from .abi import global_columns, pass_args, reduce_args
 from .printers import CPrinter, TorchPrinter, TritonPrinter
 
@@ -261,8 +262,15 @@ def render(plan: Plan, target: str) -> str:
         "bytes_per_param": plan.bytes_per_param,
         "buffers": list(plan.buffers),
         "passes": [_pass_context(plan, p, printer, scalar_printer, spec.identity) for p in plan.passes],
+        "states": [_state_context(state, printer) for state in plan.ir.states],
     }
     return _environment().get_template(spec.template).render(**context)
+
+
+def _state_context(state, printer) -> dict:
+    """A state's initial value (constants, hyperparameters and ``w``): the torch module creates new states."""
+    hypers = sorted(s.name for s in state.init.free_symbols if isinstance(s, HyperSymbol))
+    return {"name": state.name, "code": printer.doprint(state.init), "hypers": hypers}
 
 
 def check_names(plan: Plan) -> None:
@@ -281,7 +289,7 @@ def check_names(plan: Plan) -> None:
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("OPTGEN_CACHE_DIR") or Path.home() / ".cache" / "optgen")
+    return settings.path("OPTGEN_CACHE_DIR")
 
 
 def golden_path(plan: Plan, target: str) -> Path:

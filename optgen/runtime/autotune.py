@@ -32,6 +32,7 @@ from dataclasses import asdict, replace
 
 import torch
 
+from .. import settings
 from ..codegen.render import cache_dir, source_hash
 from .tables import scratch_buffer
 from .triton_backend import TritonBackend
@@ -57,16 +58,12 @@ def candidates(default) -> list:
 # Coordinate descent: the axes in the order they are searched; block and warps together (how much work a
 # program's threads hold at once), then the chunk (work per program), then the pipelining depth.
 AXES = (("block", "num_warps"), ("chunk",), ("num_stages",))
-SEARCH_ENV = "OPTGEN_AUTOTUNE_SEARCH"
 
 
 def search_mode() -> str:
     """``OPTGEN_AUTOTUNE_SEARCH``: 'descent' (default: 12 to 21 of the 72 candidates compiled and timed) or 'grid'
     (all of them: each is a compile of every kernel of the plan, seconds each)."""
-    mode = os.environ.get(SEARCH_ENV, "descent").strip().lower()
-    if mode not in ("descent", "grid"):
-        raise ValueError(f"{SEARCH_ENV}={mode!r}: expected 'descent' or 'grid'")
-    return mode
+    return settings.choice("OPTGEN_AUTOTUNE_SEARCH")
 
 
 def _neighbours(configs, current, axis) -> list:
@@ -224,7 +221,7 @@ def tune(plan, items, default, *, device_scalars=None, timer=None, progress=True
     if timer is None:
         return default  # the interpreter: nothing to time
     make_backend = make_backend or (lambda config: TritonBackend(plan, config))
-    max_elements = int(os.environ.get("OPTGEN_AUTOTUNE_MAX_ELEMENTS", 2**27))
+    max_elements = settings.count("OPTGEN_AUTOTUNE_MAX_ELEMENTS")
     try:
         trial_items = _copies(items, max_elements)
     except torch.OutOfMemoryError:  # no room for copies: the default config, tuned another time

@@ -15,12 +15,12 @@ kernel runs).
 from __future__ import annotations
 
 import ctypes
-import os
 import re
 import warnings
 
 import torch
 
+from .. import settings
 from ..codegen.abi import pass_args, reduce_args
 from ..codegen.render import source_path, variant_stem
 from . import cbuild
@@ -28,10 +28,6 @@ from .tables import ChunkTables, Staging, advance_empty_steps, pass_values, redu
 
 # storage dtype -> the template's OG_DT_<buffer> code
 STORAGE_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
-DEFAULT_CHUNK = 65536  # elements per chunk: 256 KiB of each fp32 buffer, a unit of OpenMP work
-# A pass over fewer elements runs on the calling thread: an OpenMP fork/join costs microseconds on a quiet
-# machine and milliseconds on a busy one (threads wait for a core), more than such a pass takes.
-DEFAULT_PARALLEL_MIN = 1 << 15
 _WARNED: set[str] = set()
 
 
@@ -41,25 +37,14 @@ def storage_code(dtype: torch.dtype) -> int:
     return STORAGE_CODES[dtype]
 
 
-def _env_count(name: str, default: int) -> int:
-    text = os.environ.get(name) or str(default)
-    try:
-        value = int(float(text)) if any(c in text for c in ".eE") else int(text)
-    except ValueError:
-        raise ValueError(f"{name}={text!r}: expected a number of elements") from None
-    if value < 1:
-        raise ValueError(f"{name}={text!r}: expected a positive number of elements")
-    return value
-
-
 def chunk_size() -> int:
-    """``OPTGEN_C_CHUNK`` overrides the default (tests use small chunks)."""
-    return _env_count("OPTGEN_C_CHUNK", DEFAULT_CHUNK)
+    """``OPTGEN_C_CHUNK``: elements per chunk (default 65536; tests use small chunks; see ``optgen.settings``)."""
+    return settings.count("OPTGEN_C_CHUNK")
 
 
 def parallel_min() -> int:
-    """``OPTGEN_C_PARALLEL_MIN``: elements a pass must cover to use several threads."""
-    return _env_count("OPTGEN_C_PARALLEL_MIN", DEFAULT_PARALLEL_MIN)
+    """``OPTGEN_C_PARALLEL_MIN``: elements a pass must cover to use several threads (default 2**15)."""
+    return settings.count("OPTGEN_C_PARALLEL_MIN")
 
 
 def _argtypes(args) -> list:
@@ -197,12 +182,21 @@ class CBackend:
         message = str(exc)
         if message not in _WARNED:
             _WARNED.add(message)
-            warnings.warn(f"optgen: C kernels unavailable, using the eager torch path: {message}", cbuild.CKernelsUnavailable, stacklevel=4)
+            warnings.warn(
+                f"optgen: C kernels unavailable, using the eager torch path: {message}",
+                cbuild.CKernelsUnavailable,
+                stacklevel=4,
+            )
         self._fallback = TorchBackend(self.plan)
 
     def _run(self, t: ChunkTables, kernels: list[_Kernels], device_scalars: dict, reducer) -> None:
         plan = self.plan
-        key = (id(t), t.version, tuple(sorted((k, v.data_ptr()) for k, v in device_scalars.items())), reducer is not None)
+        key = (
+            id(t),
+            t.version,
+            tuple(sorted((k, v.data_ptr()) for k, v in device_scalars.items())),
+            reducer is not None,
+        )
         if self._calls is None or self._calls[0] != key:
             self._calls = (key, self._calls_for(t, kernels, device_scalars, reducer))
         for p, (passes, before, after) in zip(plan.passes, self._calls[1]):
@@ -230,13 +224,17 @@ class CBackend:
                 values = pass_values(t, plan, p, offset, count, device_scalars)
                 parallel = int(sum(t.numels[i] for i in members) >= self.parallel_min)
                 head = [count, parallel, t.chunk, len(plan.ir.hypers)]
-                passes.append((kernel.passes[p.index], tuple(head + [_address(values[a.name]) for a in pass_args(plan, p)])))
+                passes.append(
+                    (kernel.passes[p.index], tuple(head + [_address(values[a.name]) for a in pass_args(plan, p)]))
+                )
             before, after = [], []
             if p.produces and kernels:
                 fn = kernels[0].reduces[p.index]  # reduce functions do not depend on storage dtypes
                 names = [a.name for a in reduce_args(plan, p)]
                 launches = reduce_launches(t, p, reducer is not None)
-                before, after = ([(fn, (programs, *(_address(v[n]) for n in names))) for programs, v in part] for part in launches)
+                before, after = (
+                    [(fn, (programs, *(_address(v[n]) for n in names))) for programs, v in part] for part in launches
+                )
             calls.append((passes, before, after))
         return calls
 

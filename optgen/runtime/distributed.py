@@ -122,11 +122,11 @@ class _RowReducer:
 
 
 class LocalState(dict):
-    """The local shards of one parameter's state, as the backends see it; ``step`` writes through, so the
-    Triton backend's step-table view lands in the real state."""
+    """One parameter's state as the backends see it: ``view`` of each entry (by default the local shard of a
+    DTensor); ``step`` writes through, so the kernel backends' step-table view lands in the real state."""
 
-    def __init__(self, state: dict):
-        super().__init__({k: local(v) for k, v in state.items()})
+    def __init__(self, state: dict, view=local):
+        super().__init__({k: view(v) for k, v in state.items()})
         self.state = state
         self.sources = {k: id(v) for k, v in state.items()}
 

@@ -12,11 +12,11 @@ the all-reduce of the ``[tensors, slots]`` table).
 from __future__ import annotations
 
 import contextlib
-import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
+from .. import settings
 from ..codegen.abi import pass_args, reduce_args
 from ..codegen.render import load_module
 from .tables import ChunkTables, Staging, advance_empty_steps, pass_values, reduce_launches
@@ -39,8 +39,8 @@ def _tl_dtype(dtype: torch.dtype, what: str = "tensors"):
 class LaunchConfig:
     """One step's launch parameters (``optgen.runtime.autotune`` searches them)."""
 
-    chunk: int = 65536  # elements per program; shapes the chunk and partial tables
-    block: int = 1024  # elements per loop iteration of a program
+    chunk: int = settings.default("OPTGEN_CHUNK")  # elements per program; shapes the chunk and partial tables
+    block: int = settings.default("OPTGEN_BLOCK")  # elements per loop iteration of a program
     reduce_block: int = 256
     num_warps: int = 4
     num_stages: int = 3
@@ -48,11 +48,7 @@ class LaunchConfig:
 
 def default_config() -> LaunchConfig:
     """``OPTGEN_CHUNK``/``OPTGEN_BLOCK`` override the defaults (tests use small chunks)."""
-    config = LaunchConfig()
-    if os.environ.get("OPTGEN_CHUNK"):
-        config = replace(config, chunk=int(os.environ["OPTGEN_CHUNK"]))
-    if os.environ.get("OPTGEN_BLOCK"):
-        config = replace(config, block=int(os.environ["OPTGEN_BLOCK"]))
+    config = LaunchConfig(chunk=settings.count("OPTGEN_CHUNK"), block=settings.count("OPTGEN_BLOCK"))
     if config.chunk % config.block:
         raise ValueError(f"chunk size {config.chunk} must be a multiple of the block size {config.block}")
     return config

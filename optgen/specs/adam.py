@@ -1,6 +1,6 @@
 """Adam (L2 weight decay) and AdamW (decoupled weight decay), with the results of torch.optim."""
 
-from ..spec import Hyper, Spec, sqrt
+from ..spec import Hyper, Max, Spec, sqrt, where
 
 ADAM_DOC = r"""Adam (Kingma & Ba, 2015) with L2 weight decay, with the results of ``torch.optim.Adam``.
 
@@ -26,18 +26,28 @@ ADAMW_DOC = r"""AdamW (Loshchilov & Hutter, 2019), with the results of ``torch.o
 
 BETAS = Hyper((0.9, 0.999), lo=0.0, hi=1.0, hi_open=True)
 
+AMSGRAD_DOC = r"""
+
+With ``amsgrad=True`` (Reddi et al., 2018) the denominator uses the running maximum of the second moment,
+:math:`\hat v_t = \max(\hat v_{t-1}, v_t)` (state ``max_exp_avg_sq``), in place of :math:`v_t`.
+"""
+
 
 def _adam(name: str, doc: str, decoupled: bool, weight_decay: float) -> Spec:
-    spec = Spec(name, doc=doc)
+    """torch >= 2.6 writes both as one algorithm: AdamW is Adam with ``decoupled_weight_decay=True``, and each
+    param group keeps the flag (an Adam loading an AdamW checkpoint steps as AdamW)."""
+    spec = Spec(name, doc=doc + AMSGRAD_DOC)
+    spec.torch_foreach_refuses_tensors = True
     lr, beta1, beta2, eps, wd = spec.hyper(lr=1e-3, betas=BETAS, eps=1e-8, weight_decay=weight_decay)
+    amsgrad, decoupled_wd = spec.flag(amsgrad=False, decoupled_weight_decay=decoupled)
     w, g, t = spec.param, spec.grad, spec.step
-    m, v = spec.state("exp_avg"), spec.state("exp_avg_sq")
-    if not decoupled:
-        g = g + wd * w
+    m, v, v_max = spec.state("exp_avg"), spec.state("exp_avg_sq"), spec.state("max_exp_avg_sq")
+    g = where(decoupled_wd, g, g + wd * w)
     m1 = spec.update(m, beta1 * m + (1 - beta1) * g)
     v1 = spec.update(v, beta2 * v + (1 - beta2) * g**2)
-    step = (lr / (1 - beta1**t)) * m1 / (sqrt(v1) / sqrt(1 - beta2**t) + eps)
-    spec.update(w, (w * (1 - lr * wd) if decoupled else w) - step)
+    v_max1 = spec.update(v_max, where(amsgrad, Max(v_max, v1), v_max))
+    step = (lr / (1 - beta1**t)) * m1 / (sqrt(where(amsgrad, v_max1, v1)) / sqrt(1 - beta2**t) + eps)
+    spec.update(w, where(decoupled_wd, w * (1 - lr * wd), w) - step)
     return spec
 
 

@@ -1,4 +1,4 @@
-"""LAMB and NVLAMB: layer-wise adaptive moments, as on the seed talk's slide and in NVIDIA's BERT recipe."""
+"""LAMB and NVLAMB: layer-wise adaptive moments, as in the LAMB paper (You et al., ICLR 2020, arXiv:1904.00962) and NVIDIA's BERT recipe."""
 
 import math
 
@@ -6,7 +6,7 @@ import sympy
 
 from ..spec import Hyper, Max, Spec, clip, global_norm, norm, sqrt, trust_ratio, where
 
-LAMB_DOC = r"""LAMB (You et al., 2020), as on the seed talk's slide, per layer :math:`l`:
+LAMB_DOC = r"""LAMB (You et al., "Large Batch Optimization for Deep Learning: Training BERT in 76 minutes", ICLR 2020), per layer :math:`l`:
 
 .. math::
    \begin{aligned}

@@ -1,10 +1,10 @@
-"""LARS: layer-wise adaptive rate scaling, in the seed talk's form."""
+"""LARS: layer-wise adaptive rate scaling, in the form of You, Gitman & Ginsburg (2017), arXiv:1708.03888."""
 
 import math
 
 from ..spec import Hyper, Spec, clip, norm, trust_ratio, where
 
-DOC = r"""LARS (You, Gitman & Ginsburg, 2017), as on the seed talk's slide, per layer :math:`l`:
+DOC = r"""LARS (You, Gitman & Ginsburg, "Large Batch Training of Convolutional Networks", 2017), per layer :math:`l`:
 
 .. math::
    \begin{aligned}

@@ -16,7 +16,7 @@ layer :math:`l`:
    w_t^l &= w_{t-1}^l - m_t^l \quad (\text{nesterov: } w_{t-1}^l - \mu m_t^l - \gamma r_t^l u_t^l)
    \end{aligned}
 
-The seed's ``LARS`` divides by :math:`\|g\| + \lambda \|w\|` instead of :math:`\|g + \lambda w\|`.
+optgen's ``LARS`` (the paper's form) divides by :math:`\|g\| + \lambda \|w\|` instead of :math:`\|g + \lambda w\|`.
 ``layer_adaptation=False`` is optax's ``trust_ratio_mask``, ``weight_decay=0`` its ``weight_decay_mask``;
 the momentum buffer holds optax's ``trace`` with the opposite sign (``momentum_buffer``, as torch's SGD).
 """

@@ -1,0 +1,534 @@
+"""The step of a generated optimizer: which compiled variant runs, on which backend, over which tensors.
+
+``optimizer.GeneratedOptimizer`` is the torch.optim shell (arguments, param groups, state dicts); it hands each
+``step()`` to a :class:`StepRunner`, which
+
+* picks the variant of the math: the per-group options (the spec's flags and ``maximize``) that every param
+  group agrees on are compiled in; those the groups disagree on become per-group runtime switches of one
+  variant (still one launch per pass for all parameters, and a global norm still spans them all); GradScaler's
+  attributes select the AMP form (``transforms.amp``);
+* validates the parameters with gradients, creates missing state, and runs the backend of each device;
+* remembers the layout of a step so that the next one with the same tensors takes the backend's fast path.
+"""
+
+from __future__ import annotations
+
+import collections
+import operator
+from dataclasses import dataclass
+
+import sympy
+import torch
+
+from .. import transforms
+from ..analysis import plan as make_plan
+from ..codegen.render import load_module, source_hash
+from ..ir import lower
+from . import backends, distributed
+from .tables import scratch_buffer
+
+
+class StepRunner:
+    """Everything a step needs that the constructor's choices fix (``config``), and the caches built from it."""
+
+    def __init__(self, spec, config: dict):
+        self.spec = spec
+        self.config = config
+        self.name = spec.name
+        # per-group options that select compiled code: the spec's flags, then maximize
+        self.option_names = tuple(f.name for f in spec.flags) + ("maximize",)
+        self._plans: dict = {}
+        self.backends = _Backends()
+        self.scratch: dict[tuple[int, str], torch.Tensor] = {}
+        self._values: dict[int, tuple] = {}  # id(group) -> (fingerprint, ir, values)
+        self._real_views: dict[int, tuple] = {}  # id(complex parameter) -> (parameter, its real view)
+        self.generation = 0  # bumped by whatever changes the layout of a step (groups, loaded state)
+        self.fast = None
+
+    # -- variants ------------------------------------------------------------------------------------------
+
+    def options_key(self, groups, defaults: dict) -> tuple:
+        """(options every group agrees on, as sorted (name, value) pairs; names of those they disagree on)."""
+        rows = [tuple(bool(group.get(name, defaults.get(name, False))) for name in self.option_names) for group in groups]
+        fixed, mixed = [], []
+        for i, name in enumerate(self.option_names):
+            values = {row[i] for row in rows}
+            if len(values) == 1:
+                fixed.append((name, values.pop()))
+            else:
+                mixed.append(name)
+        return tuple(fixed), tuple(mixed)
+
+    def plan(self, options_key: tuple, amp_mode: str | None = None):
+        """The plan of a variant; each is lowered and planned once."""
+        key = (options_key, amp_mode)
+        plan = self._plans.get(key)
+        if plan is None:
+            fixed, mixed = dict(options_key[0]), options_key[1]
+            maximize = fixed.pop("maximize", None)
+            ir = lower(self.spec, fixed, runtime=tuple(name for name in mixed if name != "maximize"))
+            ir = transforms.apply(
+                ir,
+                maximize_="runtime" if "maximize" in mixed else bool(maximize),
+                max_grad_norm=self.config["clip"],
+                master=self.config["master"],
+                amp_mode=amp_mode,
+            )
+            plan = self._plans[key] = make_plan(ir)
+        return plan
+
+    # -- per-group values -------------------------------------------------------------------------------
+
+    def group_values(self, group: dict, defaults: dict, ir) -> tuple:
+        """The group's hyperparameters in ``ir``'s order: floats (bools as 0/1), or 1-element tensors as given
+        (a capturable lr): those are never read on the host; the backends copy them on the device."""
+        values = []
+        for decl in ir.hypers:
+            raw = group.get(decl.key)
+            if raw is None:
+                raw = defaults.get(decl.key, decl.default if decl.index is None else None)
+            value = raw if decl.index is None else raw[decl.index]
+            values.append(value.reshape(()) if isinstance(value, torch.Tensor) else float(value))
+        return tuple(values)
+
+    def step_values(self, owner, group: dict, ir) -> tuple:
+        """The group's values for this step, validated again whenever they changed since the last step: an LR
+        scheduler or a user may set any value between steps, and the kernels rely on the declared ranges (e.g.
+        a power of a base declared positive). A bad value raises before anything is modified."""
+        fingerprint = tuple(_fingerprint(group.get(key, owner.defaults.get(key))) for key in owner._checked_keys)
+        cached = self._values.get(id(group))
+        if cached is not None and cached[0] == fingerprint and cached[1] is ir:
+            return cached[2]
+        if cached is None or cached[0] != fingerprint:
+            owner._check_group_at_step(group)
+        values = self.group_values(group, owner.defaults, ir)
+        self._values[id(group)] = (fingerprint, ir, values)
+        return values
+
+    # -- state -------------------------------------------------------------------------------------------
+
+    def state_dtype(self, param: torch.Tensor, name: str) -> torch.dtype:
+        """The dtype a state of ``param`` is kept in: master weights in the compute dtype (fp32, fp64 for fp64
+        parameters), the others in ``state_dtype`` or the compute dtype. Complex parameters keep complex
+        states of the matching precision, as torch.optim does."""
+        if param.is_complex():
+            return param.dtype
+        compute = torch.promote_types(param.dtype, torch.float32)
+        return compute if name == transforms.MASTER else (self.config["state_dtype"] or compute)
+
+    def init_state(self, owner, param: torch.Tensor, group: dict, plan) -> dict:
+        """Create the missing state entries (all on the first step; some after loading a checkpoint of another
+        optimizer, e.g. master weights resumed from a torch.optim.AdamW state dict)."""
+        ir = plan.ir
+        state = owner.state[param]
+        if type(state) is not ParamState:
+            state = owner.state[param] = ParamState(state)
+        if "step" not in state:
+            state["step"] = torch.tensor(0.0, dtype=torch.float32, device=param.device)
+        for decl in ir.states:
+            value = state.get(decl.name)
+            if isinstance(value, torch.Tensor) and value.shape != param.shape:
+                # a state dict loaded for other parameters (their order changed), or a state assigned by hand:
+                # the kernels would read and write past it
+                raise RuntimeError(
+                    f"{self.name}: state {decl.name!r} has shape {tuple(value.shape)} for a parameter of "
+                    f"shape {tuple(param.shape)} (a state dict of other parameters, or a state set by hand?)"
+                )
+        missing = [decl for decl in ir.states if decl.name not in state]
+        if missing:
+            module = _torch_module(plan)
+            hypers = dict(zip((h.name for h in ir.hypers), self.group_values(group, owner.defaults, ir)))
+            real = torch.view_as_real(param.detach()) if param.is_complex() else param.detach()
+            for decl in missing:
+                dtype = self.state_dtype(param, decl.name)
+                state[decl.name] = module.initial_state(decl.name, param, real, hypers, dtype)
+        return state
+
+    # -- the step ----------------------------------------------------------------------------------------
+
+    def collect(self, owner):
+        """Parameters with gradients, validated before anything is modified."""
+        items = []
+        for group in owner.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad
+                if grad.is_sparse:
+                    raise RuntimeError(f"{self.name} does not support sparse gradients")
+                if grad.device != p.device:
+                    raise RuntimeError(f"{self.name}: gradient on {grad.device} for a parameter on {p.device}")
+                if grad.shape != p.shape:
+                    raise RuntimeError(
+                        f"{self.name}: gradient of shape {tuple(grad.shape)} for a parameter of shape {tuple(p.shape)}"
+                    )
+                if grad.is_complex() != p.is_complex():
+                    raise RuntimeError(f"{self.name}: gradient of dtype {grad.dtype} for a parameter of dtype {p.dtype}")
+                items.append((group, p, grad))
+        # the overlap check walks every parameter's strides: only when the parameters or their storage changed
+        key = tuple((id(p), p.data_ptr(), p.shape) for _, p, _ in items)
+        if key != self.__dict__.get("_memory_checked"):
+            check_no_shared_memory([p for _, p, _ in items], self.name)
+            self._memory_checked = key
+        return items
+
+    def backend_for(self, device: torch.device, plan):
+        backend = backends.resolve(self.config["backend"], device)
+        key = (backend.name, str(device), source_hash(plan))
+        if key not in self.backends:
+            options = {}
+            if self.config["autotune"]:
+                from .autotune import tune
+
+                options["tuner"] = tune
+            self.backends[key] = backends.make(backend, plan, options)
+        return self.backends[key]
+
+    @staticmethod
+    def amp(owner):
+        """GradScaler's ``grad_scale``/``found_inf`` attributes, set around ``step`` (torch's fused contract)."""
+        found_inf = getattr(owner, "found_inf", None)
+        grad_scale = getattr(owner, "grad_scale", None)
+        if found_inf is None and grad_scale is None:
+            return None, {}
+        if found_inf is None:
+            found_inf = torch.zeros((), dtype=torch.float32, device=grad_scale.device)
+        scalars = {"found_inf": found_inf}
+        if grad_scale is not None:
+            scalars["grad_scale"] = grad_scale
+        return ("unscale" if grad_scale is not None else "gate"), scalars
+
+    def step(self, owner) -> None:
+        if self.fast_step(owner):
+            return
+        collected = self.collect(owner)
+        if not collected:
+            return
+        amp_mode, device_scalars = self.amp(owner)
+        options_key = self.options_key(owner.param_groups, owner.defaults)
+        plan = self.plan(options_key, amp_mode)
+        reducer = self.reducer([p for _, p, _ in collected])
+        by_device = {}  # one backend per device for this step's plan
+        for group, p, _ in collected:
+            if group.get("fused") and p.device.type not in backends.AUTO:  # torch refuses at the step too
+                raise RuntimeError(
+                    f"`fused=True` requires all the params to be floating point Tensors of supported devices: "
+                    f"{sorted(backends.AUTO)} (got a parameter on {p.device.type})"
+                )
+        for _, p, grad in collected:  # unsupported dtypes fail before any state exists
+            if p.device not in by_device:
+                by_device[p.device] = self.backend_for(p.device, plan)
+            check = getattr(by_device[p.device], "check", None)
+            if check is not None:
+                check(self.real(distributed.local(p)), self.real(distributed.local(grad)), self.config["state_dtype"])
+        if len(by_device) > 1 and any(slot.scope == "global" for slot in plan.slots):
+            # each device's launches would see only its own parameters' share of a global norm
+            raise RuntimeError(
+                f"{self.name}: this update reduces over all parameters (a global norm: max_grad_norm, NVLAMB) and "
+                f"the parameters are on several devices ({', '.join(map(str, by_device))}); keep them on one "
+                f"device, or use one optimizer per device with its own clipping"
+            )
+        groups = {id(group): group for group, _, _ in collected}  # each group once, in order
+        values_of = {key: self.step_values(owner, group, plan.ir) for key, group in groups.items()}
+        by_backend: dict[int, tuple] = {}
+        for group, p, grad in collected:
+            backend = by_device[p.device]
+            state = self.init_state(owner, p, group, plan)
+            sharded = distributed.is_sharded(p)
+            if distributed.is_dtensor(p) or p.is_complex():  # the backends see local shards, as real numbers
+                state = self.backend_state(p, state)
+                p, grad = self.real(distributed.local(p)), self.real(distributed.local(grad))
+            item = (p, grad, state, values_of[id(group)])
+            entry = by_backend.setdefault(id(backend), (backend, [], []))
+            entry[1].append(item)
+            entry[2].append(sharded)  # the rows of this backend's partial tables, in item order
+        for backend, backend_items, sharded in by_backend.values():
+            device = backend_items[0][0].device
+            scalars = {k: v.to(device=device, dtype=torch.float32, non_blocking=True).reshape(1) for k, v in device_scalars.items()}
+            backend.step(backend_items, self.scratch_of, scalars, None if reducer is None else reducer.rows(sharded))
+        self.remember_layout(owner, collected, by_backend, amp_mode, reducer, plan, options_key)
+
+    def real(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A complex tensor as the real tensor the kernels update (``view_as_real``, as torch.optim does);
+        parameters keep one view (the chunk tables are keyed by the tensors' identities)."""
+        if not isinstance(tensor, torch.Tensor) or not tensor.is_complex():
+            return tensor
+        cached = self._real_views.get(id(tensor))
+        if cached is not None and cached[0] is tensor and cached[1].data_ptr() == tensor.data_ptr():
+            return cached[1]
+        view = torch.view_as_real(tensor)
+        if isinstance(tensor, torch.nn.Parameter) or tensor.requires_grad:
+            self._real_views[id(tensor)] = (tensor, view)
+        return view
+
+    def backend_state(self, param, state):
+        """The state as the backends see it: local shards (FSDP2), real views of complex tensors."""
+        cache = self.__dict__.setdefault("_backend_states", {})
+        view = cache.get(param)
+        if view is None or not view.current(state):
+            view = distributed.LocalState(state, lambda v: self.real(distributed.local(v)))
+            cache[param] = view
+        return view
+
+    def scratch_of(self, param: torch.Tensor, name: str) -> torch.Tensor:
+        return scratch_buffer(self.scratch, param, name)
+
+    def reducer(self, params):
+        """The all-reduce of partial tables between passes when parameters are sharded (see distributed)."""
+        group = distributed.shard_group(params, self.name)
+        if group is None:
+            return None
+        if getattr(self, "_shard_reducer", None) is None or self._shard_reducer.group is not group:
+            self._shard_reducer = distributed.ShardReducer(group)
+        return self._shard_reducer
+
+    def invalidate(self) -> None:
+        """Loaded state: the backends' tables point at replaced tensors."""
+        for backend in self.backends.values():
+            invalidate = getattr(backend, "invalidate", None)
+            if invalidate:
+                invalidate()
+        self.generation += 1
+
+    # -- the fast path: a step with the layout of the last one ---------------------------------------------
+
+    def remember_layout(self, owner, collected, by_backend, amp_mode, reducer, plan, options_key) -> None:
+        """After a full step: when the next steps can be told apart from this one by a few identity and
+        metadata compares per tensor (one backend with a fast path, every parameter with a gradient, no
+        GradScaler, nothing sharded or complex, plain hyperparameter values), keep what they are compared against."""
+        self.fast = None
+        if amp_mode is not None or reducer is not None or len(by_backend) != 1:
+            return
+        ((backend, items, _),) = by_backend.values()
+        advance = plan.passes[-1].step_advance
+        if not hasattr(backend, "fast_step") or not advance.is_number or float(advance) != 1.0:
+            return
+        params = [p for group in owner.param_groups for p in group["params"]]
+        if len(params) != len(collected) or any(distributed.is_dtensor(p) or p.is_complex() for p in params):
+            return
+        rows = self.plain_group_rows(owner, plan.ir)
+        if rows is None:
+            return
+        group_of = [i for i, group in enumerate(owner.param_groups) for _ in group["params"]]
+        if not backend.prepare_fast(group_of, rows):
+            return
+        state_tensors = [v for _, _, state, _ in items for k, v in state.items() if k != "step" and isinstance(v, torch.Tensor)]
+        self.fast = FastLayout(
+            generation=self.generation,
+            backend=backend,
+            plan=plan,
+            options_key=options_key,
+            param_ids=[id(p) for p in params],
+            group_sizes=[len(group["params"]) for group in owner.param_groups],
+            param_ptrs=[p.data_ptr() for p in params],
+            param_strides=[p.stride() for p in params],
+            param_dtypes=[p.dtype for p in params],
+            shapes=[p.shape for p in params],
+            grad_dtypes=[g.dtype for _, _, g in collected],
+            grad_devices=[g.device for _, _, g in collected],
+            state_edits=STATE_EDITS[0],
+            states=owner.state,
+            state_tensors=state_tensors,
+            state_ptrs=[t.data_ptr() for t in state_tensors],
+        )
+
+    def plain_group_rows(self, owner, ir) -> list[tuple] | None:
+        """Every group's values for this step, or None when one is a tensor (capturable values are gathered
+        on the device by the full path)."""
+        rows = [self.step_values(owner, group, ir) for group in owner.param_groups]
+        if any(isinstance(v, torch.Tensor) for row in rows for v in row):
+            return None
+        return rows
+
+    def fast_step(self, owner) -> bool:
+        """Run the step through the backend's fast path if nothing but gradients and hyperparameter values
+        changed since the step that set it up; anything else (or any doubt) takes the full path."""
+        fast = self.fast
+        if fast is None or fast.generation != self.generation or not owner._fast_path:
+            return False
+        if getattr(owner, "grad_scale", None) is not None or getattr(owner, "found_inf", None) is not None:
+            return False
+        groups = owner.param_groups
+        if [len(group["params"]) for group in groups] != fast.group_sizes:  # a group added, or a parameter
+            return False  # moved between groups
+        if self.options_key(groups, owner.defaults) != fast.options_key:  # a group's flag changed: another variant
+            return False
+        params = [p for group in groups for p in group["params"]]
+        # Per tensor a handful of C-level attribute reads (map over unbound methods: ~40 ns each). Metadata can
+        # change without the tensor object changing (``.data = ``, ``set_``): every step checks it all.
+        if list(map(id, params)) != fast.param_ids:
+            return False
+        grads = list(map(_GRAD, params))
+        try:
+            if (list(map(_SHAPE, grads)) != fast.shapes or list(map(_DTYPE, grads)) != fast.grad_dtypes
+                    or list(map(_DEVICE, grads)) != fast.grad_devices or not all(map(torch.Tensor.is_contiguous, grads))):  # fmt: skip
+                return False
+        except (AttributeError, TypeError, RuntimeError):  # no gradient, or a layout without strides: the full path says what
+            return False
+        if (list(map(torch.Tensor.data_ptr, params)) != fast.param_ptrs or list(map(_SHAPE, params)) != fast.shapes
+                or list(map(torch.Tensor.stride, params)) != fast.param_strides or list(map(_DTYPE, params)) != fast.param_dtypes):  # fmt: skip
+            return False
+        if STATE_EDITS[0] != fast.state_edits or owner.state is not fast.states:  # a state entry set or replaced
+            return False
+        if list(map(torch.Tensor.data_ptr, fast.state_tensors)) != fast.state_ptrs:  # a state's storage swapped in place
+            return False
+        rows = self.plain_group_rows(owner, fast.plan.ir)
+        if rows is None:
+            return False
+        fast.backend.fast_step(grads, rows)
+        return True
+
+
+@torch.compiler.disable  # file reads and an import: run as Python, not traced, inside a user's torch.compile
+def _torch_module(plan):
+    """The generated torch module of ``plan``: it holds the states' initial values (``initial_state``)."""
+    return load_module(plan, "torch")
+
+
+_GRAD, _SHAPE, _DTYPE, _DEVICE = (operator.attrgetter(name) for name in ("grad", "shape", "dtype", "device"))
+# Edits of any optimizer's state dicts (entries set, replaced or removed): a fast step compares a count.
+STATE_EDITS = [0]
+
+
+class _CountsEdits:
+    """Mixed into a dict: every mutating method counts a state edit. Written with ``super()`` (not by
+    wrapping dict's slots): dynamo traces these inside a user's ``torch.compile``."""
+
+    __slots__ = ()
+
+    def __setitem__(self, key, value):
+        STATE_EDITS[0] += 1
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key):
+        STATE_EDITS[0] += 1
+        super().__delitem__(key)
+
+    def pop(self, *args):
+        STATE_EDITS[0] += 1
+        return super().pop(*args)
+
+    def popitem(self):
+        STATE_EDITS[0] += 1
+        return super().popitem()
+
+    def clear(self):
+        STATE_EDITS[0] += 1
+        super().clear()
+
+    def update(self, *args, **kwargs):
+        STATE_EDITS[0] += 1
+        super().update(*args, **kwargs)
+
+    def setdefault(self, key, default=None):
+        STATE_EDITS[0] += 1
+        return super().setdefault(key, default)
+
+
+class ParamState(_CountsEdits, dict):
+    """A parameter's state, as torch.optim keeps it (a dict of tensors), counting its edits: a fast step must
+    notice a state tensor replaced by assignment. ``state_dict()`` hands out plain dicts."""
+
+    __slots__ = ()
+
+
+class States(_CountsEdits, collections.defaultdict):
+    """The optimizer's ``state`` (parameter -> state dict), counting parameters' state dicts set or removed."""
+
+    def __init__(self, states=None):
+        super().__init__(dict, states or {})
+
+    def __reduce__(self):  # pickles (and deep-copies) as a plain defaultdict of plain dicts
+        return collections.defaultdict, (dict, {k: dict(v) for k, v in self.items()})
+
+
+@dataclass
+class FastLayout:
+    """What a fast step compares against (see ``StepRunner.fast_step``)."""
+
+    generation: int
+    backend: object
+    plan: object
+    options_key: tuple
+    param_ids: list
+    group_sizes: list
+    param_ptrs: list
+    param_strides: list
+    param_dtypes: list
+    shapes: list  # of the parameters, and of their gradients
+    grad_dtypes: list
+    grad_devices: list
+    state_edits: int
+    states: object
+    state_tensors: list
+    state_ptrs: list
+
+
+class _Backends(dict):
+    """Backends by (kind, device, plan); ``backends["triton"]`` is the only one of that kind (inspection)."""
+
+    def __getitem__(self, key):
+        if isinstance(key, str):
+            found = [b for k, b in self.items() if k[0] == key]
+            if len(found) != 1:
+                raise KeyError(f"{len(found)} {key} backends: name one by (kind, device, plan hash)")
+            return found[0]
+        return super().__getitem__(key)
+
+
+def _fingerprint(value):
+    """A hyperparameter value as a comparable key: a tensor by identity (comparing tensors by value would read
+    them on the host: a GPU sync per step)."""
+    if isinstance(value, torch.Tensor):
+        return ("tensor", id(value))
+    if isinstance(value, (tuple, list)):
+        return (type(value).__name__, *(_fingerprint(v) for v in value))
+    return (type(value).__name__, value)
+
+
+def _memory_span(t: torch.Tensor) -> tuple[int, int]:
+    """Byte range [start, end) a (possibly strided) tensor can touch in its storage."""
+    size = t.element_size()
+    start = t.storage_offset() * size
+    extent = sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride())) + 1 if t.numel() else 0
+    return start, start + extent * size
+
+
+def check_no_shared_memory(params, name: str) -> None:
+    """Two parameters in one optimizer that overlap in memory would each be updated from a value the other
+    already changed (torch's for-loop order, a race in one launch): refused, before anything changes.
+    Meta tensors have no memory to share."""
+    spans = {}
+    for p in params:
+        if p.numel() == 0 or p.device.type == "meta":
+            continue
+        p = p.to_local() if hasattr(p, "to_local") else p
+        start, end = _memory_span(p)
+        spans.setdefault(p.untyped_storage().data_ptr(), []).append((start, end, tuple(p.shape)))
+    for ranges in spans.values():
+        if len(ranges) < 2:
+            continue
+        ranges.sort()
+        reach, shape0 = ranges[0][1], ranges[0][2]
+        for s1, e1, shape1 in ranges[1:]:
+            if s1 < reach:
+                raise RuntimeError(
+                    f"{name}: two parameters share memory (shapes {shape0} and {shape1}); an optimizer cannot "
+                    "update overlapping parameters consistently: pass the shared tensor once"
+                )
+            if e1 > reach:
+                reach, shape0 = e1, shape1
+
+
+def counts_steps(ir) -> bool:
+    """Whether the update uses the step count beyond a first-step test (t == 1)."""
+    from ..spec import StepSymbol
+
+    for _, expr in ir.updates:
+        steps = [s for s in expr.free_symbols if isinstance(s, StepSymbol)]
+        if not steps:
+            continue
+        first = {e: sympy.true for e in expr.atoms(sympy.Eq, sympy.Ne) if e.free_symbols <= set(steps)}
+        if any(isinstance(s, StepSymbol) for s in expr.xreplace(first).free_symbols):
+            return True
+    return False
