@@ -486,6 +486,8 @@ class Spec:
         # torch.optim's Adam family refuses tensor hyperparameters with foreach=True and capturable=False (its
         # foreach code reads them on the host); a spec standing in for such a class says so, to refuse the same
         self.torch_foreach_refuses_tensors = False
+        # group values torch.optim's class forces on every load (torch.optim.AdamW: decoupled_weight_decay=True)
+        self.torch_forced_on_load: dict[str, object] = {}
 
     # -- declarations ------------------------------------------------------------------------------
 

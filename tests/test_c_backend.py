@@ -461,6 +461,14 @@ def test_a_state_of_another_shape_is_refused_before_anything_changes(backend):
     with pytest.raises(RuntimeError, match=r"state 'exp_avg' has shape \(3,\) for a parameter of shape \(1000,\)"):
         reordered.step()
     assert torch.equal(a.detach(), before[0]) and torch.equal(b.detach(), before[1])
+    # no state is created for the parameters before the bad one either
+    c = torch.nn.Parameter(torch.randn(5))
+    fresh = optgen.AdamW([c, b], backend=backend)
+    fresh.state[b]["exp_avg"] = torch.zeros(7)
+    c.grad = torch.randn(5)
+    with pytest.raises(RuntimeError, match=r"state 'exp_avg' has shape \(7,\)"):
+        fresh.step()
+    assert c not in fresh.state
 
 
 def test_a_truncated_cached_object_is_built_again(tmp_path):

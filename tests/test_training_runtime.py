@@ -1082,6 +1082,25 @@ def test_per_group_flags_share_a_global_norm(backend):
     assert any(not torch.allclose(a, b) for a, b in zip(params[:2], alone[:2]))
 
 
+def test_adamw_loads_an_adam_checkpoint_as_adamw_like_torch(backend):
+    """torch.optim.AdamW forces decoupled_weight_decay=True on every load (an Adam state dict too): so does
+    optgen.AdamW, else the same script would step Adam's L2 decay with optgen and AdamW's with torch."""
+    params = make_params(SHAPES)
+    source = torch.optim.Adam(clone_params(params), lr=0.1, weight_decay=0.1, foreach=False)
+    grads = make_grads(SHAPES, 4)
+    run_steps(source, [p for g in source.param_groups for p in g["params"]], grads[:2])
+    checkpoint = save_load(source.state_dict())
+    reference, ours_params = clone_params(params), clone_params(params)
+    ref = torch.optim.AdamW(reference, lr=0.1, foreach=False)
+    ours = optgen.AdamW(ours_params, lr=0.1, backend=backend)
+    ref.load_state_dict(save_load(checkpoint))
+    ours.load_state_dict(save_load(checkpoint))
+    assert ours.param_groups[0]["decoupled_weight_decay"] is True
+    run_steps(ref, reference, grads[2:])
+    run_steps(ours, ours_params, grads[2:])
+    assert_close_rel(ours_params, reference, tol=TOL[torch.float32], what="params")
+
+
 def test_a_torch_checkpoint_keeps_its_algorithm(backend):
     """A torch.optim state dict asking for maximize or AMSGrad is honoured (per group), not refused or ignored."""
     params = make_params(SHAPES)

@@ -318,10 +318,13 @@ class GeneratedOptimizer(torch.optim.Optimizer):
         is cast to the dtype this optimizer keeps it in (torch casts to the parameter's dtype: the same for
         fp32/fp64 parameters; the fp32 moments and master weights of bf16 parameters stay fp32), the step
         count lives on the parameter's device as fp32 (a torch.optim state dict keeps it on the CPU)."""
+        forced = self._spec.torch_forced_on_load
         for i, group in enumerate(state_dict.get("param_groups", [])):  # before anything is loaded
-            merged = {**self.defaults, **{k: v for k, v in group.items() if k != "params"}}
+            merged = {**self.defaults, **{k: v for k, v in group.items() if k != "params"}, **forced}
             self._check_group(merged, f"param group {i} of the state dict")
         super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            group.update(forced)
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         state_names = set(self._checks_ir.state_names) | {transforms.MASTER}

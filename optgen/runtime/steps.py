@@ -125,15 +125,6 @@ class StepRunner:
             state = owner.state[param] = ParamState(state)
         if "step" not in state:
             state["step"] = torch.tensor(0.0, dtype=torch.float32, device=param.device)
-        for decl in ir.states:
-            value = state.get(decl.name)
-            if isinstance(value, torch.Tensor) and value.shape != param.shape:
-                # a state dict loaded for other parameters (their order changed), or a state assigned by hand:
-                # the kernels would read and write past it
-                raise RuntimeError(
-                    f"{self.name}: state {decl.name!r} has shape {tuple(value.shape)} for a parameter of "
-                    f"shape {tuple(param.shape)} (a state dict of other parameters, or a state set by hand?)"
-                )
         missing = [decl for decl in ir.states if decl.name not in state]
         if missing:
             module = _torch_module(plan)
@@ -143,6 +134,18 @@ class StepRunner:
                 dtype = self.state_dtype(param, decl.name)
                 state[decl.name] = module.initial_state(decl.name, param, real, hypers, dtype)
         return state
+
+    def check_state_shapes(self, owner, param: torch.Tensor, ir) -> None:
+        """A state of another shape than its parameter (a state dict loaded for other parameters, their order
+        changed, or a state assigned by hand): the kernels would read and write past it."""
+        state = owner.state.get(param, {})
+        for decl in ir.states:
+            value = state.get(decl.name)
+            if isinstance(value, torch.Tensor) and value.shape != param.shape:
+                raise RuntimeError(
+                    f"{self.name}: state {decl.name!r} has shape {tuple(value.shape)} for a parameter of "
+                    f"shape {tuple(param.shape)} (a state dict of other parameters, or a state set by hand?)"
+                )
 
     # -- the step ----------------------------------------------------------------------------------------
 
@@ -228,6 +231,8 @@ class StepRunner:
                 f"the parameters are on several devices ({', '.join(map(str, by_device))}); keep them on one "
                 f"device, or use one optimizer per device with its own clipping"
             )
+        for _, p, _ in collected:  # every check before the first state is created
+            self.check_state_shapes(owner, p, plan.ir)
         groups = {id(group): group for group, _, _ in collected}  # each group once, in order
         values_of = {key: self.step_values(owner, group, plan.ir) for key, group in groups.items()}
         by_backend: dict[int, tuple] = {}

@@ -56,4 +56,7 @@ def adam() -> Spec:
 
 
 def adamw() -> Spec:
-    return _adam("AdamW", ADAMW_DOC, decoupled=True, weight_decay=1e-2)
+    spec = _adam("AdamW", ADAMW_DOC, decoupled=True, weight_decay=1e-2)
+    # torch.optim.AdamW loads any state dict (an Adam one too) as AdamW
+    spec.torch_forced_on_load = {"decoupled_weight_decay": True}
+    return spec
