@@ -262,10 +262,13 @@ def lower(spec: Spec, flags: dict | None = None, runtime: tuple[str, ...] = ()) 
                 f"or use spec.param/spec.grad/spec.step [{upd.where}]"
             )
         for red in expr.atoms(Reduction):
-            if not elementwise_leaves(red.args[0]):
+            # A per-step scalar is reduced as the value of every element (layer_sum(1): the element count); a
+            # reduction of a per-layer or global value alone has no elements to run over. (An element-wise value
+            # that reads a reduction, sumsq(g / norm(g)), is reduced a stage later.)
+            if red.args[0].has(Reduction) and not elementwise_leaves(red.args[0]):
                 raise SpecError(
-                    f"{what}: {type(red).__name__}({red.args[0]}) reduces an expression that is not "
-                    f"element-wise (a reduction of a reduction or of scalars is not supported) [{upd.where}]"
+                    f"{what}: {type(red).__name__}({red.args[0]}) reduces a reduction (a per-layer or global "
+                    f"value, not an element-wise one): a reduction of a reduction is not supported [{upd.where}]"
                 )
         for sym in expr.free_symbols:
             if isinstance(sym, NewStateSymbol) and new_symbols[sym] == upd.target:

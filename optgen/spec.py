@@ -264,6 +264,22 @@ def layer_max(x):
     return LayerMax(sympy.sympify(x))
 
 
+def layer_numel():
+    """The element count of one parameter tensor: ``layer_sum(1)`` (a per-step scalar is reduced as the value of
+    every element). Under FSDP2 it counts the whole parameter, as every per-layer reduction does."""
+    return LayerSum(sympy.S.One)
+
+
+def layer_mean(x):
+    r""":math:`\frac{1}{n} \sum_i x_i` over one parameter tensor of :math:`n` elements."""
+    return layer_sum(x) / layer_numel()
+
+
+def rms(x):
+    r""":math:`\sqrt{\frac{1}{n} \sum_i x_i^2}` over one parameter tensor (Adafactor's RMS)."""
+    return sympy.sqrt(layer_mean(sympy.sympify(x) ** 2))
+
+
 def sumsq(x):
     """:math:`\\|x\\|_2^2` over one parameter tensor."""
     return LayerSum(sympy.sympify(x) ** 2)

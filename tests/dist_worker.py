@@ -15,7 +15,19 @@ OPTIMIZERS = {
     "LAMB": dict(lr=1e-2, weight_decay=0.01),
     "LARS": dict(lr=0.5, momentum=0.9, weight_decay=1e-3, trust_coefficient=0.02),
     "NVLAMB": dict(lr=1e-2, max_grad_norm=0.1),
+    "RMSNormalizedSGD": dict(lr=1e-2),  # layer means: the element count of the whole (sharded) parameter
 }
+
+
+def optimizer_class(name):
+    import optgen
+
+    if name != "RMSNormalizedSGD":
+        return getattr(optgen, name)
+    spec = optgen.Spec("RMSNormalizedSGD")
+    lr = spec.hyper(lr=1e-2)
+    spec.update(spec.param, spec.param - lr * spec.grad / (optgen.rms(spec.grad) + 1e-3 * optgen.layer_numel()))
+    return optgen.build(spec)
 STEPS = 3
 
 
@@ -41,12 +53,11 @@ def train(model, opt, data, params_of):
 
 def reference(backend):
     """Single process, plain tensors: what every sharded run must reproduce."""
-    import optgen
 
     out = {}
     for name, kwargs in OPTIMIZERS.items():
         model = make_model()
-        opt = getattr(optgen, name)(model.parameters(), backend=backend, **kwargs)
+        opt = optimizer_class(name)(model.parameters(), backend=backend, **kwargs)
         out[name] = train(model, opt, batches(), lambda m: list(m.parameters()))
     return out
 
@@ -105,7 +116,7 @@ def worker(rank, world, backend, mode, out_path, port):
             fully_shard(model, mesh=mesh)
         else:
             model = torch.nn.parallel.DistributedDataParallel(model)
-        opt = getattr(optgen, name)(model.parameters(), backend=backend, **kwargs)
+        opt = optimizer_class(name)(model.parameters(), backend=backend, **kwargs)
         data = batches()
         if mode == "fsdp_dcp":
             # two steps, checkpoint with torch.distributed.checkpoint, resume a fresh optimizer, one more step
@@ -118,7 +129,7 @@ def worker(rank, world, backend, mode, out_path, port):
             dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=ckpt)
             model2 = make_model()
             fully_shard(model2, mesh=mesh)
-            opt2 = getattr(optgen, name)(model2.parameters(), backend=backend, **kwargs)
+            opt2 = optimizer_class(name)(model2.parameters(), backend=backend, **kwargs)
             model_sd2, optim_sd2 = get_state_dict(model2, opt2)
             state = {"model": model_sd2, "optim": optim_sd2}
             dcp.load(state, checkpoint_id=ckpt)

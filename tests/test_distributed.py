@@ -12,7 +12,7 @@ from conftest import BACKENDS
 
 WORKER = Path(__file__).with_name("dist_worker.py")
 # collectives per step: LAMB and LARS have one pass boundary; NVLAMB two (global pre-pass, then layer norms)
-BOUNDARIES = {"LAMB": 1, "LARS": 1, "NVLAMB": 2}
+BOUNDARIES = {"LAMB": 1, "LARS": 1, "NVLAMB": 2, "RMSNormalizedSGD": 1}
 STEPS = 3
 
 

@@ -414,3 +414,44 @@ def test_param_groups_differ_from_single_group():
     run_steps(optgen.LAMB(single, lr=1e-2, backend="torch"), single, grads)
     assert all(torch.equal(a, b) for a, b in zip(grouped[:5], single[:5]))
     assert not any(torch.equal(a, b) for a, b in zip(grouped[5:], single[5:]))
+
+
+# --------------------------------------------------------------------------------------------------
+# Layer means and RMS: reductions of per-step scalars count elements (layer_numel = layer_sum(1))
+# --------------------------------------------------------------------------------------------------
+
+
+def _rms_clipped_sgd():
+    """Adafactor's two uses of a layer mean: g normalised by its RMS, the step clipped to RMS <= d."""
+    spec = optgen.Spec("RMSClippedSGD")
+    lr, d, eps = spec.hyper(lr=0.05, d=1.0, eps=1e-3)
+    w, g = spec.param, spec.grad
+    u = g / optgen.sqrt(optgen.layer_mean(g**2) + eps)
+    spec.update(w, w - lr * u / optgen.Max(1, optgen.rms(u) / d) + 1e-3 * optgen.layer_numel())
+    return spec
+
+
+def _rms_clipped_sgd_float64(params, grads, lr=0.05, d=1.0, eps=1e-3):
+    out = [p.detach().double().clone() for p in params]
+    for step_grads in grads:
+        for w, g in zip(out, step_grads):
+            g = g.double()
+            n = g.numel()
+            u = g / math.sqrt((g**2).sum().item() / n + eps) if n else g
+            rms = math.sqrt((u**2).sum().item() / n) if n else 0.0
+            w -= lr * u / max(1.0, rms / d)
+            w += 1e-3 * n
+    return out
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_layer_mean_rms_and_element_count_match_float64(backend):
+    shapes = [*ODD_SHAPES, (0,), (4, 0)]
+    params = make_params(shapes)
+    grads = make_grads(shapes, STEPS)
+    expected = _rms_clipped_sgd_float64(params, grads)
+    opt = optgen.build(_rms_clipped_sgd())(params, backend=backend)
+    run_steps(opt, params, grads)
+    assert_close_rel(params, expected, tol=TOL_F64_REFERENCE, what="params")
+    # the count is one per-layer reduction in the pass that reduces g^2: no extra pass
+    assert len(opt.plan.passes) == 3 and opt.plan.slots[0].arg == 1
