@@ -48,6 +48,10 @@ SETTINGS: dict[str, Setting] = {
         # and milliseconds on a busy one (threads wait for a core), more than such a pass takes.
         Setting("OPTGEN_C_PARALLEL_MIN", "count", 1 << 15,
                 "elements a C pass must cover to run on several threads"),
+        # A plan with per-layer reductions only runs all its passes over a block of whole tensors before the next
+        # block: the later passes re-read the block from cache instead of memory (a huge value: one block).
+        Setting("OPTGEN_C_BLOCK_BYTES", "count", 8 << 20,
+                "bytes of buffers a block of tensors spans when the C kernels run all passes block by block"),
         Setting("OPTGEN_INSPECT_CHILD", "flag", False,
                 "internal: set by `optgen inspect` on the clean process it starts when TRITON_INTERPRET is set"),
     )

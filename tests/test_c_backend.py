@@ -126,6 +126,37 @@ def test_calls_per_step_follow_the_plan(name):
     assert _c_backend(opt).launches == 2 * opt.plan.launches_per_step
 
 
+@pytest.mark.parametrize("name", ["lamb", "lars", "layer_adaptive_lion", "nvlamb", "adamw"])
+def test_blocked_schedule_is_bitwise_the_plain_one(name, monkeypatch):
+    """Plans whose reductions are all per layer run every pass block by block (cache reuse between passes):
+    the per-layer values fold the same partials in the same order, so parameters and states are bitwise the
+    plain schedule's, through full and fast steps; a global norm (NVLAMB) or a single pass (AdamW) keeps the
+    plain schedule."""
+    shapes = [*EDGE_SHAPES, (40, 33), (5,), (2 * CHUNK,)] * 2
+    grads = make_grads(shapes, 4)
+    runs = {}
+    for block_bytes in ("1e15", "3000"):  # one block (the plain schedule); a few tensors a block
+        monkeypatch.setenv("OPTGEN_C_BLOCK_BYTES", block_bytes)
+        params = make_params(shapes)
+        opt = CLASSES[name](params, backend="c", **EXTRA.get(name, {}))
+        run_steps(opt, params, grads)
+        backend = _c_backend(opt)
+        blocks = backend._blocks(backend._tables)
+        runs[block_bytes] = (params, opt, backend.launches, blocks)
+    (plain, plain_opt, plain_launches, none), (blocked, opt, launches, blocks) = runs.values()
+    assert none is None
+    for p, q in zip(blocked, plain):
+        assert torch.equal(p, q)
+        for key, value in opt.state[p].items():
+            assert torch.equal(value, plain_opt.state[q][key]), key
+    if name in ("nvlamb", "adamw"):
+        assert blocks is None and launches == plain_launches
+    else:
+        assert len(blocks) > 3 and _c_backend(opt).fast_steps == 3
+        calls_per_block = len(opt.plan.passes) + sum(bool(p.produces) for p in opt.plan.passes)
+        assert launches == len(grads) * len(blocks) * calls_per_block
+
+
 # -- storage conversions -------------------------------------------------------------------------------------
 
 

@@ -24,7 +24,7 @@ from .. import settings
 from ..codegen.abi import pass_args, reduce_args
 from ..codegen.render import source_path, variant_stem
 from . import cbuild
-from .tables import ChunkTables, Staging, advance_empty_steps, pass_values, reduce_launches
+from .tables import ChunkTables, Staging, advance_empty_steps, block_reduce_values, pass_values, reduce_launches
 
 # storage dtype -> the template's OG_DT_<buffer> code
 STORAGE_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
@@ -45,6 +45,11 @@ def chunk_size() -> int:
 def parallel_min() -> int:
     """``OPTGEN_C_PARALLEL_MIN``: elements a pass must cover to use several threads (default 2**15)."""
     return settings.count("OPTGEN_C_PARALLEL_MIN")
+
+
+def block_bytes() -> int:
+    """``OPTGEN_C_BLOCK_BYTES``: buffer bytes of one block of tensors in the blocked schedule (see ``_blocks``)."""
+    return settings.count("OPTGEN_C_BLOCK_BYTES")
 
 
 def _argtypes(args) -> list:
@@ -84,6 +89,7 @@ class CBackend:
         self.prefix = re.sub(r"\W", "_", variant_stem(plan))
         self.chunk = chunk or chunk_size()
         self.parallel_min = parallel_min()
+        self.block_bytes = block_bytes()
         self._tables: ChunkTables | None = None
         self._staging = Staging()
         self._kernels: dict[tuple, _Kernels] = {}
@@ -199,44 +205,86 @@ class CBackend:
         )
         if self._calls is None or self._calls[0] != key:
             self._calls = (key, self._calls_for(t, kernels, device_scalars, reducer))
-        for p, (passes, before, after) in zip(plan.passes, self._calls[1]):
-            for fn, args in passes:
-                fn(*args)
-            for fn, args in before:
-                fn(*args)
-            if reducer is not None and p.produces:  # sharded: one all-reduce of the [tensors, slots] table
+        for fn, args in self._calls[1]:
+            if fn is None:  # sharded: one all-reduce of the [tensors, slots] table of pass ``args``
+                p = plan.passes[args]
                 reducer(t.layer[p.index], [plan.slots[k].op for k, _ in p.produces])
-            for fn, args in after:
-                fn(*args)
-            self.launches += len(passes) + len(before) + len(after)
+                continue
+            fn(*args)
+            self.launches += 1
 
     def _calls_for(self, t: ChunkTables, kernels: list[_Kernels], device_scalars: dict, reducer) -> list[tuple]:
-        """Per pass: (its calls, one per partition; its reduce calls before the all-reduce; after it), each a
-        function and its argument tuple in the kernel ABI's order (tensors by address), cached while the tables
-        stand: the tables' contents change in place, their addresses do not."""
+        """The step as calls, each a function and its argument tuple in the kernel ABI's order (tensors by
+        address; ``(None, pass index)`` stands for the all-reduce of sharded training), cached while the tables
+        stand: the tables' contents change in place, their addresses do not.
+
+        Pass by pass over all parameters (one call per pass per partition, one reduce call after a pass with
+        reductions); or, for plans whose reductions are all per layer (LAMB, LARS), block by block
+        (``_blocks``): every pass and reduce over a block of whole tensors that fits in cache, then the next
+        block, so later passes re-read a block from cache. Each per-layer value is folded from the same partials
+        in the same order either way: the results are bitwise the same."""
         plan = self.plan
+        blocks = self._blocks(t) if reducer is None else None
+        if blocks is None:
+            blocks = [(offset, count, None) for offset, count, *_ in t.partitions]
+            by_partition = True
+        else:
+            by_partition = False
         calls = []
-        for p in plan.passes:
-            passes = []
-            for (offset, count, _, members, _), kernel in zip(t.partitions, kernels):
-                if count == 0:
-                    continue
-                values = pass_values(t, plan, p, offset, count, device_scalars)
-                parallel = int(sum(t.numels[i] for i in members) >= self.parallel_min)
-                head = [count, parallel, t.chunk, len(plan.ir.hypers)]
-                passes.append(
-                    (kernel.passes[p.index], tuple(head + [_address(values[a.name]) for a in pass_args(plan, p)]))
-                )
-            before, after = [], []
-            if p.produces and kernels:
-                fn = kernels[0].reduces[p.index]  # reduce functions do not depend on storage dtypes
-                names = [a.name for a in reduce_args(plan, p)]
-                launches = reduce_launches(t, p, reducer is not None)
-                before, after = (
-                    [(fn, (programs, *(_address(v[n]) for n in names))) for programs, v in part] for part in launches
-                )
-            calls.append((passes, before, after))
+        if by_partition:
+            for p in plan.passes:
+                for (offset, count, _, members, _), kernel in zip(t.partitions, kernels):
+                    if count:
+                        calls.append(self._pass_call(t, kernel, p, offset, count, sum(t.numels[i] for i in members), device_scalars))
+                if p.produces and kernels:
+                    fn = kernels[0].reduces[p.index]  # reduce functions do not depend on storage dtypes
+                    names = [a.name for a in reduce_args(plan, p)]
+                    before, after = reduce_launches(t, p, reducer is not None)
+                    calls += [(fn, (programs, *(_address(v[n]) for n in names))) for programs, v in before]
+                    if reducer is not None:
+                        calls.append((None, p.index))
+                    calls += [(fn, (programs, *(_address(v[n]) for n in names))) for programs, v in after]
+            return calls
+        (kernel,) = kernels
+        for offset, count, tensors in blocks:
+            numel = sum(t.numels[i] for i in range(*tensors))
+            for p in plan.passes:
+                calls.append(self._pass_call(t, kernel, p, offset, count, numel, device_scalars))
+                if p.produces:
+                    names = [a.name for a in reduce_args(plan, p)]
+                    values = block_reduce_values(t, p, *tensors)
+                    calls.append((kernel.reduces[p.index], (tensors[1] - tensors[0], *(_address(values[n]) for n in names))))
         return calls
+
+    def _pass_call(self, t: ChunkTables, kernel: _Kernels, p, offset: int, count: int, numel: int, device_scalars: dict):
+        values = pass_values(t, self.plan, p, offset, count, device_scalars)
+        head = [count, int(numel >= self.parallel_min), t.chunk, len(self.plan.ir.hypers)]
+        return kernel.passes[p.index], tuple(head + [_address(values[a.name]) for a in pass_args(self.plan, p)])
+
+    def _blocks(self, t: ChunkTables) -> list[tuple] | None:
+        """Blocks of whole tensors, ``(first chunk, chunk count, (first tensor, end tensor))``, each spanning about
+        ``OPTGEN_C_BLOCK_BYTES`` of buffers (a larger tensor is a block of its own), when blocking can help and
+        is exact: several passes, reductions that are all per layer (a global value needs every tensor before
+        any consumer), one partition (its tensors are then 0..n-1 with their chunks in order), unsharded."""
+        plan = self.plan
+        if len(plan.passes) < 2 or len(t.partitions) != 1 or any(slot.scope != "layer" for slot in plan.slots):
+            return None
+        dtypes = t.partitions[0][4]
+        element_bytes = sum(dtypes[b].itemsize for b in plan.buffers)
+        blocks, first, size = [], 0, 0
+        chunks = t.n_chunks_of.tolist()
+        first_chunk = t.first_chunk.tolist()
+        for i, numel in enumerate(t.numels):
+            size += numel * element_bytes
+            if size >= self.block_bytes or i == t.n_tensors - 1:
+                count = sum(chunks[first : i + 1])
+                if count:
+                    start = next(first_chunk[k] for k in range(first, i + 1) if chunks[k])
+                    blocks.append((start, count, (first, i + 1)))
+                first, size = i + 1, 0
+        if len(blocks) < 2:
+            return None  # one block: the plain schedule is the same calls
+        return blocks
 
 
 def _address(value):

@@ -305,6 +305,14 @@ def reduce_launches(t: ChunkTables, p, sharded: bool) -> tuple[list, list]:
     return before, after
 
 
+def block_reduce_values(t: ChunkTables, p, first: int, end: int) -> dict:
+    """The segment-reduce of pass ``p``'s per-layer values over tensors ``[first, end)`` only (a block of the C
+    backend's blocked schedule; no global values), by kernel ABI name: row views of the per-tensor tables."""
+    return {"_partials": t.partials[p.index], "_first_chunk": t.first_chunk[first:end], "_n_chunks": t.n_chunks_of[first:end],
+            "_out": t.layer[p.index][first:end], "_global": t.globals[p.index], "_n_segments": end - first,
+            "_fold": t.partials[p.index], "_fold_rows": 0}  # fmt: skip
+
+
 def advance_empty_steps(t: ChunkTables, plan, device_scalars: dict) -> None:
     """Zero-size parameters have no chunk, so no kernel advances their step count: it moves here, by the
     plan's step advance (0 when GradScaler skips the step)."""
