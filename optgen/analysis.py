@@ -127,6 +127,12 @@ class Plan:
         return sum(p.bytes_per_param for p in self.passes)
 
     @property
+    def state_bytes_per_param(self) -> int:
+        """Memory an fp32 parameter costs the optimizer between steps (fp32 states and scratch buffers; the step
+        count and tables are negligible), not traffic. Adam 8, AMSGrad 12, SGD 4, master weights +4."""
+        return FP32_BYTES * (len(self.ir.states) + len(self.scratch))
+
+    @property
     def launches_per_step(self) -> int:
         """Unsharded Triton launches: one per pass, and one reduce launch after each pass with per-layer values
         (segment-reduce) or global values (fold; the same launch when a pass produces both)."""
@@ -145,6 +151,8 @@ class Plan:
             f"{len(self.passes)} pass(es), {self.launches_per_step} launch(es)/step, "
             f"{self.bytes_per_param} B/param/step (fp32)"
         ]
+        states = ", ".join((*self.ir.state_names, *self.scratch)) or "none"
+        lines.append(f"  state: {states} -> {self.state_bytes_per_param} B/param (fp32)")
         for slot in self.slots:
             lines.append(f"  {slot.name} = {slot.scope} {slot.op} of {slot.arg}  [computed in pass {slot.stage}]")
         for p in self.passes:

@@ -126,7 +126,7 @@ def cmd_inspect(args) -> int:
     flags = ", ".join(f"{k}={v}" for k, v in report["flags"].items()) or "no flags"
     print(
         f"{spec.name} ({flags}) on {arch}, {report['dtype']} parameters: {report['bytes_per_param']} B/param/step, "
-        f"{report['launches_per_step']} launch(es)/step"
+        f"{report['launches_per_step']} launch(es)/step, state {report['state_bytes_per_param']} B/param"
     )
     for k in report["kernels"]:
         when = "" if k["launched_per_step"] else " (sharded runs only)"

@@ -554,6 +554,7 @@ def inspect_plan(plan: Plan, arch: str = "sm_90", dtype="fp32", *, keep_going: b
         "arch": f"sm_{number}",
         "dtype": str(dtype),
         "bytes_per_param": plan.bytes_per_param,
+        "state_bytes_per_param": plan.state_bytes_per_param,
         "launches_per_step": plan.launches_per_step,
         "kernels": kernels,
     }

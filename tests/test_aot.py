@@ -306,6 +306,7 @@ def test_inspect_cli_json():
     plan = PLANS[variant_stem(make_plan(lower(BUILTINS["lamb"](), {})))]
     assert report["arch"] == "sm_90"
     assert report["bytes_per_param"] == plan.bytes_per_param == 40
+    assert report["state_bytes_per_param"] == plan.state_bytes_per_param == 8
     assert report["launches_per_step"] == plan.launches_per_step == 3
     assert [k["role"] for k in report["kernels"]] == ["pass", "segment_reduce", "pass"]
     assert all(k["spills"] == 0 and k["registers"] for k in report["kernels"])

@@ -285,3 +285,34 @@ def test_states_a_variant_neither_changes_nor_reads_are_dropped():
     spec.update(spec.param, spec.param - lr * scale * spec.grad)
     assert lower(spec).state_names == ("scale",)
     assert lower(spec, {"on": True}).state_names == ("scale", "unused")
+
+
+@pytest.mark.parametrize(
+    "name,flags,state_bytes",
+    [("sgd", {}, 4), ("adam", {}, 8), ("adamw", {"amsgrad": True}, 12), ("lamb", {}, 8), ("lion", {}, 4),
+     ("novograd", {}, 8)],
+)  # fmt: skip
+def test_state_bytes_per_param(name, flags, state_bytes):
+    """Optimizer memory per fp32 parameter (what the 8-bit and factored states will shrink), in the plan and
+    in its description."""
+    p = plan(lower(BUILTINS[name](), flags))
+    assert p.state_bytes_per_param == state_bytes
+    assert f"-> {state_bytes} B/param (fp32)" in p.describe().splitlines()[1]
+    master = plan(optgen.transforms.master_weights(lower(BUILTINS[name](), flags)))
+    assert master.state_bytes_per_param == state_bytes + 4
+
+
+def test_state_bytes_count_scratch_buffers():
+    """A value stored by one pass for a later one lives per parameter between steps too: it is memory."""
+    spec = optgen.Spec("Scratchy")
+    lr = spec.hyper(lr=0.1)
+    a, b, c = spec.state("a"), spec.state("b"), spec.state("c")
+    g = spec.grad
+    a1, b1, c1 = (spec.update(s, 0.9 * s + g * k) for s, k in ((a, 1), (b, g), (c, 2)))
+    u = a1 / (optgen.sqrt(b1) + 1e-8) + c1
+    v = u / optgen.norm(u)
+    spec.update(spec.param, spec.param - lr * v / optgen.norm(v))
+    p = plan(lower(spec))
+    assert p.scratch, p.describe()
+    assert p.state_bytes_per_param == 4 * (3 + len(p.scratch))
+    assert f"{p.scratch[0]}" in p.describe().splitlines()[1]

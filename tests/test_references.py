@@ -455,3 +455,37 @@ def test_layer_mean_rms_and_element_count_match_float64(backend):
     assert_close_rel(params, expected, tol=TOL_F64_REFERENCE, what="params")
     # the count is one per-layer reduction in the pass that reduces g^2: no extra pass
     assert len(opt.plan.passes) == 3 and opt.plan.slots[0].arg == 1
+
+
+def _counting(kind):
+    spec = optgen.Spec(f"Counting{kind.title()}")
+    lr = spec.hyper(lr=0.1)
+    w, g = spec.param, spec.grad
+    update = {
+        "numel": g / optgen.layer_numel(),
+        "where": optgen.where(optgen.layer_numel() > 5, g, 2 * g),
+        "global": g * optgen.global_sum(1),
+        "max": g * optgen.layer_max(lr),
+    }[kind]
+    spec.update(w, w - lr * update)
+    return spec
+
+
+@pytest.mark.parametrize("kind", ["numel", "where", "global", "max"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_pass_that_only_counts_elements(backend, kind):
+    """Reductions of per-step scalars alone in their pass (no buffer touched): the kernels run over the
+    elements by the chunk tables, the torch pass over the parameter's shape; nothing is moved for them."""
+    shapes = [(3, 5), (7,), (), (0,), (2, 3, 4), (3 * 256 + 5,)]
+    params = make_params(shapes)
+    grads = make_grads(shapes, 2)
+    total = sum(p.numel() for p in params)
+    expected = [p.detach().double().clone() for p in params]
+    for step_grads in grads:
+        for w, g in zip(expected, step_grads):
+            n, g = w.numel(), g.double()
+            w -= 0.1 * {"numel": g / max(n, 1), "where": g if n > 5 else 2 * g, "global": g * total, "max": g * 0.1}[kind]
+    opt = optgen.build(_counting(kind))(params, backend=backend)
+    run_steps(opt, params, grads)
+    assert_close_rel(params, expected, tol=TOL_F64_REFERENCE, what=kind)
+    assert opt.plan.bytes_per_param == 12 and len(opt.plan.passes) == 2

@@ -149,12 +149,9 @@ def _pass_context(plan: Plan, p: Pass, printer, scalar_printer, identity: dict) 
         }
         (layer_reads if slots[k].scope == "layer" else global_reads).append(read)
     buffers = sorted({ld.buffer for ld in p.loads} | {b for b, _ in p.stores}, key=plan.buffers.index)
-    if not buffers and any(not _is_elementwise(e, elementwise_names) for _, e in p.produces):
-        raise SpecError(
-            f"{plan.ir.name}: pass {p.index} reduces only values that simplified to per-step scalars "
-            f"({', '.join(str(e) for _, e in p.produces)}) and touches no buffer: write the reduction over an "
-            f"element-wise value"
-        )
+    # A pass that only counts (layer_numel(): reductions of per-step scalars) touches no buffer: the kernels run
+    # over the elements by the chunk tables alone; the torch pass takes the parameter for its shape.
+    torch_buffers = buffers or ["param"]
     return {
         "index": p.index,
         "loads": [{"symbol": ld.symbol, "buffer": ld.buffer} for ld in p.loads],
@@ -178,7 +175,7 @@ def _pass_context(plan: Plan, p: Pass, printer, scalar_printer, identity: dict) 
         ],
         "produces": [_partial_context(slots[k], produced_columns[k], e, code, elementwise_names, identity) for k, e in p.produces],
         # a tensor of the parameter's shape, for a reduced value that simplified to a per-step scalar
-        "shape_donor": p.loads[0].symbol if p.loads else (f"_{p.stores[0][0]}" if p.stores else None),
+        "shape_donor": p.loads[0].symbol if p.loads else (f"_{p.stores[0][0]}" if p.stores else "_param"),
         "n_partials": len(p.produces),
         "hypers": [{"name": h, "column": hyper_columns[h]} for h in p.hypers],
         "layer_reads": layer_reads,
@@ -194,7 +191,7 @@ def _pass_context(plan: Plan, p: Pass, printer, scalar_printer, identity: dict) 
         # the kernel ABI (codegen/abi.py): what every template's signature and every launcher follow
         "kernel_args": [vars(a) for a in pass_args(plan, p)],
         "reduce_args": [vars(a) for a in reduce_args(plan, p)] if p.produces else [],
-        "args": [*(f"_{b}" for b in buffers), "dtype", "t", *p.hypers, *p.device_scalars, *(slots[k].name for k in p.consumes)],
+        "args": [*(f"_{b}" for b in torch_buffers), "dtype", "t", *p.hypers, *p.device_scalars, *(slots[k].name for k in p.consumes)],
     }
 
 
