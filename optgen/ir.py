@@ -20,7 +20,6 @@ from dataclasses import dataclass
 import sympy
 
 from .spec import (
-    ELEMENTWISE_LEAVES,
     PARAM,
     BoolHyperSymbol,
     FlagSymbol,
@@ -36,19 +35,7 @@ from .spec import (
     StateSymbol,
     TrustRatio,
     Where,
-)
-
-LAYER_ADAPTATION = HyperDecl(
-    name="layer_adaptation",
-    default=True,
-    lo=0.0,
-    hi=1.0,
-    lo_open=False,
-    hi_open=False,
-    is_bool=True,
-    key="layer_adaptation",
-    index=None,
-    doc="False fixes the trust ratio of the group to 1 (biases, normalisation weights).",
+    elementwise_leaves,
 )
 
 
@@ -89,23 +76,6 @@ class IR:
     @property
     def state_names(self) -> tuple[str, ...]:
         return tuple(s.name for s in self.states)
-
-
-def elementwise_leaves(expr: sympy.Basic) -> set[sympy.Symbol]:
-    """Element-wise leaves of ``expr`` outside any reduction (what a reduction's argument must have)."""
-    found: set[sympy.Symbol] = set()
-
-    def walk(node):
-        if isinstance(node, Reduction):
-            return
-        if isinstance(node, ELEMENTWISE_LEAVES):
-            found.add(node)
-            return
-        for arg in node.args:
-            walk(arg)
-
-    walk(expr)
-    return found
 
 
 _SUPPORTED = (
@@ -334,8 +304,9 @@ def lower(spec: Spec, flags: dict | None = None, runtime: tuple[str, ...] = ()) 
     )
 
 
-def runtime_flag(name: str, default: bool) -> HyperDecl:
-    """The boolean hyperparameter a flag becomes when param groups may disagree on it (``lower(runtime=)``)."""
+def runtime_flag(name: str, default: bool, doc: str = "compile-time flag, here read per param group") -> HyperDecl:
+    """A per-group boolean hyperparameter: what a flag becomes when param groups may disagree on it
+    (``lower(runtime=)``), and trust_ratio's ``layer_adaptation`` option."""
     return HyperDecl(
         name=name,
         default=default,
@@ -346,8 +317,13 @@ def runtime_flag(name: str, default: bool) -> HyperDecl:
         is_bool=True,
         key=name,
         index=None,
-        doc="compile-time flag, here read per param group",
+        doc=doc,
     )
+
+
+LAYER_ADAPTATION = runtime_flag(
+    "layer_adaptation", True, doc="False fixes the trust ratio of the group to 1 (biases, normalisation weights)."
+)
 
 
 def _without_idle_states(states: list[StateDecl], updates: list) -> tuple[list, list]:

@@ -314,15 +314,15 @@ def global_norm(x):
     return sympy.sqrt(global_sumsq(x))
 
 
-def _elementwise_leaves_outside_reductions(expr: sympy.Basic) -> set[sympy.Symbol]:
-    """The element-wise leaves (parameter, gradient, states) of ``expr`` that no reduction encloses: empty
-    exactly when ``expr`` is one number per layer. The rule of ``ir.elementwise_leaves``, repeated here because
-    ``ir`` imports this module."""
+def elementwise_leaves(expr: sympy.Basic) -> set[sympy.Symbol]:
+    """The element-wise leaves (parameter, gradient, states) of ``expr`` that no reduction encloses: empty exactly
+    when ``expr`` is one number per layer (what trust_ratio's arguments must be; what a reduction's argument is
+    unless it reduces a per-step scalar)."""
     if isinstance(expr, Reduction):
         return set()
     if isinstance(expr, ELEMENTWISE_LEAVES):
         return {expr}
-    return set().union(*(_elementwise_leaves_outside_reductions(arg) for arg in expr.args))
+    return set().union(*(elementwise_leaves(arg) for arg in expr.args))
 
 
 def trust_ratio(numerator, denominator, *guards):
@@ -337,7 +337,7 @@ def trust_ratio(numerator, denominator, *guards):
     for role, arg in zip(roles, args):
         # An element-wise argument would make the "per-layer" ratio, and its 1-where-not-positive guard,
         # element-wise: a different optimizer that builds without complaint. Refuse it where it is written.
-        leaves = _elementwise_leaves_outside_reductions(arg)
+        leaves = elementwise_leaves(arg)
         if leaves:
             names = ", ".join(sorted(str(leaf) for leaf in leaves))
             raise SpecError(
@@ -396,10 +396,15 @@ class HyperDecl:
     doc: str
     finite: bool = True
 
+    @property
+    def label(self) -> str:
+        """How messages name it: ``lr``, ``betas[1]``."""
+        return self.key if self.index is None else f"{self.key}[{self.index}]"
+
     def check(self, value) -> str | None:
         """Why ``value`` is invalid, or None; torch.optim's phrasing for the keys it names ("Invalid learning
         rate: -1", "Invalid beta parameter at index 0: 1.0"), so that messages match torch's."""
-        label = self.key if self.index is None else f"{self.key}[{self.index}]"
+        label = self.label
         torch_label = _TORCH_LABELS.get(self.key)
         prefix = (
             f"Invalid {torch_label.format(index=self.index)}: {value!r}" if torch_label else f"Invalid {label} value: {value!r}"

@@ -46,6 +46,12 @@ def pass_buffers(plan: Plan, p: Pass) -> list[str]:
     return [b for b in plan.buffers if b in used]
 
 
+def eager_pass_buffers(plan: Plan, p: Pass) -> list[str]:
+    """Buffers the generated torch function of pass ``p`` takes (as ``_<name>``): those it touches; a pass that
+    only counts elements (``layer_numel()``) touches none and takes the parameter for its shape."""
+    return pass_buffers(plan, p) or ["param"]
+
+
 def producer_of(plan: Plan, slot_index: int) -> int:
     """The pass that computes a reduction slot (its stage)."""
     return plan.slots[slot_index].stage

@@ -24,7 +24,7 @@ import sympy
 from .. import settings
 from ..analysis import Pass, Plan
 from ..spec import HyperSymbol, SpecError
-from .abi import global_columns, pass_args, reduce_args
+from .abi import eager_pass_buffers, global_columns, pass_args, pass_buffers, reduce_args
 from .printers import CPrinter, TorchPrinter, TritonPrinter
 
 
@@ -148,10 +148,7 @@ def _pass_context(plan: Plan, p: Pass, printer, scalar_printer, identity: dict) 
             "identity": identity[slots[k].op],
         }
         (layer_reads if slots[k].scope == "layer" else global_reads).append(read)
-    buffers = sorted({ld.buffer for ld in p.loads} | {b for b, _ in p.stores}, key=plan.buffers.index)
-    # A pass that only counts (layer_numel(): reductions of per-step scalars) touches no buffer: the kernels run
-    # over the elements by the chunk tables alone; the torch pass takes the parameter for its shape.
-    torch_buffers = buffers or ["param"]
+    buffers = pass_buffers(plan, p)  # none for a pass that only counts: the kernels need only the chunk tables
     return {
         "index": p.index,
         "loads": [{"symbol": ld.symbol, "buffer": ld.buffer} for ld in p.loads],
@@ -191,7 +188,7 @@ def _pass_context(plan: Plan, p: Pass, printer, scalar_printer, identity: dict) 
         # the kernel ABI (codegen/abi.py): what every template's signature and every launcher follow
         "kernel_args": [vars(a) for a in pass_args(plan, p)],
         "reduce_args": [vars(a) for a in reduce_args(plan, p)] if p.produces else [],
-        "args": [*(f"_{b}" for b in torch_buffers), "dtype", "t", *p.hypers, *p.device_scalars, *(slots[k].name for k in p.consumes)],
+        "args": [*(f"_{b}" for b in eager_pass_buffers(plan, p)), "dtype", "t", *p.hypers, *p.device_scalars, *(slots[k].name for k in p.consumes)],
     }
 
 

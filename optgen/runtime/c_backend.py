@@ -24,7 +24,7 @@ from .. import settings
 from ..codegen.abi import pass_args, reduce_args
 from ..codegen.render import source_path, variant_stem
 from . import cbuild
-from .tables import ChunkTables, Staging, advance_empty_steps, block_reduce_values, pass_values, reduce_launches
+from .tables import ChunkTables, Staging, advance_empty_steps, pass_values, reduce_launches, segment_reduce_values
 
 # storage dtype -> the template's OG_DT_<buffer> code
 STORAGE_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
@@ -93,7 +93,7 @@ class CBackend:
         self._tables: ChunkTables | None = None
         self._staging = Staging()
         self._kernels: dict[tuple, _Kernels] = {}
-        self._calls: tuple | None = None  # (key, [per pass: [(fn, args) per partition]]) while the tables stand
+        self._calls: tuple | None = None  # (key, [(fn, args), ...] in call order: see _calls_for) while the tables stand
         self._fallback = None
         self.launches = 0  # kernel calls issued (tests count them)
         self.fast_steps = 0  # steps that came through fast_step
@@ -225,36 +225,31 @@ class CBackend:
         in the same order either way: the results are bitwise the same."""
         plan = self.plan
         blocks = self._blocks(t) if reducer is None else None
-        if blocks is None:
-            blocks = [(offset, count, None) for offset, count, *_ in t.partitions]
-            by_partition = True
-        else:
-            by_partition = False
         calls = []
-        if by_partition:
+        if blocks is None:
             for p in plan.passes:
                 for (offset, count, _, members, _), kernel in zip(t.partitions, kernels):
                     if count:
                         calls.append(self._pass_call(t, kernel, p, offset, count, sum(t.numels[i] for i in members), device_scalars))
                 if p.produces and kernels:
                     fn = kernels[0].reduces[p.index]  # reduce functions do not depend on storage dtypes
-                    names = [a.name for a in reduce_args(plan, p)]
                     before, after = reduce_launches(t, p, reducer is not None)
-                    calls += [(fn, (programs, *(_address(v[n]) for n in names))) for programs, v in before]
+                    calls += [self._reduce_call(fn, p, programs, values) for programs, values in before]
                     if reducer is not None:
                         calls.append((None, p.index))
-                    calls += [(fn, (programs, *(_address(v[n]) for n in names))) for programs, v in after]
+                    calls += [self._reduce_call(fn, p, programs, values) for programs, values in after]
             return calls
         (kernel,) = kernels
-        for offset, count, tensors in blocks:
-            numel = sum(t.numels[i] for i in range(*tensors))
+        for offset, count, (first, end) in blocks:
+            numel = sum(t.numels[first:end])
             for p in plan.passes:
                 calls.append(self._pass_call(t, kernel, p, offset, count, numel, device_scalars))
                 if p.produces:
-                    names = [a.name for a in reduce_args(plan, p)]
-                    values = block_reduce_values(t, p, *tensors)
-                    calls.append((kernel.reduces[p.index], (tensors[1] - tensors[0], *(_address(values[n]) for n in names))))
+                    calls.append(self._reduce_call(kernel.reduces[p.index], p, end - first, segment_reduce_values(t, p, first, end)))
         return calls
+
+    def _reduce_call(self, fn, p, programs: int, values: dict) -> tuple:
+        return fn, (programs, *(_address(values[a.name]) for a in reduce_args(self.plan, p)))
 
     def _pass_call(self, t: ChunkTables, kernel: _Kernels, p, offset: int, count: int, numel: int, device_scalars: dict):
         values = pass_values(t, self.plan, p, offset, count, device_scalars)

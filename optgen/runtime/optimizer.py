@@ -176,7 +176,7 @@ class GeneratedOptimizer(torch.optim.Optimizer):
         else:
             items = [value]
         for decl, item in zip(decls, items):
-            label = key if decl.index is None else f"{key}[{decl.index}]"
+            label = decl.label
             if isinstance(item, torch.Tensor):
                 if item.numel() != 1:
                     raise ValueError(f"Tensor {label} must be 1-element")
@@ -217,8 +217,7 @@ class GeneratedOptimizer(torch.optim.Optimizer):
                 values = list(value) if decls[0].index is not None and isinstance(value, (tuple, list)) else [value]
                 for decl, item in zip(decls, values):
                     if isinstance(item, torch.Tensor):
-                        label = key if decl.index is None else f"{key}[{decl.index}]"
-                        raise ValueError(f"{label} as a Tensor is not supported for capturable=False and foreach=True")
+                        raise ValueError(f"{decl.label} as a Tensor is not supported for capturable=False and foreach=True")
         self._check_requirements(group, where)
 
     def _check_requirements(self, group: dict, where: str) -> None:

@@ -116,7 +116,7 @@ class StepRunner:
         compute = torch.promote_types(param.dtype, torch.float32)
         return compute if name == transforms.MASTER else (self.config["state_dtype"] or compute)
 
-    def init_state(self, owner, param: torch.Tensor, group: dict, plan) -> dict:
+    def init_state(self, owner, param: torch.Tensor, values: tuple, plan) -> dict:
         """Create the missing state entries (all on the first step; some after loading a checkpoint of another
         optimizer, e.g. master weights resumed from a torch.optim.AdamW state dict)."""
         ir = plan.ir
@@ -128,7 +128,7 @@ class StepRunner:
         missing = [decl for decl in ir.states if decl.name not in state]
         if missing:
             module = _torch_module(plan)
-            hypers = dict(zip((h.name for h in ir.hypers), self.group_values(group, owner.defaults, ir)))
+            hypers = dict(zip((h.name for h in ir.hypers), values))  # the group's values for this step
             real = torch.view_as_real(param.detach()) if param.is_complex() else param.detach()
             for decl in missing:
                 dtype = self.state_dtype(param, decl.name)
@@ -238,7 +238,7 @@ class StepRunner:
         by_backend: dict[int, tuple] = {}
         for group, p, grad in collected:
             backend = by_device[p.device]
-            state = self.init_state(owner, p, group, plan)
+            state = self.init_state(owner, p, values_of[id(group)], plan)
             sharded = distributed.is_sharded(p)
             if distributed.is_dtensor(p) or p.is_complex():  # the backends see local shards, as real numbers
                 state = self.backend_state(p, state)

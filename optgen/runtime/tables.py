@@ -289,25 +289,25 @@ def reduce_launches(t: ChunkTables, p, sharded: bool) -> tuple[list, list]:
     pass with partials is segment-reduced, its ``[tensors, slots]`` table all-reduced (one collective), then
     the global values are folded from the all-reduced table (a one-program launch), so they are exact and the
     same on every rank."""
-    partials, layer = t.partials[p.index], t.layer[p.index]
-    base = {"_partials": partials, "_first_chunk": t.first_chunk, "_n_chunks": t.n_chunks_of, "_out": layer,
-            "_global": t.globals[p.index]}  # fmt: skip
     segments = t.n_tensors if (p.reduce_after or sharded) else 0
     before, after = [], []
     if not sharded:
         if segments or p.fold_after:
-            before.append((segments + int(p.fold_after), {**base, "_n_segments": segments, "_fold": partials, "_fold_rows": t.n_chunks}))
+            values = {**segment_reduce_values(t, p), "_n_segments": segments, "_fold_rows": t.n_chunks}
+            before.append((segments + int(p.fold_after), values))
         return before, after
     if segments:
-        before.append((segments, {**base, "_n_segments": segments, "_fold": partials, "_fold_rows": 0}))
+        before.append((segments, segment_reduce_values(t, p)))
     if p.fold_after:
-        after.append((1, {**base, "_n_segments": 0, "_fold": layer, "_fold_rows": t.n_tensors}))
+        after.append((1, {**segment_reduce_values(t, p), "_n_segments": 0, "_fold": t.layer[p.index], "_fold_rows": t.n_tensors}))
     return before, after
 
 
-def block_reduce_values(t: ChunkTables, p, first: int, end: int) -> dict:
-    """The segment-reduce of pass ``p``'s per-layer values over tensors ``[first, end)`` only (a block of the C
-    backend's blocked schedule; no global values), by kernel ABI name: row views of the per-tensor tables."""
+def segment_reduce_values(t: ChunkTables, p, first: int = 0, end: int | None = None) -> dict:
+    """The reduce launch of pass ``p`` that folds the per-layer values of tensors ``[first, end)`` (all of them by
+    default; a block of the C backend's blocked schedule) and no global value, by kernel ABI name: row views
+    of the per-tensor tables."""
+    end = t.n_tensors if end is None else end
     return {"_partials": t.partials[p.index], "_first_chunk": t.first_chunk[first:end], "_n_chunks": t.n_chunks_of[first:end],
             "_out": t.layer[p.index][first:end], "_global": t.globals[p.index], "_n_segments": end - first,
             "_fold": t.partials[p.index], "_fold_rows": 0}  # fmt: skip

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from ..codegen.abi import eager_pass_buffers
 from ..codegen.render import load_module
 
 
@@ -90,7 +91,7 @@ class TorchBackend:
         plan = self.plan
         if empty:  # nothing to update; contributes the identity to every reduction
             return tuple(torch.full((), plan.slots[k].identity, device=t.device, dtype=torch.float64) for k, _ in p.produces)
-        kwargs = {f"_{b}": buffers[b] for b in _buffers_of(p)}
+        kwargs = {f"_{b}": buffers[b] for b in eager_pass_buffers(plan, p)}
         kwargs["dtype"] = dtype
         kwargs["t"] = t
         kwargs.update({h: hypers[h] for h in p.hypers})
@@ -107,14 +108,3 @@ class TorchBackend:
                 step.add_(advance.to(device=step.device, dtype=step.dtype))
         else:
             torch._foreach_add_(steps, advance)
-
-
-def _buffers_of(p) -> list[str]:
-    seen = []
-    for ld in p.loads:
-        if ld.buffer not in seen:
-            seen.append(ld.buffer)
-    for b, _ in p.stores:
-        if b not in seen:
-            seen.append(b)
-    return seen or ["param"]  # a pass that only counts elements (layer_numel()): the parameter gives the shape
