@@ -1206,3 +1206,19 @@ def test_master_weights_dropped_at_construction_refuse_a_later_low_precision_gro
     optgen.AdamW(make_params([(2,)], dtype=torch.bfloat16), master_weights=True).add_param_group(
         dict(params=make_params([(2,)], dtype=torch.bfloat16))
     )
+
+
+def test_loaded_entries_that_are_not_optgen_states_keep_their_dtype(backend):
+    """Only the states optgen keeps are cast to its state dtype on load; another entry a checkpoint carries (a
+    complex tensor of some tool's) stays as saved (a cast to the real state dtype would drop its imaginary part)."""
+    params = make_params(SHAPES)
+    opt = optgen.AdamW(params, lr=1e-2, backend=backend)
+    run_steps(opt, params, make_grads(SHAPES, 1))
+    saved = save_load(opt.state_dict())
+    extra = torch.tensor([1 + 2j, 3 - 1j], dtype=torch.complex64)
+    saved["state"][0]["tool_entry"] = extra.clone()
+    twin = optgen.AdamW(clone_params(params), lr=1e-2, backend=backend)
+    twin.load_state_dict(saved)
+    loaded = twin.state[twin.param_groups[0]["params"][0]]
+    assert loaded["tool_entry"].dtype == torch.complex64 and torch.equal(loaded["tool_entry"], extra)
+    assert loaded["exp_avg"].dtype == torch.float32

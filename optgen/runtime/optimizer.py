@@ -350,7 +350,7 @@ class GeneratedOptimizer(torch.optim.Optimizer):
                     continue
                 if key == "step":
                     dtype = torch.float32
-                elif key in state_names and value.is_floating_point() or value.is_complex():
+                elif key in state_names and (value.is_floating_point() or value.is_complex()):
                     dtype = self._runner.state_dtype(param, key)
                 else:
                     dtype = value.dtype
