@@ -11,6 +11,8 @@
   Later passes *load* the written value. A value computed in an earlier pass and needed again is either
   recomputed from its leaves or stored into a scratch buffer, whichever moves fewer bytes (ties recompute:
   no extra memory).
+* A per-layer state's new value is a per-layer expression: every pass that needs it computes it once per
+  program (like a trust ratio) from the old value, and the last pass writes it, as it advances the step count.
 * Between a pass producing partial sums and its consumers sits one reduce launch: a segment-reduce into
   per-layer values and/or one program that folds the global values once per step, in a fixed order, into a
   small vector that each consumer reads with one load.
@@ -31,6 +33,8 @@ from .spec import (
     DeviceScalarSymbol,
     GradSymbol,
     HyperSymbol,
+    LayerStateSymbol,
+    NewLayerStateSymbol,
     NewStateSymbol,
     ParamSymbol,
     Reduction,
@@ -107,6 +111,8 @@ class Pass:
     reduce_after: bool  # a segment-reduce launch turns this pass's partials into per-layer values
     fold_after: bool  # the pass produces global values: its reduce launch folds them once per step
     writes_step: bool  # the last pass advances the step count
+    layer_state_reads: tuple[str, ...] = ()  # per-layer states whose old value the pass reads
+    layer_stores: tuple[tuple[str, sympy.Expr], ...] = ()  # (per-layer state, new value): the last pass writes them
 
     @property
     def bytes_per_param(self) -> int:
@@ -128,9 +134,10 @@ class Plan:
 
     @property
     def state_bytes_per_param(self) -> int:
-        """Memory an fp32 parameter costs the optimizer between steps (fp32 states and scratch buffers; the step
-        count and tables are negligible), not traffic. Adam 8, AMSGrad 12, SGD 4, master weights +4."""
-        return FP32_BYTES * (len(self.ir.states) + len(self.scratch))
+        """Memory an fp32 parameter costs the optimizer between steps (fp32 element-wise states and scratch
+        buffers; the step count, per-layer states and tables are negligible), not traffic. Adam 8, AMSGrad 12,
+        SGD 4, NovoGrad 4, master weights +4."""
+        return FP32_BYTES * (len(self.ir.element_state_names) + len(self.scratch))
 
     @property
     def launches_per_step(self) -> int:
@@ -151,8 +158,9 @@ class Plan:
             f"{len(self.passes)} pass(es), {self.launches_per_step} launch(es)/step, "
             f"{self.bytes_per_param} B/param/step (fp32)"
         ]
-        states = ", ".join((*self.ir.state_names, *self.scratch)) or "none"
-        lines.append(f"  state: {states} -> {self.state_bytes_per_param} B/param (fp32)")
+        states = ", ".join((*self.ir.element_state_names, *self.scratch)) or "none"
+        per_layer = "".join(f"; {name} per layer" for name in self.ir.layer_state_names)
+        lines.append(f"  state: {states}{per_layer} -> {self.state_bytes_per_param} B/param (fp32)")
         for slot in self.slots:
             lines.append(f"  {slot.name} = {slot.scope} {slot.op} of {slot.arg}  [computed in pass {slot.stage}]")
         for p in self.passes:
@@ -209,14 +217,30 @@ def _extract_slots(updates: dict[str, sympy.Expr]):
     return exprs, slots_raw
 
 
+def _inline_layer_values(updates: dict[str, sympy.Expr], layer_targets) -> dict[str, sympy.Expr]:
+    """Every new per-layer state value replaced by its definition (per-layer expressions cost a few scalar
+    operations per program: each pass that reads one computes it; the IR has no cycles)."""
+    definition = {NewLayerStateSymbol(f"{t}_new"): t for t in layer_targets}
+
+    def inline(expr):
+        while True:
+            found = {s: updates[definition[s]] for s in expr.free_symbols if s in definition}
+            if not found:
+                return expr
+            expr = expr.xreplace(found)
+
+    return {t: inline(e) for t, e in updates.items()}
+
+
 def _slot_index(symbol: sympy.Symbol) -> int:
     return int(symbol.name.split("_")[1])
 
 
-def _layout(defs, slots_raw, earliest: dict[int, int]):
+def _layout(defs, slots_raw, earliest: dict[int, int], layer_defs=()):
     """Stages of every slot and new value, the write pass of every target, and the number of passes.
 
-    ``earliest`` holds a later pass than its natural stage for some slots (see ``plan``).
+    ``earliest`` holds a later pass than its natural stage for some slots (see ``plan``); ``layer_defs``, the
+    per-layer states' new values, are written by the last pass, which must come after the slots they read.
     """
     target_stage: dict[str, int] = {}
     slot_stage: dict[int, int] = {}
@@ -247,7 +271,7 @@ def _layout(defs, slots_raw, earliest: dict[int, int]):
     slots = tuple(
         Slot(index=k, op=op, scope=scope, arg=arg, stage=slot_stage[k]) for k, (op, scope, arg) in enumerate(slots_raw)
     )
-    n_passes = 1 + max([*target_stage.values(), *slot_stage.values()])
+    n_passes = 1 + max([*target_stage.values(), *slot_stage.values(), *(stage_of(e) for e in layer_defs)])
 
     # A write waits while a later pass still reads the old value.
     write = dict(target_stage)
@@ -282,18 +306,22 @@ def _cost(defs, slots, write, n_passes, scratch) -> tuple[int, int]:
 
 def plan(ir: IR) -> Plan:
     """Derive the pass plan of ``ir`` (see the module docstring)."""
-    defs, slots_raw = _extract_slots(dict(ir.updates))
+    layer_targets = set(ir.layer_state_names)
+    defs, slots_raw = _extract_slots(_inline_layer_values(dict(ir.updates), layer_targets))
+    layer_defs = {t: e for t, e in defs.items() if t in layer_targets}
+    defs = {t: e for t, e in defs.items() if t not in layer_targets}
+    layer_exprs = tuple(layer_defs.values())
 
     # A reduction may run in any pass from its natural stage up to the one before its first reader. Put
     # each where it moves the fewest bytes and launches (ties: earliest), never adding a pass: computing
     # ||w|| alongside the moments, not in a pre-pass of its own, saves reading w twice.
     earliest: dict[int, int] = {}
-    slots, write, n_passes = _layout(defs, slots_raw, earliest)
+    slots, write, n_passes = _layout(defs, slots_raw, earliest, layer_exprs)
     best_cost = _cost(defs, slots, write, n_passes, {})
     for k in range(len(slots_raw)):
         for p in range(slots[k].stage + 1, n_passes):
             trial = {**earliest, k: p}
-            t_slots, t_write, t_passes = _layout(defs, slots_raw, trial)
+            t_slots, t_write, t_passes = _layout(defs, slots_raw, trial, layer_exprs)
             if t_passes != n_passes:
                 break
             cost = _cost(defs, t_slots, t_write, t_passes, {})
@@ -321,7 +349,8 @@ def plan(ir: IR) -> Plan:
         stores = [(_store_buffer(t), _inline_locals(e, local)) for t, e in roots]
         stores += [(sym.name, _inline_locals(expr, local)) for expr, (sym, i) in scratch.items() if i == j]
         produces = [(k, _inline_locals(e, local)) for k, e in produces]
-        passes.append(_build_pass(j, n_passes, stores, produces, leaves, slots, ir.step_advance))
+        layer_stores = list(layer_defs.items()) if j == n_passes - 1 else []
+        passes.append(_build_pass(j, n_passes, stores, produces, leaves, slots, ir.step_advance, layer_stores))
     return Plan(
         ir=ir, slots=slots, passes=tuple(passes), scratch=tuple(s.name for s, _ in scratch.values()), notes=tuple(notes)
     )
@@ -444,8 +473,8 @@ class _Lifter:
         return expr.func(*args, evaluate=False) if isinstance(expr, (sympy.Add, sympy.Mul, sympy.Pow)) else expr.func(*args)
 
 
-def _build_pass(j, n_passes, stores, produces, leaves, slots, step_advance) -> Pass:
-    roots = [e for _, e in stores] + [e for _, e in produces]
+def _build_pass(j, n_passes, stores, produces, leaves, slots, step_advance, layer_stores) -> Pass:
+    roots = [e for _, e in stores] + [e for _, e in produces] + [e for _, e in layer_stores]
     replacements, reduced = sympy.cse(roots, symbols=sympy.numbered_symbols("tmp", real=True), optimizations=None)
     elementwise_names: set[str] = set()
     lifter = _Lifter(len(replacements), elementwise_names)
@@ -460,6 +489,7 @@ def _build_pass(j, n_passes, stores, produces, leaves, slots, step_advance) -> P
     reduced = [lifter.lift(e) for e in reduced]
     reduced_stores = tuple((buf, reduced[k]) for k, (buf, _) in enumerate(stores))
     reduced_produces = tuple((slot, reduced[len(stores) + k]) for k, (slot, _) in enumerate(produces))
+    reduced_layer = tuple((name, reduced[len(stores) + len(produces) + k]) for k, (name, _) in enumerate(layer_stores))
 
     all_exprs = [e for _, e in scalars + elementwise] + list(reduced)
     free = set().union(*(e.free_symbols for e in all_exprs)) if all_exprs else set()
@@ -488,6 +518,8 @@ def _build_pass(j, n_passes, stores, produces, leaves, slots, step_advance) -> P
         reduce_after=any(slots[k].scope == "layer" for k, _ in produces),
         fold_after=any(slots[k].scope == "global" for k, _ in produces),
         writes_step=writes_step,
+        layer_state_reads=tuple(sorted(s.name for s in free if isinstance(s, LayerStateSymbol))),
+        layer_stores=reduced_layer,
     )
 
 

@@ -25,6 +25,8 @@ from .spec import (
     FlagSymbol,
     HyperDecl,
     HyperSymbol,
+    LayerStateSymbol,
+    NewLayerStateSymbol,
     NewStateSymbol,
     ParamSymbol,
     Reduction,
@@ -61,21 +63,48 @@ class IR:
         parts = [self.name]
         parts += [repr(h) for h in self.hypers]
         parts += [f"flag {k}={v}" for k, v in self.flags]
-        parts += [f"state {s.name} {sympy.srepr(s.init)}" for s in self.states]
+        parts += [f"state {s.name} per {s.per} {sympy.srepr(s.init)}" for s in self.states]
         parts += [f"update {k} {sympy.srepr(e)}" for k, e in self.updates]
         parts += [f"device {d}" for d in self.device_scalars]
         parts += [f"advance {sympy.srepr(self.step_advance)}", f"options {self.options}"]
         return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
-    def new_symbol(self, target: str) -> NewStateSymbol:
-        return NewStateSymbol("w_new" if target == PARAM else f"{target}_new")
+    def new_symbol(self, target: str) -> sympy.Symbol:
+        """The symbol of ``target``'s new value (``target``: a state name or PARAM)."""
+        return _new_symbol(target, target in self.layer_state_names)
+
+    def old_symbol(self, target: str) -> sympy.Symbol:
+        """The symbol of ``target``'s old value."""
+        if target == PARAM:
+            return ParamSymbol("w")
+        return LayerStateSymbol(target) if target in self.layer_state_names else StateSymbol(target)
 
     def definition(self, target: str) -> sympy.Expr:
         return dict(self.updates)[target]
 
     @property
     def state_names(self) -> tuple[str, ...]:
+        """Every state (the state dict's entries besides ``step``)."""
         return tuple(s.name for s in self.states)
+
+    @property
+    def element_state_names(self) -> tuple[str, ...]:
+        """States of the parameter's shape: the element-wise buffers of the kernels."""
+        return tuple(s.name for s in self.states if s.per == "element")
+
+    @property
+    def layer_state_names(self) -> tuple[str, ...]:
+        """States of one number per parameter tensor."""
+        return tuple(s.name for s in self.states if s.per == "layer")
+
+
+def _new_symbol(target: str, per_layer: bool) -> sympy.Symbol:
+    if per_layer:
+        return NewLayerStateSymbol(f"{target}_new")
+    return NewStateSymbol("w_new" if target == PARAM else f"{target}_new")
+
+
+_NEW_VALUES = (NewStateSymbol, NewLayerStateSymbol)
 
 
 _SUPPORTED = (
@@ -190,7 +219,8 @@ def lower(spec: Spec, flags: dict | None = None, runtime: tuple[str, ...] = ()) 
     hypers_by_name = {h.name: h for h in hypers}
     declared = set(spec._symbols.values()) | {BoolHyperSymbol(name) for name in runtime}
     updated = {u.target for u in spec.updates}
-    new_symbols = {NewStateSymbol("w_new" if t == PARAM else f"{t}_new"): t for t in updated}
+    per_layer = {s.name for s in spec.states if s.per == "layer"}
+    new_symbols = {_new_symbol(t, t in per_layer): t for t in updated}
     uses_trust_ratio = any(u.expr.atoms(TrustRatio) for u in spec.updates)
     if uses_trust_ratio and "layer_adaptation" not in hypers_by_name:
         hypers.append(LAYER_ADAPTATION)
@@ -223,7 +253,7 @@ def lower(spec: Spec, flags: dict | None = None, runtime: tuple[str, ...] = ()) 
         for sym in sorted(expr.free_symbols, key=str):
             if sym in declared or sym in new_symbols or sym == layer_adaptation:
                 continue
-            if isinstance(sym, NewStateSymbol):
+            if isinstance(sym, _NEW_VALUES):
                 raise SpecError(
                     f"{what}: {sym} is the new value of a state that is never updated in {expr} [{upd.where}]"
                 )
@@ -241,12 +271,19 @@ def lower(spec: Spec, flags: dict | None = None, runtime: tuple[str, ...] = ()) 
                     f"value, not an element-wise one): a reduction of a reduction is not supported [{upd.where}]"
                 )
         for sym in expr.free_symbols:
-            if isinstance(sym, NewStateSymbol) and new_symbols[sym] == upd.target:
+            if isinstance(sym, _NEW_VALUES) and new_symbols[sym] == upd.target:
                 raise SpecError(f"{what}: its new value refers to itself ({sym}) in {expr} [{upd.where}]")
+        if upd.target in per_layer and elementwise_leaves(expr):
+            leaves = ", ".join(sorted(str(s) for s in elementwise_leaves(expr)))
+            raise SpecError(
+                f"{what}: a per-layer state's new value must be one number per layer (reductions, "
+                f"hyperparameters, the step, per-layer states), but {expr} reads {leaves} element-wise outside "
+                f"a reduction [{upd.where}]"
+            )
         lowered.append((upd.target, expr))
 
     # -- no cycles between new values -----------------------------------------------------------------
-    deps = {target: {new_symbols[s] for s in e.free_symbols if isinstance(s, NewStateSymbol)} for target, e in lowered}
+    deps = {target: {new_symbols[s] for s in e.free_symbols if isinstance(s, _NEW_VALUES)} for target, e in lowered}
     visiting, done = set(), set()
 
     def visit(node, chain):
@@ -268,13 +305,14 @@ def lower(spec: Spec, flags: dict | None = None, runtime: tuple[str, ...] = ()) 
     for state in spec.states:
         init = state.init.xreplace(flag_subs)
         _check_supported(init, state.where, f"state {state.name!r} initial value")
-        bad = [s for s in init.free_symbols if not isinstance(s, (HyperSymbol, ParamSymbol))]
+        allowed = HyperSymbol if state.per == "layer" else (HyperSymbol, ParamSymbol)
+        bad = [s for s in init.free_symbols if not isinstance(s, allowed)]
         if bad or init.atoms(Reduction):
             raise SpecError(
                 f"state {state.name!r}: initial value {state.init} may use only constants, "
-                f"hyperparameters and the parameter w [{state.where}]"
+                f"hyperparameters{'' if state.per == 'layer' else ' and the parameter w'} [{state.where}]"
             )
-        states.append(StateDecl(state.name, init, state.where))
+        states.append(StateDecl(state.name, init, state.where, state.per))
 
     requirements = []
     for req in spec.requirements:
@@ -332,9 +370,10 @@ def _without_idle_states(states: list[StateDecl], updates: list) -> tuple[list, 
     while True:
         read = set()
         for target, expr in updates:
-            read |= {s.name for s in expr.free_symbols if isinstance(s, StateSymbol) and s.name != target}
-            read |= {s.name[: -len("_new")] for s in expr.free_symbols if isinstance(s, NewStateSymbol)}
-        idle = {s.name for s in states if s.name not in read and dict(updates)[s.name] == StateSymbol(s.name)}
+            read |= {s.name for s in expr.free_symbols if isinstance(s, (StateSymbol, LayerStateSymbol)) and s.name != target}
+            read |= {s.name[: -len("_new")] for s in expr.free_symbols if isinstance(s, _NEW_VALUES)}
+        old = {s.name: (StateSymbol if s.per == "element" else LayerStateSymbol)(s.name) for s in states}
+        idle = {s.name for s in states if s.name not in read and dict(updates)[s.name] == old[s.name]}
         if not idle:
             return states, updates
         states = [s for s in states if s.name not in idle]

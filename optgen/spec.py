@@ -109,7 +109,12 @@ class GradSymbol(_SpecSymbol):
 
 
 class StateSymbol(_SpecSymbol):
-    """The old value of a state tensor."""
+    """The old value of a state tensor (one value per element of the parameter)."""
+
+
+class LayerStateSymbol(_SpecSymbol):
+    """The old value of a per-layer state: one number per parameter tensor (NovoGrad's second moment), read
+    like a per-layer value (a norm), not element-wise."""
 
 
 class DeviceScalarSymbol(_SpecSymbol):
@@ -119,6 +124,10 @@ class DeviceScalarSymbol(_SpecSymbol):
 
 class NewStateSymbol(_SpecSymbol):
     """The new value of a state (or of the parameter), defined by ``spec.update``."""
+
+
+class NewLayerStateSymbol(_SpecSymbol):
+    """The new value of a per-layer state, defined by ``spec.update``: a per-layer value."""
 
 
 ELEMENTWISE_LEAVES = (ParamSymbol, GradSymbol, StateSymbol, NewStateSymbol)
@@ -441,13 +450,19 @@ class FlagDecl:
     doc: str
 
 
+STATE_GRANULARITIES = ("element", "layer")
+
+
 @dataclass(frozen=True)
 class StateDecl:
-    """A per-parameter state tensor. ``init`` is an expression of constants, hyperparameters and ``w``."""
+    """A per-parameter state. ``per="element"``: a tensor of the parameter's shape, ``init`` an expression of
+    constants, hyperparameters and ``w``; ``per="layer"``: one number per parameter tensor (a 0-d tensor in the
+    state dict), ``init`` of constants and hyperparameters."""
 
     name: str
     init: sympy.Expr
     where: str
+    per: str = "element"
 
 
 @dataclass(frozen=True)
@@ -609,26 +624,33 @@ class Spec:
         self._symbols[name] = symbol
         return symbol
 
-    def state(self, name: str, init=0) -> StateSymbol:
-        """Declare a per-parameter state tensor (``exp_avg``...) with its initial value (default 0)."""
+    def state(self, name: str, init=0, per: str = "element"):
+        """Declare a state with torch's state name (``exp_avg``...) and its initial value (default 0).
+
+        ``per="element"`` (default): one value per element of the parameter; ``per="layer"``: one number per
+        parameter tensor (NovoGrad's second moment), whose new value must be a per-layer expression (of
+        reductions, hyperparameters, the step and other per-layer states) and which element-wise code reads
+        like a norm."""
         self._claim(name, "state")
+        if per not in STATE_GRANULARITIES:
+            raise SpecError(f"state {name!r}: per={per!r}; expected one of {STATE_GRANULARITIES} [{_caller_location()}]")
         try:
             init = sympy.sympify(init)
         except (sympy.SympifyError, TypeError) as exc:
             raise SpecError(f"state {name!r}: initial value {init!r} is not an expression ({exc}) [{_caller_location()}]") from None
         if not isinstance(init, sympy.Expr):
             raise SpecError(f"state {name!r}: initial value {init!r} is not a scalar expression [{_caller_location()}]")
-        self.states.append(StateDecl(name, init, _caller_location()))
-        symbol = StateSymbol(name)
+        self.states.append(StateDecl(name, init, _caller_location(), per))
+        symbol = StateSymbol(name) if per == "element" else LayerStateSymbol(name)
         self._symbols[name] = symbol
         return symbol
 
-    def update(self, target, expr) -> NewStateSymbol:
+    def update(self, target, expr):
         """Give the new value of a state or of the parameter; returns a symbol for that new value."""
         where_ = _caller_location()
         if target is self.param or (isinstance(target, ParamSymbol)):
             name = PARAM
-        elif isinstance(target, StateSymbol) and self._symbols.get(target.name) == target:
+        elif isinstance(target, (StateSymbol, LayerStateSymbol)) and self._symbols.get(target.name) == target:
             name = target.name
         else:
             raise SpecError(
@@ -644,8 +666,9 @@ class Spec:
         if any(u.target == name for u in self.updates):
             raise SpecError(f"update() of {name}: it is already updated; give each new value once [{where_}]")
         self.updates.append(UpdateDecl(name, expr, where_))
-        symbol = NewStateSymbol("w_new" if name == PARAM else f"{name}_new")
-        return symbol
+        if isinstance(target, LayerStateSymbol):
+            return NewLayerStateSymbol(f"{name}_new")
+        return NewStateSymbol("w_new" if name == PARAM else f"{name}_new")
 
     def require(self, condition, message: str) -> None:
         """A constraint between hyperparameters and flags, checked per param group at construction."""

@@ -115,10 +115,7 @@ def amp(ir: IR, unscale: bool) -> IR:
         updates = tuple((t, e.xreplace({GRAD: GRAD / scale})) for t, e in updates)
         device.insert(0, "grad_scale")
 
-    def old_value(target):
-        return ParamSymbol("w") if target == PARAM else StateSymbol(target)
-
-    gated = tuple((t, sympy.Piecewise((e, ok), (old_value(t), True))) for t, e in updates)
+    gated = tuple((t, sympy.Piecewise((e, ok), (ir.old_symbol(t), True))) for t, e in updates)
     return _with_option(
         ir,
         "amp_unscale" if unscale else "amp",

@@ -16,6 +16,7 @@ OPTIMIZERS = {
     "LARS": dict(lr=0.5, momentum=0.9, weight_decay=1e-3, trust_coefficient=0.02),
     "NVLAMB": dict(lr=1e-2, max_grad_norm=0.1),
     "RMSNormalizedSGD": dict(lr=1e-2),  # layer means: the element count of the whole (sharded) parameter
+    "NovoGrad": dict(lr=1e-2, weight_decay=0.01),  # a per-layer state: the same number on every rank
 }
 
 

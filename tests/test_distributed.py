@@ -1,4 +1,4 @@
-"""FSDP2 (DTensor) and DDP on gloo with 2 and 3 processes: sharded LAMB, LARS and NVLAMB equal a single
+"""FSDP2 (DTensor) and DDP on gloo with 2 and 3 processes: sharded LAMB, LARS, NVLAMB and NovoGrad equal a single
 process on the same data (1e-5 relative), with one all-reduce of the partial table per pass boundary."""
 
 import os
@@ -12,7 +12,7 @@ from conftest import BACKENDS
 
 WORKER = Path(__file__).with_name("dist_worker.py")
 # collectives per step: LAMB and LARS have one pass boundary; NVLAMB two (global pre-pass, then layer norms)
-BOUNDARIES = {"LAMB": 1, "LARS": 1, "NVLAMB": 2, "RMSNormalizedSGD": 1}
+BOUNDARIES = {"LAMB": 1, "LARS": 1, "NVLAMB": 2, "RMSNormalizedSGD": 1, "NovoGrad": 1}
 STEPS = 3
 
 

@@ -52,6 +52,12 @@ def eager_pass_buffers(plan: Plan, p: Pass) -> list[str]:
     return pass_buffers(plan, p) or ["param"]
 
 
+def layer_state_args(plan: Plan, p: Pass) -> list[str]:
+    """Per-layer states pass ``p`` reads or writes, in declaration order (its ``_layer_<name>`` arguments)."""
+    used = set(p.layer_state_reads) | {name for name, _ in p.layer_stores}
+    return [name for name in plan.ir.layer_state_names if name in used]
+
+
 def producer_of(plan: Plan, slot_index: int) -> int:
     """The pass that computes a reduction slot (its stage)."""
     return plan.slots[slot_index].stage
@@ -84,6 +90,11 @@ def pass_args(plan: Plan, p: Pass) -> tuple[KernelArg, ...]:
         else:
             args.append(_table(f"_global_{producer}", "fp64", f"[{width}]: global reductions of pass {producer}, folded once per step"))
     args += [_table(f"_dev_{name}", "fp32", f"[1]: {name}, read on the device (no host sync)") for name in p.device_scalars]
+    written = {name for name, _ in p.layer_stores}
+    args += [
+        _table(f"_layer_{name}", "fp64", f"[chunks]: per-layer state {name}, each chunk's copy", writes=name in written)
+        for name in layer_state_args(plan, p)
+    ]
     if n_partials:
         args.append(_table("_partials", "fp64", f"[chunks, {n_partials}]: per-chunk partial reductions", writes=True))
     args.append(_int("_chunk_offset", "row of this call's first chunk in _partials (partitions share the table)"))

@@ -23,8 +23,8 @@ import sympy
 
 from .. import settings
 from ..analysis import Pass, Plan
-from ..spec import HyperSymbol, SpecError
-from .abi import eager_pass_buffers, global_columns, pass_args, pass_buffers, reduce_args
+from ..spec import HyperSymbol, ParamSymbol, SpecError
+from .abi import eager_pass_buffers, global_columns, layer_state_args, pass_args, pass_buffers, reduce_args
 from .printers import CPrinter, TorchPrinter, TritonPrinter
 
 
@@ -182,13 +182,19 @@ def _pass_context(plan: Plan, p: Pass, printer, scalar_printer, identity: dict) 
         "buffers": [{"name": b, "dtype_arg": f"DT_{b}"} for b in buffers],
         "reduce_after": p.reduce_after,
         "writes_step": p.writes_step,
+        # per-layer states: old values read once per program, new values written by the last pass
+        "layer_state_reads": list(p.layer_state_reads),
+        "layer_stores": [{"name": name, "code": scalar_code(e)} for name, e in p.layer_stores],
         "device_scalars": list(p.device_scalars),
         "step_advance": scalar_code(p.step_advance),
         # buffers are passed as ``_<name>``: the loaded value of an old state is named like the state
         # the kernel ABI (codegen/abi.py): what every template's signature and every launcher follow
         "kernel_args": [vars(a) for a in pass_args(plan, p)],
         "reduce_args": [vars(a) for a in reduce_args(plan, p)] if p.produces else [],
-        "args": [*(f"_{b}" for b in eager_pass_buffers(plan, p)), "dtype", "t", *p.hypers, *p.device_scalars, *(slots[k].name for k in p.consumes)],
+        "args": [
+            *(f"_{b}" for b in eager_pass_buffers(plan, p)), "dtype", "t", *p.hypers, *p.device_scalars,
+            *(slots[k].name for k in p.consumes), *(f"_layer_{name}" for name in layer_state_args(plan, p)),
+        ],
     }
 
 
@@ -220,7 +226,7 @@ def _scalar_casts(plan: Plan, p: Pass) -> list[str]:
     used = _element_reads(p)
     # boolean scalars (a cse'd ``found_inf == 0``) stay booleans: only numbers are cast
     numeric = [n for n, e in p.scalars if not isinstance(e, sympy.logic.boolalg.Boolean)]
-    scalar_names = ["t", *p.hypers, *p.device_scalars, *(plan.slots[k].name for k in p.consumes), *numeric]
+    scalar_names = ["t", *p.hypers, *p.device_scalars, *(plan.slots[k].name for k in p.consumes), *p.layer_state_reads, *numeric]
     return [n for n in scalar_names if n in used]
 
 
@@ -264,15 +270,17 @@ def render(plan: Plan, target: str) -> str:
 def _state_context(state, printer) -> dict:
     """A state's initial value (constants, hyperparameters and ``w``): the torch module creates new states."""
     hypers = sorted(s.name for s in state.init.free_symbols if isinstance(s, HyperSymbol))
-    return {"name": state.name, "code": printer.doprint(state.init), "hypers": hypers}
+    uses_w = any(isinstance(s, ParamSymbol) for s in state.init.free_symbols)
+    return {"name": state.name, "code": printer.doprint(state.init), "hypers": hypers, "per": state.per, "uses_w": uses_w}
 
 
 def check_names(plan: Plan) -> None:
     """Every name the generated code declares for the spec (loads, values, hyperparameters, states) is one
     every target can declare: a SpecError at build, not a compiler error at the first step."""
-    exprs = [e for p in plan.passes for _, e in (*p.scalars, *p.elementwise, *p.stores, *p.produces)]
+    exprs = [e for p in plan.passes for _, e in (*p.scalars, *p.elementwise, *p.stores, *p.produces, *p.layer_stores)]
     names = {s.name for e in exprs for s in e.free_symbols}
     names |= {ld.symbol for p in plan.passes for ld in p.loads} | {h.name for h in plan.ir.hypers} | set(plan.buffers)
+    names |= set(plan.ir.layer_state_names)
     names |= {slot.name for slot in plan.slots} | {name for p in plan.passes for name, _ in p.scalars}
     frozen = frozenset(names)
     for target in TARGETS.values():

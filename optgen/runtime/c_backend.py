@@ -24,7 +24,7 @@ from .. import settings
 from ..codegen.abi import pass_args, reduce_args
 from ..codegen.render import source_path, variant_stem
 from . import cbuild
-from .tables import ChunkTables, Staging, advance_empty_steps, pass_values, reduce_launches, segment_reduce_values
+from .tables import ChunkTables, Staging, pass_values, reduce_launches, segment_reduce_values
 
 # storage dtype -> the template's OG_DT_<buffer> code
 STORAGE_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
@@ -123,7 +123,7 @@ class CBackend:
             self._calls = None
         else:
             tables.refresh(items)
-            tables.sync_steps()
+            tables.sync_scalars()
         return tables
 
     def _kernels_for(self, tables: ChunkTables) -> list[_Kernels]:
@@ -158,7 +158,6 @@ class CBackend:
         self._run(tables, kernels, device_scalars, reducer)
         for original, twin in staged:
             original.copy_(twin)
-        advance_empty_steps(tables, self.plan, device_scalars)
 
     def prepare_fast(self, group_of: list[int], rows: list[tuple]) -> bool:
         """After a step: the optimizer's layout is stable; later steps may come through ``fast_step``."""
@@ -177,10 +176,9 @@ class CBackend:
         if ptrs != t.grad_ptrs:
             t.set_grads(grads, ptrs)
         t.set_group_rows(rows)
-        t.sync_steps()
+        t.sync_scalars()
         self._run(t, self._kernels_for(t), {}, None)
         self.fast_steps += 1
-        advance_empty_steps(t, self.plan, {})
 
     def _fall_back(self, exc: Exception) -> None:
         from .torch_backend import TorchBackend

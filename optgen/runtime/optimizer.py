@@ -350,6 +350,8 @@ class GeneratedOptimizer(torch.optim.Optimizer):
                     continue
                 if key == "step":
                     dtype = torch.float32
+                elif key in self._checks_ir.layer_state_names and value.is_floating_point():
+                    dtype = torch.float64  # a per-layer state: one fp64 number
                 elif key in state_names and (value.is_floating_point() or value.is_complex()):
                     dtype = self._runner.state_dtype(param, key)
                 else:

@@ -141,10 +141,13 @@ class StepRunner:
         state = owner.state.get(param, {})
         for decl in ir.states:
             value = state.get(decl.name)
-            if isinstance(value, torch.Tensor) and value.shape != param.shape:
+            expected = () if decl.per == "layer" else param.shape
+            if isinstance(value, torch.Tensor) and value.shape != expected:
+                kind = "one number per layer, shape ()" if decl.per == "layer" else f"shape {tuple(param.shape)}"
                 raise RuntimeError(
                     f"{self.name}: state {decl.name!r} has shape {tuple(value.shape)} for a parameter of "
-                    f"shape {tuple(param.shape)} (a state dict of other parameters, or a state set by hand?)"
+                    f"shape {tuple(param.shape)}; it must have {kind} (a state dict of other parameters, or a "
+                    f"state set by hand?)"
                 )
 
     # -- the step ----------------------------------------------------------------------------------------

@@ -5,8 +5,11 @@ Tables (built once, rebuilt only when the set of parameters with gradients or th
 * chunk table: for each chunk of ``chunk`` elements, its tensor index (int32) and first element (int64);
 * per tensor: element count, group index, first chunk and chunk count, and the address (``data_ptr``)
   of each buffer (parameter, gradient, states, scratch) in an int64 table per buffer;
-* the step count per chunk (fp32). ``state["step"]`` of each parameter is a 0-d view into it (its first
-  chunk), so the last pass advances the step inside the kernel, one writer per entry, no extra launch;
+* the step count per chunk (fp32), and each per-layer state per chunk (fp64). ``state["step"]`` and
+  ``state[<per-layer state>]`` of each parameter are 0-d views into them (its first chunk), so the last pass
+  advances the step and writes the per-layer states inside the kernel, one writer per entry (each chunk's
+  program reads and writes its own copy), no extra launch. A zero-size parameter has one chunk of no elements,
+  so its step and per-layer states move like every other's;
 * the group hyperparameters as fp64 ``[groups, hypers]``, re-uploaded only when a value changes.
 
 Tensors whose buffers share storage dtypes form a partition: one launch per pass per partition. Between
@@ -21,7 +24,6 @@ from collections.abc import Callable
 import torch
 
 from ..codegen.abi import producer_of
-from ..codegen.render import load_module
 
 
 class ChunkTables:
@@ -33,9 +35,11 @@ class ChunkTables:
         params = [item[0] for item in items]
         device = params[0].device
         self.device = device
-        self.key = tables_key(items)
+        # per-chunk copies of per-parameter scalars: the step count and the per-layer states
+        self.chunk_scalars = {"step": torch.float32, **{name: torch.float64 for name in plan.ir.layer_state_names}}
+        self.key = tables_key(items, self.chunk_scalars)
         self.buffers: dict[str, list[torch.Tensor]] = {"param": params, "grad": [item[1] for item in items]}
-        for name in plan.ir.state_names:
+        for name in plan.ir.element_state_names:
             self.buffers[name] = [item[2][name] for item in items]
         for name in plan.scratch:
             self.buffers[name] = [scratch_of(p, name) for p in params]
@@ -45,7 +49,7 @@ class ChunkTables:
                 storage(dtype)  # a clear error for unsupported dtypes, before anything runs
         order = [i for sig in dict.fromkeys(signature) for i in range(len(params)) if signature[i] == sig]
         numels = [p.numel() for p in params]
-        chunks_of = [(n + chunk - 1) // chunk for n in numels]
+        chunks_of = [max(1, (n + chunk - 1) // chunk) for n in numels]  # an empty tensor: one chunk of no elements
         first = [0] * len(params)
         chunk_tensor, chunk_start = [], []
         self.partitions = []  # (first chunk, chunk count, {buffer: storage name}, tensor indices, {buffer: torch dtype})
@@ -79,20 +83,19 @@ class ChunkTables:
         self._aligned: dict[int, bool] = {}
         self.version = 0  # bumped whenever a table is replaced (launchers cache argument tuples by it)
         self.refresh(items)
-        # Steps: per chunk, gathered from the parameters' state, and state["step"] becomes a view.
-        steps = [item[2]["step"] for item in items]
-        self.step = torch.zeros(max(n_chunks, 1), dtype=torch.float32, device=device)
-        self.empty_steps = []
-        for i, (s, c) in enumerate(zip(steps, chunks_of)):
-            if c == 0:
-                self.empty_steps.append(items[i][2])
-                continue
-            self.step[first[i] : first[i] + c] = s.to(device=device, dtype=torch.float32)
-            items[i][2]["step"] = self.step[first[i]]
-        self._step_views = [item[2]["step"] for item in items]
-        # for sync_steps: each chunk's copy of its tensor's step comes from the tensor's first chunk
-        self._first_of_chunk = self.first_chunk[self.chunk_tensor.long()] if n_chunks else None
-        self._step_version = self.step._version
+        # Steps and per-layer states: per chunk, gathered from the parameters' state, whose entries become views.
+        self.scalars: dict[str, torch.Tensor] = {}
+        for name, dtype in self.chunk_scalars.items():
+            table = torch.empty(n_chunks, dtype=dtype, device=device)
+            for i, c in enumerate(chunks_of):
+                table[first[i] : first[i] + c] = items[i][2][name].to(device=device, dtype=dtype)
+                items[i][2][name] = table[first[i]]
+            self.scalars[name] = table
+        self.step = self.scalars["step"]
+        self._views = [[item[2][name] for name in self.chunk_scalars] for item in items]
+        # for sync_scalars: each chunk's copy of its tensor's values comes from the tensor's first chunk
+        self._first_of_chunk = self.first_chunk[self.chunk_tensor.long()]
+        self._versions = {name: table._version for name, table in self.scalars.items()}
         self.partials = {}
         self.layer = {}
         self.globals = {}
@@ -104,12 +107,14 @@ class ChunkTables:
                 self.globals[p.index] = torch.empty(len(p.produces), dtype=torch.float64, device=device)
 
     def still_valid(self, items) -> bool:
-        if tables_key(items) != self.key:
+        if tables_key(items, self.chunk_scalars) != self.key:
             return False
         grad_dtypes = list(self.buffers).index("grad")
         if any(item[1].dtype != sig[grad_dtypes] for item, sig in zip(items, self.signature)):
             return False  # a gradient changed dtype: it may belong to another partition now
-        return all(item[2]["step"] is view for item, view in zip(items, self._step_views))
+        return all(
+            item[2][name] is view for item, views in zip(items, self._views) for name, view in zip(self.chunk_scalars, views)
+        )
 
     def aligned(self, partition: int) -> bool:
         """All buffers of the partition's tensors start on 16 bytes (torch's allocations do; views may not)."""
@@ -119,13 +124,14 @@ class ChunkTables:
             self._aligned[partition] = all(ptr % 16 == 0 for ptr in ptrs)
         return self._aligned[partition]
 
-    def sync_steps(self) -> None:
-        """Step counts written in place since the last step (``state["step"].zero_()`` to restart the bias
-        correction, a checkpoint tool's ``copy_``) are spread to all of their tensor's chunks; the version
-        counter tells, without reading the device."""
-        if self.step._version != self._step_version and self._first_of_chunk is not None:
-            self.step.copy_(self.step[self._first_of_chunk])  # the kernels advance every copy alike: only the first can differ
-            self._step_version = self.step._version
+    def sync_scalars(self) -> None:
+        """Step counts and per-layer states written in place since the last step (``state["step"].zero_()`` to
+        restart the bias correction, a checkpoint tool's ``copy_``) are spread to all of their tensor's chunks;
+        the version counters tell, without reading the device."""
+        for name, table in self.scalars.items():
+            if table._version != self._versions[name]:
+                table.copy_(table[self._first_of_chunk])  # the kernels write every copy alike: only the first can differ
+                self._versions[name] = table._version
 
     def refresh(self, items) -> None:
         """Per-step updates, decided on the host without reading the device: gradients that moved (autograd
@@ -194,11 +200,12 @@ class ChunkTables:
             self.group_rows = list(rows)
 
 
-def tables_key(items):
+def tables_key(items, chunk_scalars):
     """What the tables depend on: the parameters and their storage, and the state tensors and their storage
-    (gradients and hyperparameters are refreshed in place, see ``ChunkTables.refresh``)."""
+    but for the per-chunk scalars the tables hold themselves (gradients and hyperparameters are refreshed in
+    place, see ``ChunkTables.refresh``)."""
     return [
-        (id(p), p.data_ptr(), p.numel(), *[(id(v), v.data_ptr()) for k, v in state.items() if k != "step"])
+        (id(p), p.data_ptr(), p.numel(), *[(id(v), v.data_ptr()) for k, v in state.items() if k not in chunk_scalars])
         for p, _, state, _ in items
     ]
 
@@ -269,6 +276,8 @@ def pass_values(t: ChunkTables, plan, p, offset: int, count: int, device_scalars
         "_hyper": t.hyper,
         "_chunk_offset": offset,
     }
+    for name in plan.ir.layer_state_names:
+        values[f"_layer_{name}"] = t.scalars[name][span]
     for name, addr in t.addr.items():
         values[f"_{name}_addr"] = addr
     for k in p.consumes:
@@ -311,16 +320,6 @@ def segment_reduce_values(t: ChunkTables, p, first: int = 0, end: int | None = N
     return {"_partials": t.partials[p.index], "_first_chunk": t.first_chunk[first:end], "_n_chunks": t.n_chunks_of[first:end],
             "_out": t.layer[p.index][first:end], "_global": t.globals[p.index], "_n_segments": end - first,
             "_fold": t.partials[p.index], "_fold_rows": 0}  # fmt: skip
-
-
-def advance_empty_steps(t: ChunkTables, plan, device_scalars: dict) -> None:
-    """Zero-size parameters have no chunk, so no kernel advances their step count: it moves here, by the
-    plan's step advance (0 when GradScaler skips the step)."""
-    if not t.empty_steps:
-        return
-    advance = load_module(plan, "torch").step_advance(**{d: device_scalars[d].reshape(()) for d in plan.passes[-1].device_scalars})
-    for state in t.empty_steps:
-        state["step"].add_(advance)
 
 
 def scratch_buffer(cache: dict, param: torch.Tensor, name: str) -> torch.Tensor:

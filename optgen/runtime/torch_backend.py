@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ..codegen.abi import eager_pass_buffers
+from ..codegen.abi import eager_pass_buffers, layer_state_args
 from ..codegen.render import load_module
 
 
@@ -59,17 +59,19 @@ class TorchBackend:
             dtype = compute_dtype(param.dtype)
             t = state["step"].to(device=param.device, dtype=torch.float64) + 1
             buffers = {"param": param, "grad": grad}
-            for name in plan.ir.state_names:
+            for name in plan.ir.element_state_names:
                 buffers[name] = state[name]
+            for name in plan.ir.layer_state_names:
+                buffers[f"layer_{name}"] = state[name]
             for name in plan.scratch:
                 buffers[name] = scratch_of(param, name)
             hypers = self._hyper_tensors(values, param.device, torch.float64)
-            contexts.append((buffers, dtype, t, hypers, param.numel() == 0))
+            contexts.append((buffers, dtype, t, hypers))
         finished: list[dict[str, torch.Tensor]] = [dict() for _ in items]
         for p, fn in zip(plan.passes, self.module.PASSES):
             results = []
-            for (buffers, dtype, t, hypers, empty), reds in zip(contexts, finished):
-                results.append(self._eager_pass(p, fn, buffers, dtype, t, hypers, device_scalars, reds, empty))
+            for (buffers, dtype, t, hypers), reds in zip(contexts, finished):
+                results.append(self._eager_pass(p, fn, buffers, dtype, t, hypers, device_scalars, reds))
             if not p.produces:
                 continue
             # The [tensors, slots] table of partials; sharded, one all-reduce makes every value exact.
@@ -87,11 +89,12 @@ class TorchBackend:
                 for reds, value in zip(finished, values):
                     reds[slot.name] = value  # fp64, like the per-step scalars it feeds
 
-    def _eager_pass(self, p, fn, buffers, dtype, t, hypers, device_scalars, reds, empty):
+    def _eager_pass(self, p, fn, buffers, dtype, t, hypers, device_scalars, reds):
+        """One pass over one parameter (a zero-size one too: its reductions are their identities, and its
+        per-layer states move like any other's)."""
         plan = self.plan
-        if empty:  # nothing to update; contributes the identity to every reduction
-            return tuple(torch.full((), plan.slots[k].identity, device=t.device, dtype=torch.float64) for k, _ in p.produces)
         kwargs = {f"_{b}": buffers[b] for b in eager_pass_buffers(plan, p)}
+        kwargs.update({f"_layer_{name}": buffers[f"layer_{name}"] for name in layer_state_args(plan, p)})
         kwargs["dtype"] = dtype
         kwargs["t"] = t
         kwargs.update({h: hypers[h] for h in p.hypers})

@@ -19,7 +19,7 @@ import torch
 from .. import settings
 from ..codegen.abi import pass_args, reduce_args
 from ..codegen.render import load_module
-from .tables import ChunkTables, Staging, advance_empty_steps, pass_values, reduce_launches
+from .tables import ChunkTables, Staging, pass_values, reduce_launches
 
 _TL_DTYPES = {}
 
@@ -89,7 +89,7 @@ class TritonBackend:
             self._tables = tables
         else:
             tables.refresh(items)
-            tables.sync_steps()
+            tables.sync_scalars()
         return tables
 
     def step(self, items, scratch_of, device_scalars=None, reducer=None) -> None:
@@ -134,4 +134,3 @@ class TritonBackend:
                 self.launches += len(before) + len(after)
         for original, twin in staged:
             original.copy_(twin)
-        advance_empty_steps(t, plan, device_scalars)
