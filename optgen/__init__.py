@@ -16,6 +16,8 @@ from .spec import (
     Spec,
     SpecError,
     clip,
+    col_mean,
+    col_sum,
     global_max,
     global_norm,
     global_sum,
@@ -27,6 +29,8 @@ from .spec import (
     maxabs,
     norm,
     rms,
+    row_mean,
+    row_sum,
     sign,
     sqrt,
     sumsq,
@@ -48,6 +52,9 @@ NovoGrad = build(BUILTINS["novograd"]())
 Lion = build(BUILTINS["lion"]())
 LayerAdaptiveLion = build(BUILTINS["layer_adaptive_lion"]())
 AdaBelief = build(BUILTINS["adabelief"]())
+Adafactor = build(BUILTINS["adafactor"]())
+LayerAdaptiveAdafactor = build(BUILTINS["layer_adaptive_adafactor"]())
+CAME = build(BUILTINS["came"]())
 
 __all__ = [
     "Spec",
@@ -66,6 +73,10 @@ __all__ = [
     "layer_numel",
     "layer_mean",
     "rms",
+    "row_sum",
+    "col_sum",
+    "row_mean",
+    "col_mean",
     "global_norm",
     "global_sumsq",
     "global_sum",
@@ -88,5 +99,8 @@ __all__ = [
     "Lion",
     "LayerAdaptiveLion",
     "AdaBelief",
+    "Adafactor",
+    "LayerAdaptiveAdafactor",
+    "CAME",
     "BUILTINS",
 ]

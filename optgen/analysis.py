@@ -30,16 +30,22 @@ from sympy.core.sorting import default_sort_key
 from .ir import IR
 from .spec import (
     PARAM,
+    ColStateSymbol,
     DeviceScalarSymbol,
     GradSymbol,
     HyperSymbol,
     LayerStateSymbol,
+    NewColStateSymbol,
     NewLayerStateSymbol,
+    NewRowStateSymbol,
     NewStateSymbol,
     ParamSymbol,
     Reduction,
+    RowStateSymbol,
+    SpecError,
     StateSymbol,
     StepSymbol,
+    granularity,
 )
 
 FP32_BYTES = 4
@@ -59,18 +65,34 @@ class SlotSymbol(sympy.Symbol):
         return super().__new__(cls, name, real=True)
 
 
-ELEMENTWISE = (ParamSymbol, GradSymbol, StateSymbol, NewStateSymbol, ScratchSymbol)
+class AxisSlotSymbol(SlotSymbol):
+    """The finished value of a per-row or per-column reduction: it varies within a program's elements."""
+
+
+ELEMENTWISE = (ParamSymbol, GradSymbol, StateSymbol, NewStateSymbol, ScratchSymbol)  # loaded element by element
+_ROW = (RowStateSymbol, NewRowStateSymbol)
+_COL = (ColStateSymbol, NewColStateSymbol)
+# values that vary from element to element of one program: element-wise code computes with them
+VARYING = ELEMENTWISE + _ROW + _COL + (AxisSlotSymbol,)
 
 
 @dataclass(frozen=True)
 class Slot:
-    """One reduction: ``op`` (sum | max) of ``arg`` over a layer or over all parameters."""
+    """One reduction: ``op`` (sum | max) of ``arg`` over a layer or over all parameters (``scope`` layer,
+    global), over the last or second-to-last dimension of an element-wise value (row, col: one value per row or
+    column, ``dim`` -1 or -2), or of a per-column or per-row value (matrix: one per matrix, computed at the
+    reduce step after pass ``stage`` from values that step finished, not from a pass's elements)."""
 
     index: int
     op: str
     scope: str
     arg: sympy.Expr
     stage: int
+    dim: int | None = None
+
+    @property
+    def reduce_time(self) -> bool:
+        return self.scope == "matrix"
 
     @property
     def name(self) -> str:
@@ -113,6 +135,10 @@ class Pass:
     writes_step: bool  # the last pass advances the step count
     layer_state_reads: tuple[str, ...] = ()  # per-layer states whose old value the pass reads
     layer_stores: tuple[tuple[str, sympy.Expr], ...] = ()  # (per-layer state, new value): the last pass writes them
+    axis_loads: tuple[tuple[str, str], ...] = ()  # (state, "row" | "column"): per-row/column states element code reads
+    # Computed by the reduce step after this pass, in order, once its partials are folded: ("state", name, new
+    # value) writes a per-row/column state, ("slot", slot index, argument) a per-matrix reduction.
+    reduce_items: tuple[tuple[str, object, sympy.Expr], ...] = ()
 
     @property
     def bytes_per_param(self) -> int:
@@ -143,7 +169,7 @@ class Plan:
     def launches_per_step(self) -> int:
         """Unsharded Triton launches: one per pass, and one reduce launch after each pass with per-layer values
         (segment-reduce) or global values (fold; the same launch when a pass produces both)."""
-        return len(self.passes) + sum(p.reduce_after or p.fold_after for p in self.passes)
+        return len(self.passes) + sum(p.reduce_after or p.fold_after or bool(p.reduce_items) for p in self.passes)
 
     @property
     def buffers(self) -> tuple[str, ...]:
@@ -159,10 +185,11 @@ class Plan:
             f"{self.bytes_per_param} B/param/step (fp32)"
         ]
         states = ", ".join((*self.ir.element_state_names, *self.scratch)) or "none"
-        per_layer = "".join(f"; {name} per layer" for name in self.ir.layer_state_names)
-        lines.append(f"  state: {states}{per_layer} -> {self.state_bytes_per_param} B/param (fp32)")
+        coarse = "".join(f"; {s.name} per {s.per}" for s in self.ir.states if s.per != "element")
+        lines.append(f"  state: {states}{coarse} -> {self.state_bytes_per_param} B/param (fp32)")
         for slot in self.slots:
-            lines.append(f"  {slot.name} = {slot.scope} {slot.op} of {slot.arg}  [computed in pass {slot.stage}]")
+            where = f"at the reduce step after pass {slot.stage}" if slot.reduce_time else f"computed in pass {slot.stage}"
+            lines.append(f"  {slot.name} = {slot.scope} {slot.op} of {slot.arg}  [{where}]")
         for p in self.passes:
             loads = ", ".join(f"{ld.buffer}" + ("(new)" if ld.symbol.endswith("_new") else "") for ld in p.loads)
             stores = ", ".join(b for b, _ in p.stores) or "-"
@@ -173,6 +200,9 @@ class Plan:
                 + (" ; then " if p.reduce_after or p.fold_after else "")
                 + " + ".join(w for w, on in (("segment-reduce", p.reduce_after), ("global fold", p.fold_after)) if on)
             )
+            for kind, name, expr in p.reduce_items:
+                what = f"{name} = {expr}" if kind == "state" else f"red_{name} = matrix sum of {expr}"
+                lines.append(f"    reduce step after pass {p.index}: {what}")
         lines.extend(f"  note: {n}" for n in self.notes)
         return "\n".join(lines)
 
@@ -196,24 +226,36 @@ def _target_of(symbol: NewStateSymbol) -> str:
 
 
 def _extract_slots(updates: dict[str, sympy.Expr]):
-    """Replace reductions, innermost first, by slot symbols; identical reductions share a slot."""
-    slots_raw: list[tuple[str, str, sympy.Expr]] = []
+    """Replace reductions, innermost first, by slot symbols; identical reductions share a slot. Each slot is
+    (op, scope, arg, dim): a row or column sum of an element-wise value is per row/column, of a value of the
+    other axis per matrix."""
+    slots_raw: list[tuple[str, str, sympy.Expr, int | None]] = []
+    known: dict[sympy.Symbol, str] = {}  # slot symbol -> granularity of its value
     exprs = dict(updates)
     while True:
         found = set()
         for expr in exprs.values():
             found |= expr.atoms(Reduction)
-        for _, _, arg in slots_raw:
+        for _, _, arg, _ in slots_raw:
             found |= arg.atoms(Reduction)
         innermost = sorted((r for r in found if not r.args[0].atoms(Reduction)), key=default_sort_key)
         if not innermost:
             break
         mapping = {}
         for red in innermost:
-            mapping[red] = SlotSymbol(f"red_{len(slots_raw)}")
-            slots_raw.append((red.op, red.scope, red.args[0]))
+            value = granularity(red, known)
+            name = f"red_{len(slots_raw)}"
+            if red.scope in ("row", "col"):
+                scope = "matrix" if value == "matrix" else red.scope
+                dim = -1 if red.scope == "row" else -2
+            else:
+                scope, dim = red.scope, None
+            symbol = AxisSlotSymbol(name) if scope in ("row", "col") else SlotSymbol(name)
+            known[symbol] = {"row": "row", "col": "col", "matrix": "matrix"}.get(scope, "layer")
+            mapping[red] = symbol
+            slots_raw.append((red.op, scope, red.args[0], dim))
         exprs = {k: e.xreplace(mapping) for k, e in exprs.items()}
-        slots_raw = [(op, scope, arg.xreplace(mapping)) for op, scope, arg in slots_raw]
+        slots_raw = [(op, scope, arg.xreplace(mapping), dim) for op, scope, arg, dim in slots_raw]
     return exprs, slots_raw
 
 
@@ -236,27 +278,39 @@ def _slot_index(symbol: sympy.Symbol) -> int:
     return int(symbol.name.split("_")[1])
 
 
-def _layout(defs, slots_raw, earliest: dict[int, int], layer_defs=()):
-    """Stages of every slot and new value, the write pass of every target, and the number of passes.
+def _layout(defs, slots_raw, earliest: dict[int, int], layer_defs=(), axis_defs=None):
+    """Stages of every slot and new value, the write pass of every target, the reduce step of every per-row or
+    per-column state, and the number of passes.
 
     ``earliest`` holds a later pass than its natural stage for some slots (see ``plan``); ``layer_defs``, the
-    per-layer states' new values, are written by the last pass, which must come after the slots they read.
+    per-layer states' new values, are written by the last pass, which must come after the slots they read;
+    ``axis_defs``, the per-row/column states' new values, are computed and written by the reduce step after the
+    pass that finishes what they read (a matrix slot's too).
     """
+    axis_defs = axis_defs or {}
     target_stage: dict[str, int] = {}
     slot_stage: dict[int, int] = {}
+    axis_step: dict[str, int] = {}
 
     def stage_of(expr: sympy.Expr) -> int:
+        """The first pass that can read ``expr``."""
         stage = 0
         for sym in expr.free_symbols:
             if isinstance(sym, SlotSymbol):
                 stage = max(stage, stage_slot(_slot_index(sym)) + 1)
             elif isinstance(sym, NewStateSymbol):
                 stage = max(stage, stage_target(_target_of(sym)))
+            elif isinstance(sym, (NewRowStateSymbol, NewColStateSymbol)):
+                stage = max(stage, step_of(_target_of(sym)) + 1)
         return stage
 
     def stage_slot(k: int) -> int:
         if k not in slot_stage:
-            slot_stage[k] = max(earliest.get(k, 0), stage_of(slots_raw[k][2]))
+            _, scope, arg, _ = slots_raw[k]
+            if scope == "matrix":  # at the reduce step after the pass that finishes its argument's values
+                slot_stage[k] = max(0, stage_of(arg) - 1)
+            else:
+                slot_stage[k] = max(earliest.get(k, 0), stage_of(arg))
         return slot_stage[k]
 
     def stage_target(target: str) -> int:
@@ -264,14 +318,24 @@ def _layout(defs, slots_raw, earliest: dict[int, int], layer_defs=()):
             target_stage[target] = stage_of(defs[target])
         return target_stage[target]
 
+    def step_of(target: str) -> int:
+        if target not in axis_step:
+            axis_step[target] = max(0, stage_of(axis_defs[target]) - 1)
+        return axis_step[target]
+
     for target in defs:
         stage_target(target)
+    for target in axis_defs:
+        step_of(target)
     for k in range(len(slots_raw)):
         stage_slot(k)
     slots = tuple(
-        Slot(index=k, op=op, scope=scope, arg=arg, stage=slot_stage[k]) for k, (op, scope, arg) in enumerate(slots_raw)
+        Slot(index=k, op=op, scope=scope, arg=arg, stage=slot_stage[k], dim=dim)
+        for k, (op, scope, arg, dim) in enumerate(slots_raw)
     )
-    n_passes = 1 + max([*target_stage.values(), *slot_stage.values(), *(stage_of(e) for e in layer_defs)])
+    n_passes = 1 + max(
+        [*target_stage.values(), *slot_stage.values(), *axis_step.values(), *(stage_of(e) for e in layer_defs)]
+    )
 
     # A write waits while a later pass still reads the old value.
     write = dict(target_stage)
@@ -290,7 +354,7 @@ def _layout(defs, slots_raw, earliest: dict[int, int], layer_defs=()):
         if not conflict:
             break
         write[conflict[0]] = conflict[1]
-    return slots, write, n_passes
+    return slots, write, n_passes, axis_step
 
 
 def _cost(defs, slots, write, n_passes, scratch) -> tuple[int, int]:
@@ -300,34 +364,38 @@ def _cost(defs, slots, write, n_passes, scratch) -> tuple[int, int]:
         roots, produces, _, leaves = _program(j, defs, slots, write, scratch)
         stores = len(roots) + sum(1 for _, i in scratch.values() if i == j)
         total += FP32_BYTES * (len(leaves) + stores)
-        launches += any(slots[k].scope == "layer" for k, _ in produces)
+        launches += any(slots[k].scope in ("layer", "row", "col") for k, _ in produces)
     return total, launches
 
 
 def plan(ir: IR) -> Plan:
     """Derive the pass plan of ``ir`` (see the module docstring)."""
     layer_targets = set(ir.layer_state_names)
+    axis_targets = set(ir.factored_state_names)
     defs, slots_raw = _extract_slots(_inline_layer_values(dict(ir.updates), layer_targets))
     layer_defs = {t: e for t, e in defs.items() if t in layer_targets}
-    defs = {t: e for t, e in defs.items() if t not in layer_targets}
+    axis_defs = {t: e for t, e in defs.items() if t in axis_targets}
+    defs = {t: e for t, e in defs.items() if t not in layer_targets and t not in axis_targets}
     layer_exprs = tuple(layer_defs.values())
 
     # A reduction may run in any pass from its natural stage up to the one before its first reader. Put
     # each where it moves the fewest bytes and launches (ties: earliest), never adding a pass: computing
     # ||w|| alongside the moments, not in a pre-pass of its own, saves reading w twice.
     earliest: dict[int, int] = {}
-    slots, write, n_passes = _layout(defs, slots_raw, earliest, layer_exprs)
+    slots, write, n_passes, axis_step = _layout(defs, slots_raw, earliest, layer_exprs, axis_defs)
     best_cost = _cost(defs, slots, write, n_passes, {})
     for k in range(len(slots_raw)):
+        if slots[k].reduce_time:
+            continue
         for p in range(slots[k].stage + 1, n_passes):
             trial = {**earliest, k: p}
-            t_slots, t_write, t_passes = _layout(defs, slots_raw, trial, layer_exprs)
+            t_slots, t_write, t_passes, t_steps = _layout(defs, slots_raw, trial, layer_exprs, axis_defs)
             if t_passes != n_passes:
                 break
             cost = _cost(defs, t_slots, t_write, t_passes, {})
             if cost < best_cost:
                 earliest, best_cost = trial, cost
-                slots, write = t_slots, t_write
+                slots, write, axis_step = t_slots, t_write, t_steps
 
     # -- recompute or store values crossing a pass boundary ------------------------------------------
     scratch: dict[sympy.Expr, tuple[ScratchSymbol, int]] = {}
@@ -343,17 +411,101 @@ def plan(ir: IR) -> Plan:
                 scratch[expr] = (symbol, i)
                 notes.append(f"{symbol} = {expr} is stored by pass {i} for pass {j} (saves {saving} B/param)")
 
+    reduce_items = _reduce_items(ir, slots, axis_defs, axis_step)
     passes = []
     for j in range(n_passes):
         roots, produces, local, leaves = _program(j, defs, slots, write, scratch)
         stores = [(_store_buffer(t), _inline_locals(e, local)) for t, e in roots]
         stores += [(sym.name, _inline_locals(expr, local)) for expr, (sym, i) in scratch.items() if i == j]
         produces = [(k, _inline_locals(e, local)) for k, e in produces]
+        stores, produces = _read_axis_states(ir, j, stores, produces, axis_step)
         layer_stores = list(layer_defs.items()) if j == n_passes - 1 else []
-        passes.append(_build_pass(j, n_passes, stores, produces, leaves, slots, ir.step_advance, layer_stores))
+        passes.append(
+            _build_pass(j, n_passes, stores, produces, leaves, slots, ir.step_advance, layer_stores, reduce_items.get(j, ()))
+        )
     return Plan(
         ir=ir, slots=slots, passes=tuple(passes), scratch=tuple(s.name for s, _ in scratch.values()), notes=tuple(notes)
     )
+
+
+def _reduce_items(ir: IR, slots, axis_defs: dict, axis_step: dict) -> dict[int, tuple]:
+    """What each reduce step computes once its pass's partials are folded: per-row/column states' new values
+    and per-matrix reductions, in an order where every item comes after the new values it reads and before the
+    write of any state whose old value it reads."""
+    steps: dict[int, list] = {}
+    for target, expr in axis_defs.items():
+        steps.setdefault(axis_step[target], []).append(("state", target, expr))
+    for slot in slots:
+        if slot.reduce_time:
+            steps.setdefault(slot.stage, []).append(("slot", slot.index, slot.arg))
+    out = {}
+    for step, items in steps.items():
+        names = {(kind, key) for kind, key, _ in items}
+        after: dict[tuple, set] = {(kind, key): set() for kind, key, _ in items}  # item -> items it must follow
+        for kind, key, expr in items:
+            for sym in expr.free_symbols:
+                if isinstance(sym, (NewRowStateSymbol, NewColStateSymbol)) and ("state", _target_of(sym)) in names:
+                    after[(kind, key)].add(("state", _target_of(sym)))
+                elif isinstance(sym, SlotSymbol) and ("slot", _slot_index(sym)) in names:
+                    after[(kind, key)].add(("slot", _slot_index(sym)))
+                elif isinstance(sym, (RowStateSymbol, ColStateSymbol)) and ("state", sym.name) in names and key != sym.name:
+                    after[("state", sym.name)].add((kind, key))  # the old value is read before the state is written
+        ordered, placed = [], set()
+        pending = list(items)
+        while pending:
+            ready = [item for item in pending if after[(item[0], item[1])] <= placed]
+            if not ready:
+                raise SpecError(
+                    f"{ir.name}: the per-row/column values of the reduce step after pass {step} depend on each other "
+                    f"in a cycle: {', '.join(str(key) for _, key, _ in pending)}"
+                )
+            for item in ready:
+                ordered.append(item)
+                placed.add((item[0], item[1]))
+                pending.remove(item)
+        # after a state is written, items read its new value from the state itself
+        written = {}
+        final = []
+        for kind, key, expr in ordered:
+            expr = expr.xreplace(written)
+            final.append((kind, key, expr))
+            if kind == "state":
+                written[ir.new_symbol(key)] = ir.old_symbol(key)
+        out[step] = tuple(final)
+    # a later step reads the state (holding its new value)
+    for step, items in out.items():
+        fixed = []
+        for kind, key, expr in items:
+            subs = {}
+            for sym in expr.free_symbols:
+                if isinstance(sym, (NewRowStateSymbol, NewColStateSymbol)):
+                    subs[sym] = ir.old_symbol(_target_of(sym))
+                elif isinstance(sym, (RowStateSymbol, ColStateSymbol)) and axis_step[sym.name] < step:
+                    raise SpecError(
+                        f"{ir.name}: the old value of {sym.name} is read after the reduce step that writes its new "
+                        f"value (after pass {axis_step[sym.name]}); read the new value, or keep the old one in a state"
+                    )
+            fixed.append((kind, key, expr.xreplace(subs) if subs else expr))
+        out[step] = tuple(fixed)
+    return out
+
+
+def _read_axis_states(ir: IR, j: int, stores, produces, axis_step: dict):
+    """Pass ``j`` reads each per-row/column state from the state itself: its new value once the reduce step
+    that writes it has run (before pass j), its old value before; reading the old value after is refused."""
+    subs = {}
+    for _, expr in stores + produces:
+        for sym in expr.free_symbols:
+            if isinstance(sym, (NewRowStateSymbol, NewColStateSymbol)):
+                subs[sym] = ir.old_symbol(_target_of(sym))
+            elif isinstance(sym, (RowStateSymbol, ColStateSymbol)) and axis_step[sym.name] < j:
+                raise SpecError(
+                    f"{ir.name}: pass {j} reads the old value of {sym.name}, which the reduce step after pass "
+                    f"{axis_step[sym.name]} has replaced; read its new value, or keep the old one in a state"
+                )
+    if not subs:
+        return stores, produces
+    return [(b, e.xreplace(subs)) for b, e in stores], [(k, e.xreplace(subs)) for k, e in produces]
 
 
 def _store_buffer(target: str) -> str:
@@ -374,7 +526,7 @@ def _program(j, defs, slots, write, scratch):
         return expr.xreplace(replace) if replace else expr
 
     stores = [(t, sub(e)) for t, e in defs.items() if write[t] == j]
-    produces = [(s.index, sub(s.arg)) for s in slots if s.stage == j]
+    produces = [(s.index, sub(s.arg)) for s in slots if s.stage == j and not s.reduce_time]
     local: dict[str, sympy.Expr] = {}
     pending = [e for _, e in stores + produces]
     while pending:
@@ -433,7 +585,8 @@ def _best_scratch(i, j, defs, slots, write, scratch):
 
 
 def _is_elementwise(expr, elementwise_names) -> bool:
-    return any(isinstance(s, ELEMENTWISE) or s.name in elementwise_names for s in expr.free_symbols)
+    """Whether ``expr`` varies within a program (element-wise, per row or per column): not a per-program scalar."""
+    return any(isinstance(s, VARYING) or s.name in elementwise_names for s in expr.free_symbols)
 
 
 class _Lifter:
@@ -473,7 +626,7 @@ class _Lifter:
         return expr.func(*args, evaluate=False) if isinstance(expr, (sympy.Add, sympy.Mul, sympy.Pow)) else expr.func(*args)
 
 
-def _build_pass(j, n_passes, stores, produces, leaves, slots, step_advance, layer_stores) -> Pass:
+def _build_pass(j, n_passes, stores, produces, leaves, slots, step_advance, layer_stores, reduce_items) -> Pass:
     roots = [e for _, e in stores] + [e for _, e in produces] + [e for _, e in layer_stores]
     replacements, reduced = sympy.cse(roots, symbols=sympy.numbered_symbols("tmp", real=True), optimizations=None)
     elementwise_names: set[str] = set()
@@ -515,11 +668,13 @@ def _build_pass(j, n_passes, stores, produces, leaves, slots, step_advance, laye
         uses_step=any(isinstance(s, StepSymbol) for s in free) or writes_step,
         device_scalars=device_scalars,
         step_advance=advance,
-        reduce_after=any(slots[k].scope == "layer" for k, _ in produces),
+        reduce_after=any(slots[k].scope in ("layer", "row", "col") for k, _ in produces),
         fold_after=any(slots[k].scope == "global" for k, _ in produces),
         writes_step=writes_step,
         layer_state_reads=tuple(sorted(s.name for s in free if isinstance(s, LayerStateSymbol))),
         layer_stores=reduced_layer,
+        axis_loads=tuple(sorted((s.name, "row" if isinstance(s, RowStateSymbol) else "column") for s in free if isinstance(s, _ROW + _COL))),
+        reduce_items=tuple(reduce_items),
     )
 
 

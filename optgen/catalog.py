@@ -49,9 +49,9 @@ def resolve_spec(name: str) -> Spec:
 
 
 def variants(spec: Spec):
-    """Every flag combination of ``spec``, defaults first."""
-    names = [f.name for f in spec.flags]
-    defaults = tuple(f.default for f in spec.flags)
+    """Every flag combination of ``spec`` (shape flags too: true for the largest parameters), defaults first."""
+    names = [f.name for f in spec.flags] + [f.name for f in spec.shape_flags]
+    defaults = tuple(f.default for f in spec.flags) + tuple(True for _ in spec.shape_flags)
     combos = sorted(itertools.product((False, True), repeat=len(names)), key=lambda c: (c != defaults, c))
     return [dict(zip(names, combo)) for combo in combos]
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from . import settings
 from .analysis import plan as make_plan
 from .catalog import resolve_spec, summary, variants
-from .codegen.render import TARGETS, generated_dir, golden_path, render
+from .codegen.render import TARGETS, generated_dir, golden_path, render, targets_for
 from .ir import lower
 from .spec import SpecError
 from .specs import BUILTINS
@@ -63,7 +63,7 @@ def golden_sources() -> dict[Path, str]:
         spec = factory()
         for flags in variants(spec):
             p = make_plan(lower(spec, flags))
-            for target in TARGETS:
+            for target in targets_for(p):
                 out[golden_path(p, target)] = render(p, target)
     return out
 

@@ -21,23 +21,24 @@ import sympy
 
 from .spec import (
     PARAM,
+    STATE_SYMBOLS,
     BoolHyperSymbol,
+    ColSum,
     FlagSymbol,
     HyperDecl,
     HyperSymbol,
-    LayerStateSymbol,
-    NewLayerStateSymbol,
     NewStateSymbol,
     ParamSymbol,
     Reduction,
     Requirement,
+    RowSum,
     Spec,
     SpecError,
     StateDecl,
-    StateSymbol,
     TrustRatio,
     Where,
     elementwise_leaves,
+    granularity,
 )
 
 
@@ -63,21 +64,23 @@ class IR:
         parts = [self.name]
         parts += [repr(h) for h in self.hypers]
         parts += [f"flag {k}={v}" for k, v in self.flags]
-        parts += [f"state {s.name} per {s.per} {sympy.srepr(s.init)}" for s in self.states]
+        parts += [f"state {s.name} per {s.per}{'' if s.keepdim else ' squeezed'} {sympy.srepr(s.init)}" for s in self.states]
         parts += [f"update {k} {sympy.srepr(e)}" for k, e in self.updates]
         parts += [f"device {d}" for d in self.device_scalars]
         parts += [f"advance {sympy.srepr(self.step_advance)}", f"options {self.options}"]
         return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
+    def per(self, target: str) -> str:
+        """A state's granularity (``"element"``, ``"layer"``, ``"row"``, ``"column"``); the parameter's is element."""
+        return next((s.per for s in self.states if s.name == target), "element")
+
     def new_symbol(self, target: str) -> sympy.Symbol:
         """The symbol of ``target``'s new value (``target``: a state name or PARAM)."""
-        return _new_symbol(target, target in self.layer_state_names)
+        return _new_symbol(target, self.per(target))
 
     def old_symbol(self, target: str) -> sympy.Symbol:
         """The symbol of ``target``'s old value."""
-        if target == PARAM:
-            return ParamSymbol("w")
-        return LayerStateSymbol(target) if target in self.layer_state_names else StateSymbol(target)
+        return ParamSymbol("w") if target == PARAM else STATE_SYMBOLS[self.per(target)][0](target)
 
     def definition(self, target: str) -> sympy.Expr:
         return dict(self.updates)[target]
@@ -97,14 +100,32 @@ class IR:
         """States of one number per parameter tensor."""
         return tuple(s.name for s in self.states if s.per == "layer")
 
+    @property
+    def factored_state_names(self) -> tuple[str, ...]:
+        """States of one number per row or per column."""
+        return tuple(s.name for s in self.states if s.per in ("row", "column"))
 
-def _new_symbol(target: str, per_layer: bool) -> sympy.Symbol:
-    if per_layer:
-        return NewLayerStateSymbol(f"{target}_new")
-    return NewStateSymbol("w_new" if target == PARAM else f"{target}_new")
+    @property
+    def factored(self) -> bool:
+        """The variant reduces over rows or columns: its parameters must have 2+ dimensions."""
+        return bool(self.factored_state_names) or any(
+            e.has(RowSum, ColSum) for _, e in self.updates
+        )
 
 
-_NEW_VALUES = (NewStateSymbol, NewLayerStateSymbol)
+def _new_symbol(target: str, per: str) -> sympy.Symbol:
+    return NewStateSymbol("w_new") if target == PARAM else STATE_SYMBOLS[per][1](f"{target}_new")
+
+
+_NEW_VALUES = tuple(new for _, new in STATE_SYMBOLS.values())
+_OLD_VALUES = tuple(old for old, _ in STATE_SYMBOLS.values())
+# the granularities a state's new value may have
+_FITS = {
+    "element": set(("scalar", "layer", "matrix", "row", "col", "element")),
+    "layer": {"scalar", "layer"},
+    "row": {"scalar", "layer", "matrix", "row"},
+    "column": {"scalar", "layer", "matrix", "col"},
+}
 
 
 _SUPPORTED = (
@@ -201,6 +222,7 @@ def lower(spec: Spec, flags: dict | None = None, runtime: tuple[str, ...] = ()) 
     per param group at run time (param groups that disagree on a flag share one variant, one launch per pass).
     """
     flag_values = {f.name: f.default for f in spec.flags}
+    flag_values.update({f.name: True for f in spec.shape_flags})  # by default the variant of the largest shapes
     for name, value in (flags or {}).items():
         if name not in flag_values:
             raise SpecError(f"{spec.name} has no flag {name!r} (flags: {sorted(flag_values) or 'none'})")
@@ -218,10 +240,16 @@ def lower(spec: Spec, flags: dict | None = None, runtime: tuple[str, ...] = ()) 
     hypers = list(spec.hypers) + [runtime_flag(f.name, f.default) for f in spec.flags if f.name in runtime]
     hypers_by_name = {h.name: h for h in hypers}
     declared = set(spec._symbols.values()) | {BoolHyperSymbol(name) for name in runtime}
+    # states that exist only where a shape flag holds: gone from the variants where it does not
+    absent = {s.name for s in spec.states if s.when is not None and flag_values[s.when[0]] != s.when[1]}
+    spec_states = [s for s in spec.states if s.name not in absent]
+    spec_updates = [u for u in spec.updates if u.target not in absent]
+    absent_symbols = {sym for sym in spec._symbols.values() if sym.name in absent}
+    per = {s.name: s.per for s in spec.states}
     updated = {u.target for u in spec.updates}
-    per_layer = {s.name for s in spec.states if s.per == "layer"}
-    new_symbols = {_new_symbol(t, t in per_layer): t for t in updated}
-    uses_trust_ratio = any(u.expr.atoms(TrustRatio) for u in spec.updates)
+    new_symbols = {_new_symbol(t, per.get(t, "element")): t for t in updated}
+    absent_symbols |= {sym for sym, t in new_symbols.items() if t in absent}
+    uses_trust_ratio = any(u.expr.atoms(TrustRatio) for u in spec_updates)
     if uses_trust_ratio and "layer_adaptation" not in hypers_by_name:
         hypers.append(LAYER_ADAPTATION)
     layer_adaptation = BoolHyperSymbol("layer_adaptation")
@@ -231,10 +259,10 @@ def lower(spec: Spec, flags: dict | None = None, runtime: tuple[str, ...] = ()) 
         return sympy.Piecewise((num / den, sympy.And(*positive, sympy.Ne(layer_adaptation, 0))), (sympy.S.One, True))
 
     # -- every state updated once, the parameter updated ----------------------------------------------
-    state_names = [s.name for s in spec.states]
+    state_names = [s.name for s in spec_states]
     if PARAM not in updated:
         raise SpecError(f"spec {spec.name} never updates the parameter: add spec.update(spec.param, ...)")
-    for state in spec.states:
+    for state in spec_states:
         if state.name not in updated:
             raise SpecError(
                 f"state {state.name!r} of spec {spec.name} is never updated: give its new value with "
@@ -242,7 +270,7 @@ def lower(spec: Spec, flags: dict | None = None, runtime: tuple[str, ...] = ()) 
             )
 
     lowered = []
-    for upd in spec.updates:
+    for upd in spec_updates:
         what = f"update of {'the parameter' if upd.target == PARAM else upd.target}"
         expr = upd.expr
         _check_flags_only_in_conditions(expr, upd.where, what)
@@ -250,6 +278,12 @@ def lower(spec: Spec, flags: dict | None = None, runtime: tuple[str, ...] = ()) 
         _check_supported(expr, upd.where, what)
         expr = _fold_constants(expr.xreplace(flag_subs))
         expr = expr.replace(TrustRatio, lower_trust_ratio)
+        gone = sorted(str(s) for s in expr.free_symbols if s in absent_symbols)
+        if gone:
+            raise SpecError(
+                f"{what}: {', '.join(gone)} exists only where its shape flag holds (spec.state(when=...)), but "
+                f"this variant ({_flags_text(flag_values)}) reads it: read it under where(flag, ...) [{upd.where}]"
+            )
         for sym in sorted(expr.free_symbols, key=str):
             if sym in declared or sym in new_symbols or sym == layer_adaptation:
                 continue
@@ -262,23 +296,17 @@ def lower(spec: Spec, flags: dict | None = None, runtime: tuple[str, ...] = ()) 
                 f"or use spec.param/spec.grad/spec.step [{upd.where}]"
             )
         for red in expr.atoms(Reduction):
-            # A per-step scalar is reduced as the value of every element (layer_sum(1): the element count); a
-            # reduction of a per-layer or global value alone has no elements to run over. (An element-wise value
-            # that reads a reduction, sumsq(g / norm(g)), is reduced a stage later.)
-            if red.args[0].has(Reduction) and not elementwise_leaves(red.args[0]):
-                raise SpecError(
-                    f"{what}: {type(red).__name__}({red.args[0]}) reduces a reduction (a per-layer or global "
-                    f"value, not an element-wise one): a reduction of a reduction is not supported [{upd.where}]"
-                )
+            _check_reduction(red, what, upd.where)
         for sym in expr.free_symbols:
             if isinstance(sym, _NEW_VALUES) and new_symbols[sym] == upd.target:
                 raise SpecError(f"{what}: its new value refers to itself ({sym}) in {expr} [{upd.where}]")
-        if upd.target in per_layer and elementwise_leaves(expr):
-            leaves = ", ".join(sorted(str(s) for s in elementwise_leaves(expr)))
+        kind = per.get(upd.target, "element")
+        if granularity(expr) not in _FITS[kind]:
+            leaves = ", ".join(sorted(str(s) for s in elementwise_leaves(expr))) or f"per-{granularity(expr)} values"
+            one = "one number per layer" if kind == "layer" else f"one number per {kind}"
             raise SpecError(
-                f"{what}: a per-layer state's new value must be one number per layer (reductions, "
-                f"hyperparameters, the step, per-layer states), but {expr} reads {leaves} element-wise outside "
-                f"a reduction [{upd.where}]"
+                f"{what}: a per-{kind} state's new value must be {one} (reductions, hyperparameters, the step, "
+                f"states as coarse), but {expr} reads {leaves} [{upd.where}]"
             )
         lowered.append((upd.target, expr))
 
@@ -302,17 +330,17 @@ def lower(spec: Spec, flags: dict | None = None, runtime: tuple[str, ...] = ()) 
 
     # -- state initial values: constants, hyperparameters and w ------------------------------------------
     states = []
-    for state in spec.states:
+    for state in spec_states:
         init = state.init.xreplace(flag_subs)
         _check_supported(init, state.where, f"state {state.name!r} initial value")
-        allowed = HyperSymbol if state.per == "layer" else (HyperSymbol, ParamSymbol)
+        allowed = (HyperSymbol, ParamSymbol) if state.per == "element" else HyperSymbol
         bad = [s for s in init.free_symbols if not isinstance(s, allowed)]
         if bad or init.atoms(Reduction):
             raise SpecError(
                 f"state {state.name!r}: initial value {state.init} may use only constants, "
-                f"hyperparameters{'' if state.per == 'layer' else ' and the parameter w'} [{state.where}]"
+                f"hyperparameters{' and the parameter w' if state.per == 'element' else ''} [{state.where}]"
             )
-        states.append(StateDecl(state.name, init, state.where, state.per))
+        states.append(StateDecl(state.name, init, state.where, state.per, state.when, state.keepdim))
 
     requirements = []
     for req in spec.requirements:
@@ -328,7 +356,7 @@ def lower(spec: Spec, flags: dict | None = None, runtime: tuple[str, ...] = ()) 
     order = {name: i for i, name in enumerate(state_names + [PARAM])}
     lowered.sort(key=lambda item: order[item[0]])
     states, lowered = _without_idle_states(states, lowered)
-    locations = tuple((u.target, u.where) for u in spec.updates)
+    locations = tuple((u.target, u.where) for u in spec_updates)
     return IR(
         name=spec.name,
         doc=spec.doc,
@@ -340,6 +368,38 @@ def lower(spec: Spec, flags: dict | None = None, runtime: tuple[str, ...] = ()) 
         update_locations=locations,
         device_scalars=tuple(spec.device_scalars),
     )
+
+
+def _flags_text(values: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted(values.items())) or "no flags"
+
+
+def _check_reduction(red, what: str, where_: str) -> None:
+    """A reduction's argument is element-wise or a per-step scalar (reduced as the value of every element:
+    ``layer_sum(1)`` is the element count), or for ``row_sum``/``col_sum`` a value of the other axis (a
+    per-column value's sum over a row is one per matrix). (An element-wise value that reads a reduction,
+    ``sumsq(g / norm(g))``, is reduced a stage later.)"""
+    arg = red.args[0]
+    inner = granularity(arg)
+    name = type(red).__name__
+    if isinstance(red, (RowSum, ColSum)):
+        axis, other = ("row", "col") if isinstance(red, RowSum) else ("col", "row")
+        if inner in (axis, "matrix") or (inner == "layer" and arg.has(Reduction) and not elementwise_leaves(arg)):
+            raise SpecError(
+                f"{what}: {name}({arg}) reduces a per-{inner} value over the {'columns' if axis == 'row' else 'rows'}: "
+                f"reduce an element-wise value, or a per-{other} one [{where_}]"
+            )
+        return
+    if inner in ("row", "col", "matrix"):
+        raise SpecError(
+            f"{what}: {name}({arg}) reduces a per-{inner} value over a whole parameter: not supported; reduce an "
+            f"element-wise value [{where_}]"
+        )
+    if arg.has(Reduction) and not elementwise_leaves(arg):
+        raise SpecError(
+            f"{what}: {name}({arg}) reduces a reduction (a per-layer or global value, not an element-wise one): "
+            f"a reduction of a reduction is not supported [{where_}]"
+        )
 
 
 def runtime_flag(name: str, default: bool, doc: str = "compile-time flag, here read per param group") -> HyperDecl:
@@ -370,9 +430,9 @@ def _without_idle_states(states: list[StateDecl], updates: list) -> tuple[list, 
     while True:
         read = set()
         for target, expr in updates:
-            read |= {s.name for s in expr.free_symbols if isinstance(s, (StateSymbol, LayerStateSymbol)) and s.name != target}
+            read |= {s.name for s in expr.free_symbols if isinstance(s, _OLD_VALUES) and s.name != target}
             read |= {s.name[: -len("_new")] for s in expr.free_symbols if isinstance(s, _NEW_VALUES)}
-        old = {s.name: (StateSymbol if s.per == "element" else LayerStateSymbol)(s.name) for s in states}
+        old = {s.name: STATE_SYMBOLS[s.per][0](s.name) for s in states}
         idle = {s.name for s in states if s.name not in read and dict(updates)[s.name] == old[s.name]}
         if not idle:
             return states, updates

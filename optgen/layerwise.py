@@ -27,7 +27,19 @@ from collections.abc import Callable
 
 import sympy
 
-from .spec import PARAM, BoolHyperSymbol, HyperSymbol, Spec, SpecError, TrustRatio, UpdateDecl, norm, trust_ratio, where
+from .spec import (
+    PARAM,
+    BoolHyperSymbol,
+    HyperSymbol,
+    Spec,
+    SpecError,
+    TrustRatio,
+    UpdateDecl,
+    elementwise_leaves,
+    norm,
+    trust_ratio,
+    where,
+)
 
 __all__ = ["layer_adaptive", "update_step"]
 
@@ -51,10 +63,15 @@ gives {base} itself. {base}:
 """
 
 
+def _reads(expr: sympy.Basic, w: sympy.Symbol) -> bool:
+    """``expr`` reads ``w`` element-wise (a norm of ``w`` inside it is one number per layer: a constant here)."""
+    return w in elementwise_leaves(expr)
+
+
 def _affine(expr: sympy.Expr, w: sympy.Symbol):
-    """``(a, b)`` with ``expr == a*w + b`` and neither containing ``w``, or None where ``expr`` is not affine
-    in ``w`` (or not of a form this recognises)."""
-    if not expr.has(w):
+    """``(a, b)`` with ``expr == a*w + b`` and neither reading ``w`` element-wise, or None where ``expr`` is not
+    affine in ``w`` (or not of a form this recognises)."""
+    if not _reads(expr, w):
         return sympy.S.Zero, expr
     if expr == w:
         return sympy.S.One, sympy.S.Zero
@@ -66,16 +83,16 @@ def _affine(expr: sympy.Expr, w: sympy.Symbol):
             return None
         return sympy.Add(*(a for a, _ in parts)), sympy.Add(*(b for _, b in parts))
     if isinstance(expr, sympy.Mul):
-        inner = [f for f in expr.args if f.has(w)]
+        inner = [f for f in expr.args if _reads(f, w)]
         if len(inner) != 1:
             return None
-        rest = sympy.Mul(*(f for f in expr.args if not f.has(w)))
+        rest = sympy.Mul(*(f for f in expr.args if not _reads(f, w)))
         part = _affine(inner[0], w)
         if part is None:
             return None
         return rest * part[0], rest * part[1]
     if isinstance(expr, sympy.Piecewise):
-        if any(cond.has(w) for _, cond in expr.args):
+        if any(_reads(cond, w) for _, cond in expr.args):
             return None
         parts = [_affine(value, w) for value, _ in expr.args]
         if any(p is None for p in parts):
@@ -143,6 +160,7 @@ def layer_adaptive(spec: Spec | Callable[[], Spec], name: str | None = None) -> 
     out = Spec(name or f"LayerAdaptive{spec.name}", doc=DOC.format(base=spec.name) + (spec.doc or ""))
     out.hypers = list(spec.hypers)
     out.flags = list(spec.flags)
+    out.shape_flags = list(spec.shape_flags)
     out.states = list(spec.states)
     out.requirements = list(spec.requirements)
     out.device_scalars = list(spec.device_scalars)

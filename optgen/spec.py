@@ -34,6 +34,10 @@ __all__ = [
     "maxabs",
     "layer_sum",
     "layer_max",
+    "row_sum",
+    "col_sum",
+    "row_mean",
+    "col_mean",
     "global_norm",
     "global_sumsq",
     "global_sum",
@@ -117,6 +121,16 @@ class LayerStateSymbol(_SpecSymbol):
     like a per-layer value (a norm), not element-wise."""
 
 
+class RowStateSymbol(_SpecSymbol):
+    """The old value of a per-row state: one number per row (the last dimension reduced), a tensor of the
+    parameter's shape with its last dimension 1, as torch.optim.Adafactor's ``row_var``."""
+
+
+class ColStateSymbol(_SpecSymbol):
+    """The old value of a per-column state: one number per column (the second-to-last dimension reduced), a
+    tensor of the parameter's shape with its second-to-last dimension 1 (Adafactor's ``col_var``)."""
+
+
 class DeviceScalarSymbol(_SpecSymbol):
     """A runtime scalar read from a 1-element device tensor at each step (GradScaler's ``found_inf``):
     the step never reads it on the host, so it needs no synchronisation."""
@@ -128,6 +142,23 @@ class NewStateSymbol(_SpecSymbol):
 
 class NewLayerStateSymbol(_SpecSymbol):
     """The new value of a per-layer state, defined by ``spec.update``: a per-layer value."""
+
+
+class NewRowStateSymbol(_SpecSymbol):
+    """The new value of a per-row state, defined by ``spec.update``."""
+
+
+class NewColStateSymbol(_SpecSymbol):
+    """The new value of a per-column state, defined by ``spec.update``."""
+
+
+# the classes of a state's old and new value, by its granularity (``spec.state(per=...)``)
+STATE_SYMBOLS = {
+    "element": (StateSymbol, NewStateSymbol),
+    "layer": (LayerStateSymbol, NewLayerStateSymbol),
+    "row": (RowStateSymbol, NewRowStateSymbol),
+    "column": (ColStateSymbol, NewColStateSymbol),
+}
 
 
 ELEMENTWISE_LEAVES = (ParamSymbol, GradSymbol, StateSymbol, NewStateSymbol)
@@ -162,6 +193,18 @@ class Where(sympy.Function):
 
     def _eval_is_real(self):
         return sympy.core.logic.fuzzy_and([self.args[1].is_real, self.args[2].is_real])
+
+
+class Unevaluated(sympy.UnevaluatedExpr):
+    """``sympy.UnevaluatedExpr`` of a real value: kept whole (sympy would distribute ``(g/c)**2`` into
+    ``g**2/c**2``, which overflows for large g) and known to be real (a ``Max`` around a product that holds a plain
+    ``UnevaluatedExpr`` can be refused by sympy as not comparable)."""
+
+    def _eval_is_extended_real(self):
+        return True
+
+    def _eval_is_real(self):
+        return True
 
 
 def _as_where(piecewise):
@@ -200,6 +243,18 @@ class LayerSum(Reduction):
 
 class LayerMax(Reduction):
     op, scope = "max", "layer"
+
+
+class RowSum(Reduction):
+    """Over the last dimension: one value per row (a parameter of 2+ dimensions)."""
+
+    op, scope = "sum", "row"
+
+
+class ColSum(Reduction):
+    """Over the second-to-last dimension: one value per column (a parameter of 2+ dimensions)."""
+
+    op, scope = "sum", "col"
 
 
 class GlobalSum(Reduction):
@@ -289,6 +344,31 @@ def rms(x):
     return sympy.sqrt(layer_mean(sympy.sympify(x) ** 2))
 
 
+def row_sum(x):
+    r""":math:`\sum_j x_{ij}` over the last dimension of a parameter of 2+ dimensions: one value per row, read by
+    element :math:`(i, j)` as its row's. Of a per-column value it is one value per matrix (the sum over its
+    columns)."""
+    return RowSum(sympy.sympify(x))
+
+
+def col_sum(x):
+    r""":math:`\sum_i x_{ij}` over the second-to-last dimension of a parameter of 2+ dimensions: one value per
+    column (a (B, R, C) tensor has B x C of them). Of a per-row value it is one value per matrix (the sum over
+    its rows)."""
+    return ColSum(sympy.sympify(x))
+
+
+def row_mean(x):
+    """The mean over the last dimension (``x.mean(-1)``): one value per row."""
+    return row_sum(x) / row_sum(1)
+
+
+def col_mean(x):
+    """The mean over the second-to-last dimension (``x.mean(-2)``): one value per column; of a per-row value, its
+    mean over the matrix's rows."""
+    return col_sum(x) / col_sum(1)
+
+
 def sumsq(x):
     """:math:`\\|x\\|_2^2` over one parameter tensor."""
     return LayerSum(sympy.sympify(x) ** 2)
@@ -334,6 +414,48 @@ def elementwise_leaves(expr: sympy.Basic) -> set[sympy.Symbol]:
     return set().union(*(elementwise_leaves(arg) for arg in expr.args))
 
 
+# Granularity of a value: how many distinct values it has over a parameter of shape (B, R, C) (B the leading
+# dimensions). A coarser value is read by finer code broadcast; two that vary along different axes (a per-row
+# and a per-column value) make an element-wise one.
+GRANULARITIES = ("scalar", "layer", "matrix", "row", "col", "element")
+
+
+def _join(a: str, b: str) -> str:
+    if {a, b} == {"row", "col"}:
+        return "element"
+    return max(a, b, key=GRANULARITIES.index)
+
+
+def granularity(expr: sympy.Basic, known: dict | None = None) -> str:
+    """``"element"`` (one value per element), ``"row"``, ``"col"``, ``"matrix"`` (one per (R, C) matrix),
+    ``"layer"`` (one per parameter tensor: per-layer and global reductions, per-layer states) or ``"scalar"``
+    (hyperparameters, the step): what ``expr`` varies with. ``row_sum`` of an element-wise or coarser value is
+    per row, of a per-column value per matrix (and ``col_sum`` alike); other reductions are per layer.
+    ``known``: the granularity of other symbols (the compiler's reduction slots)."""
+    if known and expr in known:
+        return known[expr]
+    if isinstance(expr, (RowSum, ColSum)):
+        inner = granularity(expr.args[0], known)
+        axis, other = ("row", "col") if isinstance(expr, RowSum) else ("col", "row")
+        return "matrix" if inner == other else axis
+    if isinstance(expr, Reduction):
+        return "layer"
+    if isinstance(expr, ELEMENTWISE_LEAVES):
+        return "element"
+    if isinstance(expr, (RowStateSymbol, NewRowStateSymbol)):
+        return "row"
+    if isinstance(expr, (ColStateSymbol, NewColStateSymbol)):
+        return "col"
+    if isinstance(expr, (LayerStateSymbol, NewLayerStateSymbol)):
+        return "layer"
+    out = "scalar"
+    for arg in expr.args:
+        out = _join(out, granularity(arg, known))
+        if out == "element":
+            break
+    return out
+
+
 def trust_ratio(numerator, denominator, *guards):
     """The layer-wise trust ratio ``numerator/denominator``.
 
@@ -347,8 +469,8 @@ def trust_ratio(numerator, denominator, *guards):
         # An element-wise argument would make the "per-layer" ratio, and its 1-where-not-positive guard,
         # element-wise: a different optimizer that builds without complaint. Refuse it where it is written.
         leaves = elementwise_leaves(arg)
-        if leaves:
-            names = ", ".join(sorted(str(leaf) for leaf in leaves))
+        if leaves or granularity(arg) not in ("scalar", "layer"):
+            names = ", ".join(sorted(str(leaf) for leaf in leaves)) or f"per-{granularity(arg)} values"
             raise SpecError(
                 f"trust_ratio(): the {role} {arg} is element-wise (it uses {names} outside a reduction); every "
                 f"argument must be a per-layer scalar, such as norm({arg}) [{_caller_location()}]"
@@ -387,6 +509,7 @@ class Hyper:
     hi_open: bool = False
     doc: str = ""
     finite: bool = True  # False admits +-inf (a clip bound that is off by default)
+    none: float | None = None  # None is accepted and stands for this value (torch.optim.Adafactor's eps=(None, ...))
 
 
 @dataclass(frozen=True)
@@ -404,6 +527,8 @@ class HyperDecl:
     index: int | None
     doc: str
     finite: bool = True
+    none: float | None = None  # the value None stands for (None is refused when this is None)
+    default_none: bool = False  # the constructor's default is None (standing for ``none``)
 
     @property
     def label(self) -> str:
@@ -418,6 +543,8 @@ class HyperDecl:
         prefix = (
             f"Invalid {torch_label.format(index=self.index)}: {value!r}" if torch_label else f"Invalid {label} value: {value!r}"
         )
+        if value is None and self.none is not None:
+            return None
         if self.is_bool:
             if not isinstance(value, (bool, int)) or value not in (0, 1):
                 return f"{prefix} (expected True or False)"
@@ -450,19 +577,34 @@ class FlagDecl:
     doc: str
 
 
-STATE_GRANULARITIES = ("element", "layer")
+STATE_GRANULARITIES = tuple(STATE_SYMBOLS)
+
+
+@dataclass(frozen=True)
+class ShapeFlagDecl:
+    """A compile-time flag each parameter sets from its shape: true for parameters of ``min_ndim`` or more
+    dimensions (Adafactor factors only matrices). Parameters are partitioned by it, like dtypes."""
+
+    name: str
+    min_ndim: int
+    where: str
 
 
 @dataclass(frozen=True)
 class StateDecl:
     """A per-parameter state. ``per="element"``: a tensor of the parameter's shape, ``init`` an expression of
     constants, hyperparameters and ``w``; ``per="layer"``: one number per parameter tensor (a 0-d tensor in the
-    state dict), ``init`` of constants and hyperparameters."""
+    state dict); ``per="row"``/``"column"``: one number per row/column, a tensor of the parameter's shape with
+    its last/second-to-last dimension 1; these take ``init`` of constants and hyperparameters. ``when``: (shape
+    flag, value); the state exists only in the variants where the flag has that value (Adafactor's factored
+    moments for matrices, its full second moment for vectors)."""
 
     name: str
     init: sympy.Expr
     where: str
     per: str = "element"
+    when: tuple[str, bool] | None = None
+    keepdim: bool = True  # per row/column: the reduced dimension kept as 1 (torch's Adafactor) or dropped (CAME)
 
 
 @dataclass(frozen=True)
@@ -513,6 +655,7 @@ class Spec:
         self.step = StepSymbol("t")
         self.hypers: list[HyperDecl] = []
         self.flags: list[FlagDecl] = []
+        self.shape_flags: list[ShapeFlagDecl] = []
         self.states: list[StateDecl] = []
         self.updates: list[UpdateDecl] = []
         self.requirements: list[Requirement] = []
@@ -556,7 +699,7 @@ class Spec:
                 for index, item in enumerate(items):
                     name = f"beta{index + 1}" if key == "betas" else f"{key}_{index}"
                     if base is not None and not isinstance(item, Hyper):
-                        item = Hyper(item, base.lo, base.hi, base.lo_open, base.hi_open, base.doc, base.finite)
+                        item = Hyper(item, base.lo, base.hi, base.lo_open, base.hi_open, base.doc, base.finite, base.none)
                     out.append(self._declare_hyper(name, key, index, item))
             else:
                 out.append(self._declare_hyper(key, key, None, value))
@@ -565,6 +708,14 @@ class Spec:
     def _declare_hyper(self, name, key, index, value) -> HyperSymbol:
         self._claim(name, "hyperparameter")
         decl = value if isinstance(value, Hyper) else Hyper(value)
+        default_none = decl.default is None
+        if default_none:
+            if decl.none is None:
+                raise SpecError(
+                    f"hyperparameter {name!r}: default None is not a number (Hyper(None, none=<value>) makes None "
+                    f"stand for a value) [{_caller_location()}]"
+                )
+            decl = Hyper(decl.none, decl.lo, decl.hi, decl.lo_open, decl.hi_open, decl.doc, decl.finite, decl.none)
         is_bool = isinstance(decl.default, bool)
         if not is_bool:
             if not isinstance(decl.default, (int, float)):
@@ -594,6 +745,8 @@ class Spec:
             index=index,
             doc=decl.doc,
             finite=decl.finite,
+            none=None if decl.none is None else float(decl.none),
+            default_none=default_none,
         )
         problem = hyper.check(hyper.default)
         if problem:
@@ -624,24 +777,52 @@ class Spec:
         self._symbols[name] = symbol
         return symbol
 
-    def state(self, name: str, init=0, per: str = "element"):
+    def state(self, name: str, init=0, per: str = "element", when=None, keepdim: bool = True):
         """Declare a state with torch's state name (``exp_avg``...) and its initial value (default 0).
 
         ``per="element"`` (default): one value per element of the parameter; ``per="layer"``: one number per
-        parameter tensor (NovoGrad's second moment), whose new value must be a per-layer expression (of
-        reductions, hyperparameters, the step and other per-layer states) and which element-wise code reads
-        like a norm."""
+        parameter tensor (NovoGrad's second moment); ``per="row"``/``"column"``: one number per row/column of a
+        parameter of 2+ dimensions (Adafactor's factored second moment). A coarser state's new value must be of
+        its granularity (reductions, hyperparameters, the step, states as coarse) and element-wise code reads it
+        broadcast. ``when``: a shape flag (``spec.shape_flag``) or its negation ``~flag``; the state exists only for
+        the parameters where it holds, and only code under ``where(flag, ...)`` may read it. ``keepdim`` (per
+        row/column): the state dict's tensor keeps the reduced dimension as 1 (torch.optim.Adafactor's
+        ``row_var``) or drops it (came-pytorch's ``exp_avg_sq_row``); the values are the same."""
         self._claim(name, "state")
         if per not in STATE_GRANULARITIES:
             raise SpecError(f"state {name!r}: per={per!r}; expected one of {STATE_GRANULARITIES} [{_caller_location()}]")
+        condition = None
+        if when is not None:
+            negated = isinstance(when, sympy.Not)
+            flag = when.args[0] if negated else when
+            if not (isinstance(flag, FlagSymbol) and flag.name in {f.name for f in self.shape_flags}):
+                raise SpecError(
+                    f"state {name!r}: when={when!r} must be a shape flag of this spec (spec.shape_flag) or its "
+                    f"negation (~flag) [{_caller_location()}]"
+                )
+            condition = (flag.name, not negated)
         try:
             init = sympy.sympify(init)
         except (sympy.SympifyError, TypeError) as exc:
             raise SpecError(f"state {name!r}: initial value {init!r} is not an expression ({exc}) [{_caller_location()}]") from None
         if not isinstance(init, sympy.Expr):
             raise SpecError(f"state {name!r}: initial value {init!r} is not a scalar expression [{_caller_location()}]")
-        self.states.append(StateDecl(name, init, _caller_location(), per))
-        symbol = StateSymbol(name) if per == "element" else LayerStateSymbol(name)
+        if not keepdim and per not in ("row", "column"):
+            raise SpecError(f"state {name!r}: keepdim=False is for per-row or per-column states, not per={per!r} [{_caller_location()}]")
+        self.states.append(StateDecl(name, init, _caller_location(), per, condition, bool(keepdim)))
+        symbol = STATE_SYMBOLS[per][0](name)
+        self._symbols[name] = symbol
+        return symbol
+
+    def shape_flag(self, name: str, min_ndim: int):
+        """Declare a compile-time flag that each parameter sets from its shape: true where the parameter has at
+        least ``min_ndim`` dimensions (``factored = spec.shape_flag("factored", min_ndim=2)``). Use it in
+        ``where(flag, a, b)`` and ``spec.state(..., when=flag)``; parameters run the variant of their value."""
+        self._claim(name, "shape flag")
+        if not isinstance(min_ndim, int) or isinstance(min_ndim, bool) or min_ndim < 1:
+            raise SpecError(f"shape flag {name!r}: min_ndim must be a positive integer, got {min_ndim!r} [{_caller_location()}]")
+        self.shape_flags.append(ShapeFlagDecl(name, min_ndim, _caller_location()))
+        symbol = FlagSymbol(name)
         self._symbols[name] = symbol
         return symbol
 
@@ -650,7 +831,7 @@ class Spec:
         where_ = _caller_location()
         if target is self.param or (isinstance(target, ParamSymbol)):
             name = PARAM
-        elif isinstance(target, (StateSymbol, LayerStateSymbol)) and self._symbols.get(target.name) == target:
+        elif isinstance(target, tuple(old for old, _ in STATE_SYMBOLS.values())) and self._symbols.get(target.name) == target:
             name = target.name
         else:
             raise SpecError(
@@ -666,9 +847,10 @@ class Spec:
         if any(u.target == name for u in self.updates):
             raise SpecError(f"update() of {name}: it is already updated; give each new value once [{where_}]")
         self.updates.append(UpdateDecl(name, expr, where_))
-        if isinstance(target, LayerStateSymbol):
-            return NewLayerStateSymbol(f"{name}_new")
-        return NewStateSymbol("w_new" if name == PARAM else f"{name}_new")
+        if name == PARAM:
+            return NewStateSymbol("w_new")
+        per = next(decl.per for decl in self.states if decl.name == name)
+        return STATE_SYMBOLS[per][1](f"{name}_new")
 
     def require(self, condition, message: str) -> None:
         """A constraint between hyperparameters and flags, checked per param group at construction."""

@@ -65,11 +65,11 @@ def maximize(ir: IR, runtime: bool = False) -> IR:
 def clip_grad_norm(ir: IR) -> IR:
     if any(h.name == "max_grad_norm" for h in ir.hypers):
         raise SpecError(f"{ir.name} already has a max_grad_norm hyperparameter; it clips gradients itself")
-    from .spec import HyperSymbol
+    from .spec import HyperSymbol, Unevaluated
 
     max_norm = HyperSymbol("max_grad_norm")
     # Unevaluated: sympy would distribute (g/c)**2 into g**2/c**2, which overflows for large g.
-    clipped = sympy.UnevaluatedExpr(GRAD / sympy.Max(1, sympy.sqrt(GlobalSum(GRAD**2)) / max_norm))
+    clipped = Unevaluated(GRAD / sympy.Max(1, sympy.sqrt(GlobalSum(GRAD**2)) / max_norm))
     decl = HyperDecl(
         name="max_grad_norm",
         default=1.0,

@@ -22,7 +22,7 @@ from optgen import transforms
 from optgen.analysis import plan as make_plan
 from optgen.catalog import variants
 from optgen.codegen.abi import KernelArg
-from optgen.codegen.render import variant_stem
+from optgen.codegen.render import targets_for, variant_stem
 from optgen.inspect_kernels import (
     BLOCK,
     NUM_WARPS,
@@ -46,9 +46,10 @@ def builtin_plans() -> dict:
     plans = {variant_stem(p): p for f in BUILTINS.values() for p in (make_plan(lower(f(), fl)) for fl in variants(f()))}
     for f in BUILTINS.values():
         flags = tuple(flag.name for flag in f().flags)
-        ir = transforms.apply(lower(f(), runtime=flags), maximize_="runtime")
+        shape = {flag.name: False for flag in f().shape_flags}  # (the factored variants have no kernels yet)
+        ir = transforms.apply(lower(f(), shape, runtime=flags), maximize_="runtime")
         plans[f"{variant_stem(make_plan(ir))}__per_group"] = make_plan(ir)
-    return plans
+    return {stem: p for stem, p in plans.items() if "triton" in targets_for(p)}
 
 
 PLANS = builtin_plans()

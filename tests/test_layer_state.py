@@ -325,6 +325,74 @@ def test_layer_state_initial_value_from_w():
 
 
 def test_unknown_granularity():
-    with pytest.raises(SpecError, match=r"per='row'.*expected one of") as info:
-        Spec("Bad").state("v", per="row")
+    with pytest.raises(SpecError, match=r"per='matrix'.*expected one of") as info:
+        Spec("Bad").state("v", per="matrix")
     assert HERE in str(info.value)
+
+
+# -- found by review: each failed before its fix -------------------------------------------------------------
+
+
+def test_a_layer_state_read_element_wise_stays_fp64(backend):
+    """The new value is also read by element-wise code (cast to fp32 there): the state keeps the fp64 value."""
+    spec = Spec("Accumulate")
+    lr = spec.hyper(lr=0.1)
+    v = spec.state("v", per="layer", init=1.0)
+    v1 = spec.update(v, v + 1e-9)
+    spec.update(spec.param, spec.param - lr * spec.grad * v1)
+    params = make_params([(5,), (3 * CHUNK + 5,)], zero=())
+    opt = optgen.build(spec)(params, backend=backend)
+    run_steps(opt, params, make_grads([(5,), (3 * CHUNK + 5,)], 100))
+    assert all(float(opt.state[p]["v"]) == pytest.approx(1 + 100e-9, rel=0, abs=1e-12) for p in params)
+
+
+def test_a_layer_state_that_keeps_another_ones_old_value(backend):
+    """prev <- cur, cur <- ||g||^2: the torch passes read cur's old value, not the one just written."""
+    spec = Spec("PreviousNorm")
+    lr = spec.hyper(lr=0.1)
+    cur, prev = spec.state("cur", per="layer"), spec.state("prev", per="layer")
+    spec.update(cur, sumsq(spec.grad))
+    spec.update(prev, cur)
+    spec.update(spec.param, spec.param - lr * spec.grad)
+    param = torch.nn.Parameter(torch.zeros(3))
+    opt = optgen.build(spec)([param], backend=backend)
+    seen = []
+    for k in (1.0, 2.0, 3.0):
+        param.grad = torch.full((3,), k)
+        opt.step()
+        seen.append((float(opt.state[param]["cur"]), float(opt.state[param]["prev"])))
+    assert seen == [(3.0, 0.0), (12.0, 3.0), (27.0, 12.0)]
+
+
+def test_a_state_named_like_a_layer_states_argument():
+    def make():
+        spec = Spec("Clash")
+        lr = spec.hyper(lr=0.1)
+        v, layer_v = spec.state("v", per="layer"), spec.state("layer_v")
+        spec.update(v, sumsq(spec.grad))
+        spec.update(layer_v, layer_v + spec.grad)
+        spec.update(spec.param, spec.param - lr * layer_v * v)
+        return spec
+
+    with pytest.raises(SpecError, match="a state named 'layer_v' beside the per-layer state 'v'"):
+        optgen.build(make())
+
+
+@pytest.mark.parametrize(
+    "saved", [torch.tensor(3, dtype=torch.int64), 3, torch.full((5,), 3.0)], ids=["int-tensor", "number", "per-element"]
+)
+def test_checkpoint_forms_of_a_layer_state(saved):
+    """A number, an integer tensor, or the per-element tensor optgen kept before per-layer states: one fp64 number."""
+    param = torch.nn.Parameter(torch.ones(5))
+    opt = optgen.NovoGrad([param], backend="torch")
+    param.grad = torch.ones(5)
+    opt.step()
+    state = opt.state_dict()
+    state["state"][0]["exp_avg_sq"] = saved
+    opt.load_state_dict(state)
+    assert opt.state[param]["exp_avg_sq"].dtype == torch.float64 and float(opt.state[param]["exp_avg_sq"]) == 3.0
+    state["state"][0]["exp_avg_sq"] = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
+    before = opt.state[param]["exp_avg_sq"].clone()
+    with pytest.raises(ValueError, match="has 5 different values"):
+        opt.load_state_dict(state)
+    assert torch.equal(opt.state[param]["exp_avg_sq"], before)

@@ -570,7 +570,7 @@ def test_grad_scaler_run_equals_unscaled_run(cls, kwargs, dtype, mode, backend):
         for name in opt.state[p]:
             assert_close_rel(opt.state[p][name], ref.state[q][name], tol=TOL[torch.float32], what=name)
     if mode == "fused":
-        assert any(amp == "unscale" for _, amp in opt._runner._plans)  # the AMP variant ran, grad_scale on the device
+        assert any(amp == "unscale" for _, amp, _ in opt._runner._plans)  # the AMP variant ran, grad_scale on the device
 
 
 @pytest.mark.parametrize("mode", AMP_MODES)
@@ -628,7 +628,7 @@ def test_grad_scaler_with_unscale_and_clip(mode, backend):
         ref.step()
     assert_close_rel(list(model.parameters()), list(ref_model.parameters()), tol=TOL[torch.float32], what="params")
     if mode == "fused":
-        assert any(amp == "gate" for _, amp in opt._runner._plans)  # already unscaled: the step only skips on found_inf
+        assert any(amp == "gate" for _, amp, _ in opt._runner._plans)  # already unscaled: the step only skips on found_inf
 
 
 def test_grad_scaler_uses_the_fused_contract(backend):

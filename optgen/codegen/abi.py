@@ -67,7 +67,8 @@ def read_tables(plan: Plan, p: Pass) -> list[tuple[int, str]]:
     """(producer pass, "layer" | "global") for every table of finished reductions ``p`` reads, in argument order."""
     scopes: dict[int, set[str]] = {}
     for k in p.consumes:
-        scopes.setdefault(producer_of(plan, k), set()).add(plan.slots[k].scope)
+        if plan.slots[k].scope in ("layer", "global"):
+            scopes.setdefault(producer_of(plan, k), set()).add(plan.slots[k].scope)
     return [(producer, scope) for producer in sorted(scopes) for scope in ("layer", "global") if scope in scopes[producer]]
 
 

@@ -22,8 +22,8 @@ import jinja2
 import sympy
 
 from .. import settings
-from ..analysis import Pass, Plan
-from ..spec import HyperSymbol, ParamSymbol, SpecError
+from ..analysis import VARYING, Pass, Plan, SlotSymbol
+from ..spec import ColStateSymbol, HyperSymbol, ParamSymbol, RowStateSymbol, SpecError
 from .abi import eager_pass_buffers, global_columns, layer_state_args, pass_args, pass_buffers, reduce_args
 from .printers import CPrinter, TorchPrinter, TritonPrinter
 
@@ -38,12 +38,13 @@ class Target:
     suffix: str  # of generated files
     identity: dict  # a reduction's starting value, by op, as the target writes it
     scalar_settings: dict = field(default_factory=dict)  # printer settings for per-step fp64 scalar code
+    factored: bool = False  # prints per-row/column reductions and states (only the torch passes do, so far)
 
 
 _PYTHON_IDENTITY = {"sum": "0.0", "max": 'float("-inf")'}
 
 TARGETS: dict[str, Target] = {
-    "torch": Target("torch", TorchPrinter, "torch_module.py.j2", ".py", _PYTHON_IDENTITY),
+    "torch": Target("torch", TorchPrinter, "torch_module.py.j2", ".py", _PYTHON_IDENTITY, factored=True),
     "triton": Target("triton", TritonPrinter, "triton_module.py.j2", ".py", _PYTHON_IDENTITY),
     # the C template names per-program fp64 values d_<name>; element-wise code reads their casts by name
     "c": Target("c", CPrinter, "c_module.c.j2", ".c", {"sum": "0.0", "max": "(-INFINITY)"}, {"prefix": "d_"}),
@@ -119,9 +120,8 @@ def _hyper_columns(plan: Plan) -> dict[str, int]:
 
 
 def _is_elementwise(expr, elementwise_names) -> bool:
-    from ..analysis import ELEMENTWISE
-
-    return any(isinstance(s, ELEMENTWISE) or s.name in elementwise_names for s in expr.free_symbols)
+    """Whether ``expr`` varies within a program (element-wise, per row or per column)."""
+    return any(isinstance(s, VARYING) or s.name in elementwise_names for s in expr.free_symbols)
 
 
 def _pass_context(plan: Plan, p: Pass, printer, scalar_printer, identity: dict) -> dict:
@@ -138,6 +138,8 @@ def _pass_context(plan: Plan, p: Pass, printer, scalar_printer, identity: dict) 
             column_of[k] = (q.index, col, len(q.produces))
     layer_reads, global_reads = [], []
     for k in p.consumes:
+        if slots[k].scope not in ("layer", "global"):
+            continue  # per-row/column/matrix values: the torch passes take them by name (the kernels: not yet)
         producer, col, width = column_of[k]
         read = {
             "name": slots[k].name,
@@ -185,6 +187,10 @@ def _pass_context(plan: Plan, p: Pass, printer, scalar_printer, identity: dict) 
         # per-layer states: old values read once per program, new values written by the last pass
         "layer_state_reads": list(p.layer_state_reads),
         "layer_stores": [{"name": name, "code": scalar_code(e)} for name, e in p.layer_stores],
+        # per-row/column states element code reads (broadcast), and what the reduce step after the pass computes
+        "axis_loads": [name for name, _ in p.axis_loads],
+        "reduce_items": [_reduce_item_context(plan, kind, key, e, scalar_code) for kind, key, e in p.reduce_items],
+        "reduce_step_args": reduce_step_args(plan, p),
         "device_scalars": list(p.device_scalars),
         "step_advance": scalar_code(p.step_advance),
         # buffers are passed as ``_<name>``: the loaded value of an old state is named like the state
@@ -194,8 +200,36 @@ def _pass_context(plan: Plan, p: Pass, printer, scalar_printer, identity: dict) 
         "args": [
             *(f"_{b}" for b in eager_pass_buffers(plan, p)), "dtype", "t", *p.hypers, *p.device_scalars,
             *(slots[k].name for k in p.consumes), *(f"_layer_{name}" for name in layer_state_args(plan, p)),
+            *(f"_{name}" for name, _ in p.axis_loads),
         ],
     }
+
+
+def reduce_step_args(plan: Plan, p: Pass) -> list[str]:
+    """Arguments of the generated torch function of the reduce step after pass ``p`` (``reduce_<index>``): the
+    per-row/column states it reads or writes (as ``_<name>``), then the values its items read."""
+    states, values = [], set()
+    computed = {plan.slots[key].name for kind, key, _ in p.reduce_items if kind == "slot"}
+    for kind, key, expr in p.reduce_items:
+        if kind == "state":
+            states.append(key)
+        for sym in expr.free_symbols:
+            if isinstance(sym, (RowStateSymbol, ColStateSymbol)):
+                states.append(sym.name)
+            elif not (isinstance(sym, SlotSymbol) and sym.name in computed):
+                values.add(sym.name)
+    order = [s.name for s in plan.ir.states]
+    return [f"_{name}" for name in sorted(set(states), key=order.index)] + sorted(values)
+
+
+def _reduce_item_context(plan: Plan, kind: str, key, expr, scalar_code) -> dict:
+    """One computation of a reduce step: a per-row/column state's new value (written in place), or a per-matrix
+    reduction of a per-row (per-column) value over the rows (columns)."""
+    reads = sorted({s.name for s in expr.free_symbols if isinstance(s, (RowStateSymbol, ColStateSymbol))})
+    if kind == "state":
+        return {"kind": kind, "name": key, "code": scalar_code(expr), "reads": reads, "dim": None}
+    slot = plan.slots[key]
+    return {"kind": kind, "name": slot.name, "code": scalar_code(expr), "reads": reads, "dim": slot.dim}
 
 
 def _partial_context(slot, column: int, expr, code, elementwise_names, identity: dict) -> dict:
@@ -207,6 +241,7 @@ def _partial_context(slot, column: int, expr, code, elementwise_names, identity:
     return {
         "name": slot.name,
         "column": column,
+        "dim": slot.dim,  # over the last (-1: rows) or second-to-last (-2: columns) dimension, else all
         "op": slot.op,
         "identity": identity[slot.op],
         "square": square,
@@ -244,11 +279,21 @@ def _known_signs(plan: Plan) -> dict:
     return {"positive": frozenset(positive), "nonnegative": frozenset(nonnegative)}
 
 
+def targets_for(plan: Plan) -> list[str]:
+    """The targets that print ``plan`` (per-row/column reductions: the torch passes only, so far)."""
+    return [name for name, target in TARGETS.items() if target.factored or not plan.ir.factored]
+
+
 def render(plan: Plan, target: str) -> str:
     """The source of ``plan`` for ``target`` (a key of ``TARGETS``); byte-stable for a given plan."""
     if target not in TARGETS:
         raise ValueError(f"unknown target {target!r}; expected one of {tuple(TARGETS)}")
     spec = TARGETS[target]
+    if target not in targets_for(plan):
+        raise SpecError(
+            f"{plan.ir.name} ({_flags_text(plan)}) reduces over rows or columns: the {target} target does not print "
+            f"per-row/column reductions yet (targets that do: {', '.join(targets_for(plan))})"
+        )
     signs = _known_signs(plan)
     printer = spec.printer(signs)
     scalar_printer = spec.printer({**signs, "scalar": True, **spec.scalar_settings})
@@ -271,17 +316,27 @@ def _state_context(state, printer) -> dict:
     """A state's initial value (constants, hyperparameters and ``w``): the torch module creates new states."""
     hypers = sorted(s.name for s in state.init.free_symbols if isinstance(s, HyperSymbol))
     uses_w = any(isinstance(s, ParamSymbol) for s in state.init.free_symbols)
-    return {"name": state.name, "code": printer.doprint(state.init), "hypers": hypers, "per": state.per, "uses_w": uses_w}
+    return {
+        "name": state.name, "code": printer.doprint(state.init), "hypers": hypers, "per": state.per, "uses_w": uses_w,
+        "keepdim": state.keepdim,
+    }
 
 
 def check_names(plan: Plan) -> None:
     """Every name the generated code declares for the spec (loads, values, hyperparameters, states) is one
     every target can declare: a SpecError at build, not a compiler error at the first step."""
     exprs = [e for p in plan.passes for _, e in (*p.scalars, *p.elementwise, *p.stores, *p.produces, *p.layer_stores)]
+    exprs += [e for p in plan.passes for _, _, e in p.reduce_items]
     names = {s.name for e in exprs for s in e.free_symbols}
     names |= {ld.symbol for p in plan.passes for ld in p.loads} | {h.name for h in plan.ir.hypers} | set(plan.buffers)
-    names |= set(plan.ir.layer_state_names)
+    names |= set(plan.ir.state_names)
     names |= {slot.name for slot in plan.slots} | {name for p in plan.passes for name, _ in p.scalars}
+    for name in plan.ir.layer_state_names:  # the torch passes take a per-layer state as _layer_<name>
+        if f"layer_{name}" in plan.buffers or f"layer_{name}" in plan.ir.state_names:
+            raise SpecError(
+                f"{plan.ir.name}: a state named 'layer_{name}' beside the per-layer state {name!r}: the generated "
+                f"passes would take two arguments '_layer_{name}'; rename one"
+            )
     frozen = frozenset(names)
     for target in TARGETS.values():
         for name in sorted(names):

@@ -183,6 +183,8 @@ class GeneratedOptimizer(torch.optim.Optimizer):
                 if item.is_complex():
                     raise ValueError(f"Invalid {label} value: complex tensor")
                 continue  # device tensors are checked without a host sync: nothing is read here
+            if item is None and decl.none is not None:
+                continue  # stands for the declared value (Adafactor's eps1: the fp32 epsilon)
             if not isinstance(item, numbers.Real) and not decl.is_bool:  # a flag's own check says "True or False"
                 raise TypeError(
                     f"Invalid {label} value: {item!r} (expected a real number or a 1-element tensor, got "
@@ -228,7 +230,7 @@ class GeneratedOptimizer(torch.optim.Optimizer):
                 if isinstance(value, torch.Tensor):
                     return  # tensors are not read on the host
                 symbol = BoolHyperSymbol(decl.name) if decl.is_bool else HyperSymbol(decl.name)
-                subs[symbol] = float(value)
+                subs[symbol] = float(decl.none if value is None else value)
         for req in self._checks_ir.requirements:
             if req.condition.xreplace(subs) is not sympy.true:
                 raise ValueError(f"{req.message} ({where})")
@@ -321,6 +323,10 @@ class GeneratedOptimizer(torch.optim.Optimizer):
         for i, group in enumerate(state_dict.get("param_groups", [])):  # before anything is loaded
             merged = {**self.defaults, **{k: v for k, v in group.items() if k != "params"}, **forced}
             self._check_group(merged, f"param group {i} of the state dict")
+        layer_states = set(self._checks_ir.layer_state_names)
+        for saved in state_dict.get("state", {}).values():
+            for key in layer_states & set(saved or ()):
+                _one_number(key, saved[key])  # a clear error before anything is loaded
         super().load_state_dict(state_dict)
         for group in self.param_groups:
             group.update(forced)
@@ -346,11 +352,13 @@ class GeneratedOptimizer(torch.optim.Optimizer):
             for key, value in saved.items():
                 if key == "step" and isinstance(value, (int, float)):  # torch < 1.12 saved a Python number
                     value = torch.tensor(float(value))
+                if key in self._checks_ir.layer_state_names:
+                    value = _one_number(key, value)
                 if not isinstance(value, torch.Tensor):
                     continue
                 if key == "step":
                     dtype = torch.float32
-                elif key in self._checks_ir.layer_state_names and value.is_floating_point():
+                elif key in self._checks_ir.layer_state_names:
                     dtype = torch.float64  # a per-layer state: one fp64 number
                 elif key in state_names and (value.is_floating_point() or value.is_complex()):
                     dtype = self._runner.state_dtype(param, key)
@@ -358,6 +366,23 @@ class GeneratedOptimizer(torch.optim.Optimizer):
                     dtype = value.dtype
                 state[key] = value.detach().to(device=param.device, dtype=dtype, copy=True)
         self._runner.invalidate()
+
+
+def _one_number(key: str, value):
+    """A per-layer state from a checkpoint as one fp64 number: a Python number, a 0-d tensor of any real dtype, or
+    a tensor whose elements all hold the layer's value (optgen before per-layer states kept one per element)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return torch.tensor(float(value), dtype=torch.float64)
+    if not isinstance(value, torch.Tensor) or value.is_complex() or value.dtype == torch.bool:
+        raise ValueError(f"load_state_dict: per-layer state {key!r} must be a real number, got {value!r}")
+    if value.numel() == 1:
+        return value.reshape(())
+    flat = value.reshape(-1)
+    if value.numel() and bool((flat == flat[0]).all()):
+        return flat[0].clone()
+    raise ValueError(
+        f"load_state_dict: per-layer state {key!r} has {value.numel()} different values; it holds one number per layer"
+    )
 
 
 _REBUILT: dict = {}
@@ -385,6 +410,11 @@ def _group_keys(ir) -> dict[str, list]:
     return keys
 
 
+def _shown_default(decl):
+    """A hyperparameter's default as the constructor shows it (None where None stands for a value)."""
+    return None if decl.default_none else decl.default
+
+
 def _signature_for(spec: Spec) -> inspect.Signature:
     ir = lower(spec)
     params = [
@@ -392,7 +422,7 @@ def _signature_for(spec: Spec) -> inspect.Signature:
         inspect.Parameter("params", inspect.Parameter.POSITIONAL_OR_KEYWORD),
     ]
     for key, decls in _group_keys(ir).items():
-        default = decls[0].default if decls[0].index is None else tuple(d.default for d in decls)
+        default = _shown_default(decls[0]) if decls[0].index is None else tuple(_shown_default(d) for d in decls)
         params.append(inspect.Parameter(key, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default))
     for flag in spec.flags:
         params.append(inspect.Parameter(flag.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=flag.default))
@@ -413,9 +443,12 @@ def build(spec: Spec) -> type[torch.optim.Optimizer]:
     """Compile ``spec`` into a ``torch.optim.Optimizer`` subclass (every flag variant is checked now)."""
     if not isinstance(spec, Spec):
         raise TypeError(f"build() takes an optgen.Spec, got {type(spec).__name__}")
-    for values in itertools.product((False, True), repeat=len(spec.flags)):
-        check_names(make_plan(lower(spec, dict(zip((f.name for f in spec.flags), values)))))
-    check_names(make_plan(lower(spec, runtime=tuple(f.name for f in spec.flags))))  # groups that disagree
+    names = [f.name for f in spec.flags] + [f.name for f in spec.shape_flags]
+    for values in itertools.product((False, True), repeat=len(names)):
+        check_names(make_plan(lower(spec, dict(zip(names, values)))))
+    for values in itertools.product((False, True), repeat=len(spec.shape_flags)):  # groups that disagree
+        shape = dict(zip((f.name for f in spec.shape_flags), values))
+        check_names(make_plan(lower(spec, shape, runtime=tuple(f.name for f in spec.flags))))
     _check_default_requirements(spec)
     signature = _signature_for(spec)
     doc = (spec.doc or f"{spec.name} optimizer generated by optgen.") + _arguments_doc(spec)
@@ -451,7 +484,7 @@ def _arguments_doc(spec: Spec) -> str:
     ir = lower(spec)
     lines = ["", "", "Args:", "    params: parameters or param-group dicts."]
     for key, decls in _group_keys(ir).items():
-        default = decls[0].default if decls[0].index is None else tuple(d.default for d in decls)
+        default = _shown_default(decls[0]) if decls[0].index is None else tuple(_shown_default(d) for d in decls)
         d = decls[0]
         if d.is_bool:
             rng = "True or False"

@@ -59,14 +59,18 @@ class StepRunner:
                 mixed.append(name)
         return tuple(fixed), tuple(mixed)
 
-    def plan(self, options_key: tuple, amp_mode: str | None = None):
+    def shape_key(self, param: torch.Tensor) -> tuple:
+        """The spec's shape flags for ``param`` (Adafactor factors parameters of 2+ dimensions)."""
+        return tuple((f.name, param.dim() >= f.min_ndim) for f in self.spec.shape_flags)
+
+    def plan(self, options_key: tuple, amp_mode: str | None = None, shape_key: tuple = ()):
         """The plan of a variant; each is lowered and planned once."""
-        key = (options_key, amp_mode)
+        key = (options_key, amp_mode, shape_key)
         plan = self._plans.get(key)
         if plan is None:
             fixed, mixed = dict(options_key[0]), options_key[1]
             maximize = fixed.pop("maximize", None)
-            ir = lower(self.spec, fixed, runtime=tuple(name for name in mixed if name != "maximize"))
+            ir = lower(self.spec, {**fixed, **dict(shape_key)}, runtime=tuple(name for name in mixed if name != "maximize"))
             ir = transforms.apply(
                 ir,
                 maximize_="runtime" if "maximize" in mixed else bool(maximize),
@@ -88,6 +92,8 @@ class StepRunner:
             if raw is None:
                 raw = defaults.get(decl.key, decl.default if decl.index is None else None)
             value = raw if decl.index is None else raw[decl.index]
+            if value is None and decl.none is not None:
+                value = decl.none
             values.append(value.reshape(()) if isinstance(value, torch.Tensor) else float(value))
         return tuple(values)
 
@@ -141,9 +147,10 @@ class StepRunner:
         state = owner.state.get(param, {})
         for decl in ir.states:
             value = state.get(decl.name)
-            expected = () if decl.per == "layer" else param.shape
+            expected = state_shape(decl.per, param.shape, decl.keepdim)
             if isinstance(value, torch.Tensor) and value.shape != expected:
-                kind = "one number per layer, shape ()" if decl.per == "layer" else f"shape {tuple(param.shape)}"
+                kind = {"element": "", "layer": "one number per layer, ", "row": "one number per row, ", "column": "one number per column, "}[decl.per]
+                kind += f"shape {tuple(expected)}"
                 raise RuntimeError(
                     f"{self.name}: state {decl.name!r} has shape {tuple(value.shape)} for a parameter of "
                     f"shape {tuple(param.shape)}; it must have {kind} (a state dict of other parameters, or a "
@@ -179,7 +186,7 @@ class StepRunner:
         return items
 
     def backend_for(self, device: torch.device, plan):
-        backend = backends.resolve(self.config["backend"], device)
+        backend = backends.resolve(self.config["backend"], device, plan)
         key = (backend.name, str(device), source_hash(plan))
         if key not in self.backends:
             options = {}
@@ -212,36 +219,49 @@ class StepRunner:
             return
         amp_mode, device_scalars = self.amp(owner)
         options_key = self.options_key(owner.param_groups, owner.defaults)
-        plan = self.plan(options_key, amp_mode)
+        plan_of = {id(p): self.plan(options_key, amp_mode, self.shape_key(p)) for _, p, _ in collected}
+        plans = list({id(q): q for q in plan_of.values()}.values())
+        plan = plans[0]
         reducer = self.reducer([p for _, p, _ in collected])
-        by_device = {}  # one backend per device for this step's plan
         for group, p, _ in collected:
             if group.get("fused") and p.device.type not in backends.AUTO:  # torch refuses at the step too
                 raise RuntimeError(
                     f"`fused=True` requires all the params to be floating point Tensors of supported devices: "
                     f"{sorted(backends.AUTO)} (got a parameter on {p.device.type})"
                 )
-        for _, p, grad in collected:  # unsupported dtypes fail before any state exists
-            if p.device not in by_device:
-                by_device[p.device] = self.backend_for(p.device, plan)
-            check = getattr(by_device[p.device], "check", None)
+        backend_of = {}  # one backend per device and variant
+        for _, p, grad in collected:  # unsupported dtypes and shapes fail before any state exists
+            q = plan_of[id(p)]
+            if q.ir.factored and p.dim() < 2:
+                raise RuntimeError(
+                    f"{self.name}: a parameter of shape {tuple(p.shape)} has fewer than 2 dimensions, and this update "
+                    f"reduces over its rows or columns"
+                )
+            if reducer is not None and q.ir.factored:
+                raise RuntimeError(
+                    f"{self.name}: per-row/column reductions of sharded (FSDP2) parameters are not supported yet"
+                )
+            backend = backend_of.setdefault((p.device, id(q)), self.backend_for(p.device, q))
+            check = getattr(backend, "check", None)
             if check is not None:
                 check(self.real(distributed.local(p)), self.real(distributed.local(grad)), self.config["state_dtype"])
-        if len(by_device) > 1 and any(slot.scope == "global" for slot in plan.slots):
-            # each device's launches would see only its own parameters' share of a global norm
+        if len(backend_of) > 1 and any(slot.scope == "global" for q in plans for slot in q.slots):
+            # each launch would see only its own parameters' share of a global norm
+            places = ", ".join(sorted({str(device) for device, _ in backend_of}))
             raise RuntimeError(
                 f"{self.name}: this update reduces over all parameters (a global norm: max_grad_norm, NVLAMB) and "
-                f"the parameters are on several devices ({', '.join(map(str, by_device))}); keep them on one "
-                f"device, or use one optimizer per device with its own clipping"
+                f"the parameters are on several devices ({places}) or run several variants of the update (shape "
+                f"flags); keep them on one device, or use one optimizer per device with its own clipping"
             )
         for _, p, _ in collected:  # every check before the first state is created
-            self.check_state_shapes(owner, p, plan.ir)
+            self.check_state_shapes(owner, p, plan_of[id(p)].ir)
         groups = {id(group): group for group, _, _ in collected}  # each group once, in order
+        # every variant has the same hyperparameters: their values are the group's, whatever the variant
         values_of = {key: self.step_values(owner, group, plan.ir) for key, group in groups.items()}
         by_backend: dict[int, tuple] = {}
         for group, p, grad in collected:
-            backend = by_device[p.device]
-            state = self.init_state(owner, p, values_of[id(group)], plan)
+            backend = backend_of[(p.device, id(plan_of[id(p)]))]
+            state = self.init_state(owner, p, values_of[id(group)], plan_of[id(p)])
             sharded = distributed.is_sharded(p)
             if distributed.is_dtensor(p) or p.is_complex():  # the backends see local shards, as real numbers
                 state = self.backend_state(p, state)
@@ -385,6 +405,21 @@ class StepRunner:
             return False
         fast.backend.fast_step(grads, rows)
         return True
+
+
+def state_shape(per: str, shape: torch.Size, keepdim: bool = True) -> tuple:
+    """The shape of a state of granularity ``per`` for a parameter of ``shape``: per row/column the parameter's
+    with its last/second-to-last dimension 1 (torch's Adafactor's), or without it (``keepdim=False``, CAME's)."""
+    if per == "layer":
+        return ()
+    out = list(shape)
+    axis = {"row": -1, "column": -2}.get(per)
+    if axis is not None and len(out) >= -axis:
+        if keepdim:
+            out[axis] = 1
+        else:
+            del out[axis]
+    return tuple(out)
 
 
 @torch.compiler.disable  # file reads and an import: run as Python, not traced, inside a user's torch.compile

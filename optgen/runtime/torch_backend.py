@@ -15,7 +15,8 @@ from __future__ import annotations
 import torch
 
 from ..codegen.abi import eager_pass_buffers, layer_state_args
-from ..codegen.render import load_module
+from ..codegen.render import load_module, reduce_step_args
+from .steps import state_shape
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -63,6 +64,9 @@ class TorchBackend:
                 buffers[name] = state[name]
             for name in plan.ir.layer_state_names:
                 buffers[f"layer_{name}"] = state[name]
+            for decl in plan.ir.states:
+                if decl.per in ("row", "column"):  # the passes broadcast them: the reduced dimension kept as 1
+                    buffers[decl.name] = state[decl.name].view(state_shape(decl.per, param.shape))
             for name in plan.scratch:
                 buffers[name] = scratch_of(param, name)
             hypers = self._hyper_tensors(values, param.device, torch.float64)
@@ -72,22 +76,44 @@ class TorchBackend:
             results = []
             for (buffers, dtype, t, hypers), reds in zip(contexts, finished):
                 results.append(self._eager_pass(p, fn, buffers, dtype, t, hypers, device_scalars, reds))
-            if not p.produces:
-                continue
-            # The [tensors, slots] table of partials; sharded, one all-reduce makes every value exact.
-            table = torch.stack([torch.stack([v.to(torch.float64) for v in r]) for r in results])
-            if reducer is not None:
-                reducer(table, [plan.slots[k].op for k, _ in p.produces])
-            for col, (k, _) in enumerate(p.produces):
-                slot = plan.slots[k]
-                column = table[:, col]
-                if slot.scope == "layer":
-                    values = column.unbind()
-                else:
-                    total = column.sum() if slot.op == "sum" else column.amax()
-                    values = [total] * len(items)
-                for reds, value in zip(finished, values):
-                    reds[slot.name] = value  # fp64, like the per-step scalars it feeds
+            if p.produces:
+                self._finish(p, results, finished, reducer)
+            if p.reduce_items:
+                for (buffers, _, t, hypers), reds in zip(contexts, finished):
+                    self._reduce_step(p, buffers, t, hypers, device_scalars, reds)
+
+    def _finish(self, p, results, finished, reducer) -> None:
+        """The pass's partials as finished values: per-row/column sums are each parameter's own; per-layer and
+        global values go through the [tensors, slots] table (sharded, one all-reduce makes every value exact)."""
+        plan = self.plan
+        whole = [(col, plan.slots[k]) for col, (k, _) in enumerate(p.produces) if plan.slots[k].scope in ("layer", "global")]
+        for col, (k, _) in enumerate(p.produces):
+            if plan.slots[k].scope in ("row", "col"):
+                for reds, r in zip(finished, results):
+                    reds[plan.slots[k].name] = r[col]
+        if not whole:
+            return
+        table = torch.stack([torch.stack([r[col].to(torch.float64) for col, _ in whole]) for r in results])
+        if reducer is not None:
+            reducer(table, [slot.op for _, slot in whole])
+        for i, (_, slot) in enumerate(whole):
+            column = table[:, i]
+            if slot.scope == "layer":
+                values = column.unbind()
+            else:
+                total = column.sum() if slot.op == "sum" else column.amax()
+                values = [total] * len(results)
+            for reds, value in zip(finished, values):
+                reds[slot.name] = value  # fp64, like the per-step scalars it feeds
+
+    def _reduce_step(self, p, buffers, t, hypers, device_scalars, reds) -> None:
+        """The reduce step after pass ``p`` for one parameter: its per-row/column states, its per-matrix sums."""
+        plan = self.plan
+        scalars = {"t": t, **hypers, **{d: v.reshape(()) for d, v in device_scalars.items()}, **reds}
+        kwargs = {a: buffers[a[1:]] if a.startswith("_") else scalars[a] for a in reduce_step_args(plan, p)}
+        values = self.module.REDUCES[p.index](**kwargs)
+        for (_, key, _), value in zip((item for item in p.reduce_items if item[0] == "slot"), values):
+            reds[plan.slots[key].name] = value
 
     def _eager_pass(self, p, fn, buffers, dtype, t, hypers, device_scalars, reds):
         """One pass over one parameter (a zero-size one too: its reductions are their identities, and its
@@ -95,6 +121,7 @@ class TorchBackend:
         plan = self.plan
         kwargs = {f"_{b}": buffers[b] for b in eager_pass_buffers(plan, p)}
         kwargs.update({f"_layer_{name}": buffers[f"layer_{name}"] for name in layer_state_args(plan, p)})
+        kwargs.update({f"_{name}": buffers[name] for name, _ in p.axis_loads})
         kwargs["dtype"] = dtype
         kwargs["t"] = t
         kwargs.update({h: hypers[h] for h in p.hypers})

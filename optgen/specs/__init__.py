@@ -2,7 +2,9 @@
 
 from ..layerwise import layer_adaptive
 from .adabelief import adabelief
+from .adafactor import adafactor
 from .adam import adam, adamw
+from .came import came
 from .lamb import lamb, nvlamb
 from .lars import lars
 from .lars_optax import lars_optax
@@ -14,6 +16,11 @@ from .sgd import sgd
 def layer_adaptive_lion():
     """Lion with a layer-wise trust ratio: ``layer_adaptive(lion)``."""
     return layer_adaptive(lion, name="LayerAdaptiveLion")
+
+
+def layer_adaptive_adafactor():
+    """Adafactor with a layer-wise trust ratio on its step: ``layer_adaptive(adafactor)``."""
+    return layer_adaptive(adafactor, name="LayerAdaptiveAdafactor")
 
 
 BUILTINS = {
@@ -28,6 +35,9 @@ BUILTINS = {
     "lion": lion,
     "layer_adaptive_lion": layer_adaptive_lion,
     "adabelief": adabelief,
+    "adafactor": adafactor,
+    "layer_adaptive_adafactor": layer_adaptive_adafactor,
+    "came": came,
 }
 
 __all__ = [
@@ -43,4 +53,7 @@ __all__ = [
     "lion",
     "layer_adaptive_lion",
     "adabelief",
+    "adafactor",
+    "layer_adaptive_adafactor",
+    "came",
 ]

@@ -2,9 +2,7 @@
 
 import math
 
-import sympy
-
-from ..spec import Hyper, Max, Spec, clip, global_norm, norm, sqrt, trust_ratio, where
+from ..spec import Hyper, Max, Spec, Unevaluated, clip, global_norm, norm, sqrt, trust_ratio, where
 
 LAMB_DOC = r"""LAMB (You et al., "Large Batch Optimization for Deep Learning: Training BERT in 76 minutes", ICLR 2020), per layer :math:`l`:
 
@@ -73,6 +71,6 @@ def nvlamb() -> Spec:
         lr=1e-3, betas=BETAS, eps=1e-6, weight_decay=0.01, max_grad_norm=Hyper(1.0, lo=0.0, lo_open=True)
     )
     # Unevaluated: sympy would distribute (g/c)**2 into g**2/c**2, which overflows for large g.
-    g = sympy.UnevaluatedExpr(spec.grad / Max(1, global_norm(spec.grad) / max_norm))
+    g = Unevaluated(spec.grad / Max(1, global_norm(spec.grad) / max_norm))
     _lamb_body(spec, g, lr, beta1, beta2, eps, wd, True, False)
     return spec

@@ -1,0 +1,352 @@
+"""Per-row and per-column reductions and states (factored moments): Adafactor, and the language around it.
+
+``row_sum``/``col_sum`` reduce over the last/second-to-last dimension of a parameter of 2+ dimensions (a (B, R, C)
+tensor gives B x R and B x C values); ``spec.state(per="row" | "column")`` keeps one number per row/column in
+torch.optim.Adafactor's shapes; a shape flag (``spec.shape_flag``) picks a variant per parameter, so vectors keep
+a full second moment. Checked against torch.optim.Adafactor and float64 transcriptions on every backend (the
+kernel backends run factored variants on the torch passes, with a warning, until their kernels land), with the
+bad uses as SpecErrors and bad input refused before anything changes.
+"""
+
+import math
+import os
+import warnings
+
+import pytest
+import sympy
+import torch
+from conftest import TOL_F64_REFERENCE, assert_close_rel, clone_params, make_grads, make_params, run_steps
+
+import optgen
+from optgen import Spec, SpecError
+from optgen.analysis import plan
+from optgen.ir import lower
+from optgen.spec import col_mean, col_sum, layer_sum, row_mean, row_sum, sqrt, sumsq, where
+from optgen.specs import BUILTINS
+
+HERE = os.path.basename(__file__)
+# matrices, a batch of matrices, a vector, a 0-d parameter, single rows and columns, a chunk-straddling matrix
+SHAPES = [(7, 13), (3, 4, 6), (5,), (), (1, 9), (9, 1), (33, 17), (2, 3, 1, 5)]
+STEPS = 20
+ADAFACTOR_TOL = 2e-6  # fp32 against fp32 torch.optim.Adafactor after 20 steps (it computes its row means in fp32)
+
+
+def _relative(a, b):
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).abs().max() / b.abs().max().clamp(min=1e-30)) if b.numel() else 0.0
+
+
+@pytest.mark.parametrize("maximize", [False, True], ids=["min", "maximize"])
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1], ids=["wd0", "wd"])
+def test_adafactor_matches_torch(backend, maximize, weight_decay):
+    params = make_params(SHAPES, zero=())
+    reference = clone_params(params)
+    grads = make_grads(SHAPES, STEPS)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the kernel backends say they run factored variants on the torch passes
+        opt = optgen.Adafactor(params, lr=1e-2, weight_decay=weight_decay, maximize=maximize, backend=backend)
+        ref = torch.optim.Adafactor(reference, lr=1e-2, weight_decay=weight_decay, maximize=maximize)
+        run_steps(opt, params, grads)
+    run_steps(ref, reference, grads)
+    for i, (p, r) in enumerate(zip(params, reference)):
+        assert _relative(p, r) <= ADAFACTOR_TOL, (SHAPES[i], _relative(p, r))
+        mine, theirs = opt.state[p], ref.state[r]
+        assert set(mine) == set(theirs), (SHAPES[i], set(mine), set(theirs))
+        for key, value in theirs.items():
+            assert mine[key].shape == value.shape, (SHAPES[i], key)
+            assert _relative(mine[key], value) <= ADAFACTOR_TOL, (SHAPES[i], key, _relative(mine[key], value))
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1], ids=["wd0", "wd"])
+def test_came_matches_the_reference(backend, weight_decay):
+    """came-pytorch's CAME (its state names and shapes: row/column states without the reduced dimension)."""
+    came_pytorch = pytest.importorskip("came_pytorch")
+    params = make_params(SHAPES, zero=())
+    reference = clone_params(params)
+    grads = make_grads(SHAPES, STEPS)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = optgen.CAME(params, lr=1e-2, weight_decay=weight_decay, backend=backend)
+        run_steps(opt, params, grads)
+    ref = came_pytorch.CAME(reference, lr=1e-2, weight_decay=weight_decay)
+    run_steps(ref, reference, grads)
+    for i, (p, r) in enumerate(zip(params, reference)):
+        assert _relative(p, r) <= ADAFACTOR_TOL, (SHAPES[i], _relative(p, r))
+        mine, theirs = opt.state[p], ref.state[r]
+        assert set(mine) == set(theirs) - {"RMS"}, (SHAPES[i], set(mine), set(theirs))  # (its RMS is never read)
+        for key in set(theirs) - {"step", "RMS"}:
+            assert mine[key].shape == theirs[key].shape, (SHAPES[i], key)
+            assert _relative(mine[key], theirs[key]) <= ADAFACTOR_TOL, (SHAPES[i], key)
+
+
+def test_came_plan_and_state_bytes():
+    """Its first moment per element, its second moments and confidence factored: 4 B/param of state for a matrix
+    (plus 4 (R + C) / (R C) for the factors), 32 B/param of traffic in four passes."""
+    factored = plan(lower(BUILTINS["came"](), {"factored": True}))
+    assert (factored.state_bytes_per_param, len(factored.passes), factored.bytes_per_param) == (4, 4, 32)
+    assert [bool(p.reduce_items) for p in factored.passes] == [True, False, True, False]
+
+
+def test_adafactor_constructor_and_checkpoints_cross_with_torch():
+    opt = optgen.Adafactor([torch.nn.Parameter(torch.zeros(3, 2))])
+    ref = torch.optim.Adafactor([torch.nn.Parameter(torch.zeros(3, 2))])
+    mine = {k: v for k, v in opt.defaults.items() if k in ref.defaults}
+    assert mine == {k: ref.defaults[k] for k in mine}
+    assert opt.defaults["eps"] == (None, 1e-3) and opt.defaults["beta2_decay"] == -0.8
+    with pytest.raises(ValueError):
+        optgen.Adafactor([torch.nn.Parameter(torch.zeros(3))], beta2_decay=0.5)  # torch: beta2_decay <= 0
+    # torch's state dict resumes in optgen and back
+    shapes = [(6, 5), (4,)]
+    params, grads = make_params(shapes, zero=()), make_grads(shapes, 6)
+    reference = clone_params(params)
+    ref = torch.optim.Adafactor(reference, lr=0.05)
+    run_steps(ref, reference, grads[:3])
+    resumed = clone_params(reference)
+    opt = optgen.Adafactor(resumed, lr=0.05, backend="torch")
+    opt.load_state_dict(ref.state_dict())
+    run_steps(ref, reference, grads[3:])
+    run_steps(opt, resumed, grads[3:])
+    assert all(_relative(p, r) <= ADAFACTOR_TOL for p, r in zip(resumed, reference))
+    back = torch.optim.Adafactor(clone_params(resumed), lr=0.05)
+    back.load_state_dict(opt.state_dict())
+    assert set(back.state[back.param_groups[0]["params"][0]]) == {"step", "row_var", "col_var"}
+
+
+def test_adafactor_plans_and_state_bytes():
+    spec = BUILTINS["adafactor"]()
+    factored = plan(lower(spec, {"factored": True}))
+    vector = plan(lower(spec, {"factored": False}))
+    assert factored.ir.state_names == ("row_var", "col_var") and vector.ir.state_names == ("variance",)
+    assert factored.state_bytes_per_param == 0  # 4 (R + C) / (R C): nothing per element
+    assert vector.state_bytes_per_param == 4
+    text = factored.describe()
+    assert "row_var per row; col_var per column" in text and "reduce step after pass 0: row_var = " in text
+    # pass 0: ||w||, row and column sums of g^2; then the moments and their mean; pass 1: ||U||; pass 2: the update
+    assert (len(factored.passes), factored.bytes_per_param) == (3, 24)
+    assert factored.passes[0].reduce_items and not factored.passes[1].reduce_items
+
+
+def test_layer_adaptive_adafactor_is_adafactor_with_a_trust_ratio():
+    """Against a transcription on torch.optim.Adafactor: each step its update delta (from a shadow copy), scaled
+    by ||w|| / ||delta / lr||; layer_adaptation=False is Adafactor itself."""
+    shapes = [(6, 5), (2, 3, 4), (7,)]
+    params, grads = make_params(shapes, zero=()), make_grads(shapes, 8)
+    plain = clone_params(params)
+    shadow = clone_params(params)
+    expected = [p.detach().clone() for p in params]
+    lr = 0.02
+    torch_adafactor = torch.optim.Adafactor(shadow, lr=lr)
+    for step in grads:
+        for s, w, g in zip(shadow, expected, step):
+            s.data.copy_(w)
+            s.grad = g.clone()
+        torch_adafactor.step()
+        for s, w in zip(shadow, expected):
+            delta = w - s.detach()
+            num, den = float(w.norm()), float((delta / lr).norm())
+            ratio = num / den if num > 0 and den > 0 else 1.0
+            w.sub_(ratio * delta)
+    opt = optgen.LayerAdaptiveAdafactor(params, lr=lr, backend="torch")
+    run_steps(opt, params, grads)
+    assert all(_relative(p, e) <= 1e-5 for p, e in zip(params, expected))
+    off = optgen.LayerAdaptiveAdafactor(plain, lr=lr, layer_adaptation=False, backend="torch")
+    reference = clone_params(plain)
+    run_steps(off, plain, grads)
+    run_steps(torch.optim.Adafactor(reference, lr=lr), reference, grads)
+    assert all(_relative(p, r) <= ADAFACTOR_TOL for p, r in zip(plain, reference))
+
+
+# -- the language, against float64 transcriptions -------------------------------------------------------------
+
+
+def row_col_spec() -> Spec:
+    """Every kind of per-row/column value: row and column means of g^2 kept as states, a column sum of a row
+    state (one value per matrix), a row sum of a column state, and element-wise code reading all of them."""
+    spec = Spec("RowColSGD")
+    lr, beta = spec.hyper(lr=0.1, beta=0.5)
+    w, g = spec.param, spec.grad
+    r = spec.state("r", per="row", init=1.0)
+    c = spec.state("c", per="column", init=2.0)
+    r1 = spec.update(r, beta * r + (1 - beta) * row_mean(g**2))
+    c1 = spec.update(c, beta * c + (1 - beta) * col_mean(g**2))
+    estimate = r1 * c1 / col_mean(r1) + row_sum(c1) / row_sum(1)  # per matrix: the mean of the rows, of the columns
+    step = g / sqrt(estimate) + row_sum(g * w) / col_sum(w**2 + 1)
+    spec.update(w, w - lr * step / sqrt(layer_sum(step**2) / layer_sum(1) + 1))
+    return spec
+
+
+def row_col_reference(params, grads, lr, beta):
+    w = [p.detach().double().clone() for p in params]
+    r = [torch.ones(p.shape[:-1] + (1,), dtype=torch.float64) for p in params]
+    c = [torch.full(p.shape[:-2] + (1, p.shape[-1]), 2.0, dtype=torch.float64) for p in params]
+    for step in grads:
+        for i, g in enumerate(step):
+            g = g.double()
+            r[i] = beta * r[i] + (1 - beta) * (g**2).mean(-1, keepdim=True)
+            c[i] = beta * c[i] + (1 - beta) * (g**2).mean(-2, keepdim=True)
+            estimate = r[i] * c[i] / r[i].mean(-2, keepdim=True) + c[i].mean(-1, keepdim=True)
+            u = g / estimate.sqrt() + (g * w[i]).sum(-1, keepdim=True) / (w[i] ** 2 + 1).sum(-2, keepdim=True)
+            w[i] = w[i] - lr * u / math.sqrt(float((u**2).mean()) + 1)
+    return w, r, c
+
+
+def test_row_and_column_values(backend):
+    shapes = [(7, 13), (3, 4, 6), (1, 9), (9, 1), (33, 17)]
+    params, grads = make_params(shapes, zero=()), make_grads(shapes, 10)
+    expected_w, expected_r, expected_c = row_col_reference(params, grads, 0.1, 0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = optgen.build(row_col_spec())(params, lr=0.1, beta=0.5, backend=backend)
+        run_steps(opt, params, grads)
+    assert_close_rel(params, expected_w, tol=TOL_F64_REFERENCE, what="w")
+    assert_close_rel([opt.state[p]["r"] for p in params], expected_r, tol=TOL_F64_REFERENCE, what="r")
+    assert_close_rel([opt.state[p]["c"] for p in params], expected_c, tol=TOL_F64_REFERENCE, what="c")
+
+
+def test_kernel_backends_say_they_run_factored_variants_on_the_torch_passes():
+    optimizer = optgen.build(row_col_spec())
+    params = make_params([(4, 3)], zero=())
+    from optgen.runtime import backends
+
+    backends._WARNED.discard(("c", "RowColSGD"))
+    with pytest.warns(UserWarning, match="RowColSGD reduces over rows or columns.*the c kernels"):
+        run_steps(optimizer(params, backend="c"), params, make_grads([(4, 3)], 1))
+
+
+# -- bad specs and bad input ------------------------------------------------------------------------------------
+
+
+def _raises(make, *fragments):
+    with pytest.raises(SpecError) as info:
+        optgen.build(make())
+    message = str(info.value)
+    for fragment in fragments:
+        assert fragment in message, f"{fragment!r} not in {message!r}"
+    assert HERE in message, message
+
+
+def _base():
+    spec = Spec("Bad")
+    return spec, spec.hyper(lr=0.1)
+
+
+def test_row_state_from_an_element_wise_value():
+    def make():
+        spec, lr = _base()
+        r = spec.state("r", per="row")
+        spec.update(r, r + spec.grad**2)
+        spec.update(spec.param, spec.param - lr * spec.grad * r)
+        return spec
+
+    _raises(make, "per-row state", "one number per row", "g")
+
+
+def test_row_state_from_a_column_value():
+    def make():
+        spec, lr = _base()
+        r = spec.state("r", per="row")
+        spec.update(r, col_mean(spec.grad**2))
+        spec.update(spec.param, spec.param - lr * spec.grad * r)
+        return spec
+
+    _raises(make, "per-row state", "per-col values")
+
+
+def test_row_sum_of_a_row_value_and_layer_sum_of_one():
+    def row_of_row():
+        spec, lr = _base()
+        spec.update(spec.param, spec.param - lr * spec.grad * row_sum(row_sum(spec.grad)))
+        return spec
+
+    def layer_of_row():
+        spec, lr = _base()
+        spec.update(spec.param, spec.param - lr * spec.grad * sumsq(row_sum(spec.grad)))
+        return spec
+
+    _raises(row_of_row, "RowSum", "reduces a per-row value")
+    _raises(layer_of_row, "reduces a per-row value over a whole parameter")
+
+
+def test_a_state_absent_from_a_variant_is_not_read():
+    def make():
+        spec, lr = _base()
+        factored = spec.shape_flag("factored", min_ndim=2)
+        r = spec.state("r", per="row", when=factored)
+        r1 = spec.update(r, row_mean(spec.grad**2))
+        spec.update(spec.param, spec.param - lr * spec.grad / sqrt(r1 + 1))  # not under where(factored, ...)
+        return spec
+
+    _raises(make, "exists only where its shape flag holds", "factored=False")
+
+
+def test_old_value_read_after_its_reduce_step():
+    def make():
+        spec, lr = _base()
+        r = spec.state("r", per="row")
+        spec.update(r, row_mean(spec.grad**2))
+        # the old r, in the pass after ||g|| (pass 1): the reduce step after pass 0 has replaced it
+        spec.update(spec.param, spec.param - lr * spec.grad * r / sqrt(sumsq(spec.grad)))
+        return spec
+
+    with pytest.raises(SpecError, match="reads the old value of r"):
+        plan(lower(make()))
+
+
+def test_bad_state_granularity_and_when():
+    spec = Spec("Bad")
+    with pytest.raises(SpecError, match=r"per='matrix'.*expected one of"):
+        spec.state("v", per="matrix")
+    with pytest.raises(SpecError, match="must be a shape flag"):
+        spec.state("v", when=spec.flag(on=True))
+    with pytest.raises(SpecError, match="min_ndim must be a positive integer"):
+        spec.shape_flag("big", min_ndim=0)
+
+
+def test_factored_update_on_a_vector_is_refused_before_anything_changes(backend):
+    params = make_params([(4, 3), (5,)], zero=())
+    before = [p.detach().clone() for p in params]
+    opt = optgen.build(row_col_spec())(params, backend="torch")
+    for p, g in zip(params, make_grads([(4, 3), (5,)], 1)[0]):
+        p.grad = g
+    with pytest.raises(RuntimeError, match=r"shape \(5,\) has fewer than 2 dimensions"):
+        opt.step()
+    assert all(torch.equal(p.detach(), b) for p, b in zip(params, before)) and not opt.state
+
+
+def test_state_of_a_changed_shape_is_refused_before_anything_changes():
+    param = torch.nn.Parameter(torch.randn(6, 5))
+    opt = optgen.Adafactor([param], backend="torch")
+    param.grad = torch.randn(6, 5)
+    opt.step()
+    col_var = opt.state[param]["col_var"].clone()
+    opt.state[param]["row_var"] = torch.zeros(5, 1)  # another parameter's
+    param.grad = torch.randn(6, 5)
+    weights = param.detach().clone()
+    with pytest.raises(RuntimeError, match=r"'row_var' has shape \(5, 1\).*one number per row, shape \(6, 1\)"):
+        opt.step()
+    assert torch.equal(param.detach(), weights) and torch.equal(opt.state[param]["col_var"], col_var)
+
+
+def test_a_global_norm_across_variants_is_refused():
+    """Shape flags split the parameters into variants, each its own launches: a global norm would see part of them."""
+    params = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(5))]
+    opt = optgen.Adafactor(params, max_grad_norm=1.0, backend="torch")
+    for p in params:
+        p.grad = torch.randn_like(p)
+    with pytest.raises(RuntimeError, match="several variants of the update"):
+        opt.step()
+
+
+def test_where_on_a_shape_flag_picks_per_parameter():
+    spec = Spec("ShapeSwitch")
+    lr = spec.hyper(lr=1.0)
+    big = spec.shape_flag("big", min_ndim=2)
+    spec.update(spec.param, spec.param - lr * where(big, 2 * spec.grad, spec.grad))
+    params = [torch.nn.Parameter(torch.zeros(2, 2)), torch.nn.Parameter(torch.zeros(3))]
+    opt = optgen.build(spec)(params, backend="torch")
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    assert torch.equal(params[0].detach(), torch.full((2, 2), -2.0)) and torch.equal(params[1].detach(), torch.full((3,), -1.0))
+    assert "big" not in opt.defaults  # decided by each parameter's shape, not a constructor keyword
+    assert sympy.Symbol  # (sympy imported for specs above)
