@@ -65,6 +65,17 @@ class SlotSymbol(sympy.Symbol):
         return super().__new__(cls, name, real=True)
 
 
+class ShapeSymbol(sympy.Symbol):
+    """A parameter's row length C (``n_cols``) or column length R (``n_rows``): what ``row_sum``/``col_sum`` of a
+    value that does not vary along the row (a count: ``row_sum(1)``) is a multiple of. Read per program."""
+
+    def __new__(cls, name: str):
+        return super().__new__(cls, name, positive=True)
+
+
+N_COLS, N_ROWS = ShapeSymbol("n_cols"), ShapeSymbol("n_rows")
+
+
 class AxisSlotSymbol(SlotSymbol):
     """The finished value of a per-row or per-column reduction: it varies within a program's elements."""
 
@@ -139,6 +150,8 @@ class Pass:
     # Computed by the reduce step after this pass, in order, once its partials are folded: ("state", name, new
     # value) writes a per-row/column state, ("slot", slot index, argument) a per-matrix reduction.
     reduce_items: tuple[tuple[str, object, sympy.Expr], ...] = ()
+    axes_after: bool = False  # a reduce step folds per-row/column partials or computes reduce_items
+    shape_reads: tuple[str, ...] = ()  # n_cols / n_rows: the parameter's row and column lengths
 
     @property
     def bytes_per_param(self) -> int:
@@ -167,9 +180,10 @@ class Plan:
 
     @property
     def launches_per_step(self) -> int:
-        """Unsharded Triton launches: one per pass, and one reduce launch after each pass with per-layer values
-        (segment-reduce) or global values (fold; the same launch when a pass produces both)."""
-        return len(self.passes) + sum(p.reduce_after or p.fold_after or bool(p.reduce_items) for p in self.passes)
+        """Unsharded launches: one per pass, one reduce launch after each pass with per-layer values (segment-
+        reduce) or global values (fold; the same launch when a pass produces both), and one reduce step after each
+        pass with per-row/column sums or values to compute (``axes_after``)."""
+        return len(self.passes) + sum((p.reduce_after or p.fold_after) + p.axes_after for p in self.passes)
 
     @property
     def buffers(self) -> tuple[str, ...]:
@@ -197,8 +211,8 @@ class Plan:
                 f"  pass {p.index}: loads [{loads}] stores [{stores}] "
                 f"reduces [{', '.join(f'red_{k}' for k, _ in p.produces) or '-'}] "
                 f"reads [{', '.join(f'red_{k}' for k in p.consumes) or '-'}] -> {p.bytes_per_param} B"
-                + (" ; then " if p.reduce_after or p.fold_after else "")
-                + " + ".join(w for w, on in (("segment-reduce", p.reduce_after), ("global fold", p.fold_after)) if on)
+                + (" ; then " if p.reduce_after or p.fold_after or p.axes_after else "")
+                + " + ".join(w for w, on in (("segment-reduce", p.reduce_after), ("global fold", p.fold_after), ("row/column step", p.axes_after)) if on)
             )
             for kind, name, expr in p.reduce_items:
                 what = f"{name} = {expr}" if kind == "state" else f"red_{name} = matrix sum of {expr}"
@@ -244,6 +258,10 @@ def _extract_slots(updates: dict[str, sympy.Expr]):
         mapping = {}
         for red in innermost:
             value = granularity(red, known)
+            if red.scope in ("row", "col") and granularity(red.args[0], known) in ("scalar", "layer"):
+                # the same value along the whole row (column): C (R) times it, no reduction to run
+                mapping[red] = red.args[0] * (N_COLS if red.scope == "row" else N_ROWS)
+                continue
             name = f"red_{len(slots_raw)}"
             if red.scope in ("row", "col"):
                 scope = "matrix" if value == "matrix" else red.scope
@@ -251,7 +269,7 @@ def _extract_slots(updates: dict[str, sympy.Expr]):
             else:
                 scope, dim = red.scope, None
             symbol = AxisSlotSymbol(name) if scope in ("row", "col") else SlotSymbol(name)
-            known[symbol] = {"row": "row", "col": "col", "matrix": "matrix"}.get(scope, "layer")
+            known[symbol] = value
             mapping[red] = symbol
             slots_raw.append((red.op, scope, red.args[0], dim))
         exprs = {k: e.xreplace(mapping) for k, e in exprs.items()}
@@ -364,7 +382,7 @@ def _cost(defs, slots, write, n_passes, scratch) -> tuple[int, int]:
         roots, produces, _, leaves = _program(j, defs, slots, write, scratch)
         stores = len(roots) + sum(1 for _, i in scratch.values() if i == j)
         total += FP32_BYTES * (len(leaves) + stores)
-        launches += any(slots[k].scope in ("layer", "row", "col") for k, _ in produces)
+        launches += any(slots[k].scope == "layer" for k, _ in produces) + any(slots[k].scope in ("row", "col") for k, _ in produces)
     return total, launches
 
 
@@ -455,9 +473,12 @@ def _reduce_items(ir: IR, slots, axis_defs: dict, axis_step: dict) -> dict[int, 
         while pending:
             ready = [item for item in pending if after[(item[0], item[1])] <= placed]
             if not ready:
+                states = [key for kind, key, _ in pending if kind == "state"]
                 raise SpecError(
-                    f"{ir.name}: the per-row/column values of the reduce step after pass {step} depend on each other "
-                    f"in a cycle: {', '.join(str(key) for _, key, _ in pending)}"
+                    f"{ir.name}: the per-row/column values of the reduce step after pass {step} read each other's old "
+                    f"values ({', '.join(str(key) for _, key, _ in pending)}): each is written in place there, so a "
+                    f"state whose update reads another's old value must not be read by that one's update; keep a "
+                    f"copy in another state [{_where(ir, states)}]"
                 )
             for item in ready:
                 ordered.append(item)
@@ -483,11 +504,18 @@ def _reduce_items(ir: IR, slots, axis_defs: dict, axis_step: dict) -> dict[int, 
                 elif isinstance(sym, (RowStateSymbol, ColStateSymbol)) and axis_step[sym.name] < step:
                     raise SpecError(
                         f"{ir.name}: the old value of {sym.name} is read after the reduce step that writes its new "
-                        f"value (after pass {axis_step[sym.name]}); read the new value, or keep the old one in a state"
+                        f"value (after pass {axis_step[sym.name]}); read the new value, or keep the old one in a state "
+                        f"[{_where(ir, [key])}]"
                     )
             fixed.append((kind, key, expr.xreplace(subs) if subs else expr))
         out[step] = tuple(fixed)
     return out
+
+
+def _where(ir: IR, targets) -> str:
+    """Where the user wrote the updates of ``targets`` (file:line), for planner errors."""
+    locations = dict(ir.update_locations)
+    return ", ".join(dict.fromkeys(locations[t] for t in targets if t in locations)) or ir.name
 
 
 def _read_axis_states(ir: IR, j: int, stores, produces, axis_step: dict):
@@ -501,7 +529,8 @@ def _read_axis_states(ir: IR, j: int, stores, produces, axis_step: dict):
             elif isinstance(sym, (RowStateSymbol, ColStateSymbol)) and axis_step[sym.name] < j:
                 raise SpecError(
                     f"{ir.name}: pass {j} reads the old value of {sym.name}, which the reduce step after pass "
-                    f"{axis_step[sym.name]} has replaced; read its new value, or keep the old one in a state"
+                    f"{axis_step[sym.name]} has replaced; read its new value, or keep the old one in a state "
+                    f"[{_where(ir, [sym.name, PARAM])}]"
                 )
     if not subs:
         return stores, produces
@@ -668,13 +697,15 @@ def _build_pass(j, n_passes, stores, produces, leaves, slots, step_advance, laye
         uses_step=any(isinstance(s, StepSymbol) for s in free) or writes_step,
         device_scalars=device_scalars,
         step_advance=advance,
-        reduce_after=any(slots[k].scope in ("layer", "row", "col") for k, _ in produces),
+        reduce_after=any(slots[k].scope == "layer" for k, _ in produces),
         fold_after=any(slots[k].scope == "global" for k, _ in produces),
         writes_step=writes_step,
         layer_state_reads=tuple(sorted(s.name for s in free if isinstance(s, LayerStateSymbol))),
+        shape_reads=tuple(sorted(s.name for s in free if isinstance(s, ShapeSymbol))),
         layer_stores=reduced_layer,
         axis_loads=tuple(sorted((s.name, "row" if isinstance(s, RowStateSymbol) else "column") for s in free if isinstance(s, _ROW + _COL))),
         reduce_items=tuple(reduce_items),
+        axes_after=bool(reduce_items) or any(slots[k].scope in ("row", "col") for k, _ in produces),
     )
 
 

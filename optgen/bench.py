@@ -246,7 +246,7 @@ def numel(shapes) -> int:
 
 # -- implementations ------------------------------------------------------------------------------------
 
-OPTIMIZERS = ("adamw", "adam", "sgd", "lamb", "lars", "nvlamb")  # the ones with peers to compare against
+OPTIMIZERS = ("adamw", "adam", "sgd", "lamb", "lars", "nvlamb", "adafactor", "came")  # the ones with peers
 HYPERS = {  # the same settings for every implementation of an optimizer
     "adamw": dict(lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01),
     "adam": dict(lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0),
@@ -254,6 +254,8 @@ HYPERS = {  # the same settings for every implementation of an optimizer
     "lamb": dict(lr=1e-4, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01),
     "lars": dict(lr=1e-4, momentum=0.9, weight_decay=1e-4),
     "nvlamb": dict(lr=1e-4, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01),
+    "adafactor": dict(lr=1e-2, weight_decay=0.01),
+    "came": dict(lr=2e-4, weight_decay=0.01),
 }
 
 
@@ -331,6 +333,11 @@ def implementations(optimizer: str, cls: type, device: str, builtin: bool = True
         impls.append(_peer(optimizer, "timm Lamb", "timm.optim", lambda m, ps: m.Lamb(ps, **hp, max_grad_norm=None)))
         impls.append(_gpu_peer(optimizer, "bitsandbytes LAMB", "bitsandbytes", lambda m, ps: m.optim.LAMB(ps, **hp), cuda))
         impls.append(_gpu_peer(optimizer, "DeepSpeed FusedLamb", "deepspeed.ops.lamb", lambda m, ps: m.FusedLamb(ps, **hp), cuda))
+    if peers_of == "adafactor":
+        for name, kw in (("torch for-loop", {"foreach": False}), ("torch foreach", {"foreach": True})):
+            impls.append(Impl(optimizer, name, lambda ps, kw=kw: torch.optim.Adafactor(ps, **hp, **kw)))
+    if peers_of == "came":
+        impls.append(_peer(optimizer, "came-pytorch", "came_pytorch", lambda m, ps: m.CAME(ps, **hp)))
     if peers_of == "lars":
         lars = dict(lr=hp["lr"], momentum=hp["momentum"], weight_decay=hp["weight_decay"])
         impls.append(_peer(optimizer, "pytorch-optimizer LARS", "pytorch_optimizer", lambda m, ps: m.LARS(ps, **lars)))
@@ -541,6 +548,7 @@ def versions() -> dict:
         ("pytorch_optimizer", "pytorch-optimizer"),
         ("torch_optimizer", "torch-optimizer"),
         ("timm", "timm"),
+        ("came_pytorch", "came-pytorch"),
         ("bitsandbytes", "bitsandbytes"),
         ("deepspeed", "deepspeed"),
         ("matplotlib", "matplotlib"),

@@ -119,6 +119,14 @@ def cmd_inspect(args) -> int:
         return subprocess.run(argv, env=env).returncode
     spec = resolve_spec(args.name)
     p = make_plan(lower(spec, _parse_flags(args.flag)))
+    if "triton" not in targets_for(p):
+        print(
+            f"optgen: {p.ir.name} ({', '.join(f'{k}={v}' for k, v in p.ir.flags)}) reduces over rows or columns: it has "
+            f"no Triton kernels yet. `optgen show {args.name} --target c` prints its C kernels; the other variant: "
+            f"--flag {','.join(f'{k}=false' for k, v in p.ir.flags if v and k in {f.name for f in spec.shape_flags})}",
+            file=sys.stderr,
+        )
+        return 2
     report = inspect_plan(p, arch, getattr(args, "dtype", "fp32"))
     if args.json:
         print(json.dumps(report, indent=2, sort_keys=True))

@@ -437,6 +437,8 @@ def granularity(expr: sympy.Basic, known: dict | None = None) -> str:
     if isinstance(expr, (RowSum, ColSum)):
         inner = granularity(expr.args[0], known)
         axis, other = ("row", "col") if isinstance(expr, RowSum) else ("col", "row")
+        if inner in ("scalar", "layer"):
+            return "layer"  # every row (column) sums the same C (R) values: row_sum(1) is C
         return "matrix" if inner == other else axis
     if isinstance(expr, Reduction):
         return "layer"

@@ -25,8 +25,9 @@ from optgen.spec import col_mean, col_sum, layer_sum, row_mean, row_sum, sqrt, s
 from optgen.specs import BUILTINS
 
 HERE = os.path.basename(__file__)
-# matrices, a batch of matrices, a vector, a 0-d parameter, single rows and columns, a chunk-straddling matrix
-SHAPES = [(7, 13), (3, 4, 6), (5,), (), (1, 9), (9, 1), (33, 17), (2, 3, 1, 5)]
+# matrices, a batch of matrices, a vector, a 0-d parameter, single rows and columns, a matrix of several chunks of
+# whole rows, rows longer than a chunk (the C kernels split them), a 4-D tensor
+SHAPES = [(7, 13), (3, 4, 6), (5,), (), (1, 9), (9, 1), (33, 17), (3, 700), (2, 3, 1, 5)]
 STEPS = 20
 ADAFACTOR_TOL = 2e-6  # fp32 against fp32 torch.optim.Adafactor after 20 steps (it computes its row means in fp32)
 
@@ -122,7 +123,7 @@ def test_adafactor_plans_and_state_bytes():
     text = factored.describe()
     assert "row_var per row; col_var per column" in text and "reduce step after pass 0: row_var = " in text
     # pass 0: ||w||, row and column sums of g^2; then the moments and their mean; pass 1: ||U||; pass 2: the update
-    assert (len(factored.passes), factored.bytes_per_param) == (3, 24)
+    assert (len(factored.passes), factored.bytes_per_param, factored.launches_per_step) == (3, 24, 6)
     assert factored.passes[0].reduce_items and not factored.passes[1].reduce_items
 
 
@@ -203,14 +204,48 @@ def test_row_and_column_values(backend):
     assert_close_rel([opt.state[p]["c"] for p in params], expected_c, tol=TOL_F64_REFERENCE, what="c")
 
 
-def test_kernel_backends_say_they_run_factored_variants_on_the_torch_passes():
+def test_triton_says_it_runs_factored_variants_on_the_torch_passes():
     optimizer = optgen.build(row_col_spec())
     params = make_params([(4, 3)], zero=())
     from optgen.runtime import backends
 
-    backends._WARNED.discard(("c", "RowColSGD"))
-    with pytest.warns(UserWarning, match="RowColSGD reduces over rows or columns.*the c kernels"):
-        run_steps(optimizer(params, backend="c"), params, make_grads([(4, 3)], 1))
+    backends._WARNED.discard(("triton", "RowColSGD"))
+    with pytest.warns(UserWarning, match="RowColSGD reduces over rows or columns.*the triton kernels"):
+        run_steps(optimizer(params, backend="triton"), params, make_grads([(4, 3)], 1))
+
+
+def test_c_kernels_launch_the_plan_whatever_the_tensor_count():
+    """One call per pass for all matrices, one segment-reduce and one row/column step where the plan has them."""
+    expected = plan(lower(BUILTINS["adafactor"](), {"factored": True})).launches_per_step
+    assert expected == 3 + 2 + 1
+    for count in (1, 40):
+        shapes = [(3 + i % 5, 2 + i % 7) for i in range(count)]
+        params = make_params(shapes, zero=())
+        opt = optgen.Adafactor(params, backend="c")
+        run_steps(opt, params, make_grads(shapes, 2))
+        (c,) = [b for key, b in opt._runner.backends.items() if key[0] == "c"]
+        before = c.launches
+        run_steps(opt, params, make_grads(shapes, 1, seed=5))
+        assert c.launches - before == expected, (count, c.launches - before)
+
+
+@pytest.mark.parametrize("name", ["adafactor", "came"])
+def test_c_element_loops_are_vectorised(name):
+    """gcc's vectorisation report: every element loop, fp32, bf16 storage and fp64 math (the row loops of the
+    factored passes included)."""
+    from optgen.codegen.render import source_path
+    from optgen.runtime import cbuild
+    from optgen.runtime.c_backend import STORAGE_CODES
+
+    spec = BUILTINS[name]()
+    for flags in ({"factored": True}, {"factored": False}):
+        source = source_path(plan(lower(spec, flags)), "c")
+        for defines in ({}, {"OG_DT_param": STORAGE_CODES[torch.bfloat16]}, {"OG_DT_param": 1, "OG_REAL_F64": 1}):
+            try:
+                loops = cbuild.vectorization(source, defines)
+            except cbuild.BuildError:
+                pytest.skip("no vectorisation report from this compiler")
+            assert loops and all(loops.values()), (flags, defines, loops)
 
 
 # -- bad specs and bad input ------------------------------------------------------------------------------------
@@ -333,7 +368,7 @@ def test_a_global_norm_across_variants_is_refused():
     opt = optgen.Adafactor(params, max_grad_norm=1.0, backend="torch")
     for p in params:
         p.grad = torch.randn_like(p)
-    with pytest.raises(RuntimeError, match="several variants of the update"):
+    with pytest.raises(RuntimeError, match="run 2 variants of the update \\(its shape flags: factored\\)"):
         opt.step()
 
 
@@ -350,3 +385,84 @@ def test_where_on_a_shape_flag_picks_per_parameter():
     assert torch.equal(params[0].detach(), torch.full((2, 2), -2.0)) and torch.equal(params[1].detach(), torch.full((3,), -1.0))
     assert "big" not in opt.defaults  # decided by each parameter's shape, not a constructor keyword
     assert sympy.Symbol  # (sympy imported for specs above)
+
+
+# -- found by review: each failed before its fix -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scale", [0.0, 1e-30, 1e-12])
+def test_came_stays_finite_on_zero_and_tiny_gradients(backend, scale):
+    """sympy had squared g/(sqrt(r/m) sqrt(c)) into g^2 m/(r c), whose r c underflows in fp32: 0/0."""
+    came_pytorch = pytest.importorskip("came_pytorch")
+    params = make_params([(4, 3), (5,)], zero=())
+    reference = clone_params(params)
+    grads = [[g * scale for g in step] for step in make_grads([(4, 3), (5,)], 2)]
+    opt = optgen.CAME(params, lr=1e-2, backend=backend)
+    run_steps(opt, params, grads)
+    run_steps(came_pytorch.CAME(reference, lr=1e-2), reference, grads)
+    assert all(bool(torch.isfinite(p).all()) and _relative(p, r) <= ADAFACTOR_TOL for p, r in zip(params, reference))
+
+
+def test_per_row_values_read_per_layer_states_and_matrix_means(backend):
+    """A column state reading a per-layer state, a row state normalised by its own mean over the rows (a per-matrix
+    value, not per-column: it used to be refused), a matrix sum of a row value times a per-layer state."""
+    spec = Spec("Mixed")
+    lr = spec.hyper(lr=0.1)
+    g, w = spec.grad, spec.param
+    n = spec.state("n", per="layer", init=1.0)
+    n1 = spec.update(n, 0.5 * n + sumsq(g) / layer_sum(1))
+    r, c = spec.state("r", per="row", init=1.0), spec.state("c", per="column", init=1.0)
+    r1 = spec.update(r, 0.5 * r + row_mean(g**2))
+    c1 = spec.update(c, 0.5 * c + col_mean(g**2) + n)
+    q = spec.state("q", per="row")
+    spec.update(q, r1 / col_mean(r1))
+    spec.update(w, w - lr * g * c1 * r1 / col_mean(r1 * n1))
+    shapes = [(5, 4), (2, 3, 7), (3, 700)]
+    params, grads = make_params(shapes, zero=()), make_grads(shapes, 4)
+    expected = [p.detach().double().clone() for p in params]
+    state = [dict(n=1.0, r=torch.ones(p.shape[:-1] + (1,), dtype=torch.float64),
+                  c=torch.ones(p.shape[:-2] + (1, p.shape[-1]), dtype=torch.float64)) for p in params]  # fmt: skip
+    for step in grads:
+        for i, grad in enumerate(step):
+            grad, s = grad.double(), state[i]
+            n_new = 0.5 * s["n"] + float((grad**2).mean())
+            s["r"] = 0.5 * s["r"] + (grad**2).mean(-1, keepdim=True)
+            s["c"] = 0.5 * s["c"] + (grad**2).mean(-2, keepdim=True) + s["n"]
+            s["q"] = s["r"] / s["r"].mean(-2, keepdim=True)
+            s["n"] = n_new
+            expected[i] = expected[i] - 0.1 * grad * s["c"] * s["r"] / (s["r"] * n_new).mean(-2, keepdim=True)
+    opt = optgen.build(spec)(params, backend=backend)
+    run_steps(opt, params, grads)
+    assert_close_rel(params, expected, tol=TOL_F64_REFERENCE, what="w")
+    assert_close_rel([opt.state[p]["q"] for p in params], [s["q"] for s in state], tol=TOL_F64_REFERENCE, what="q")
+
+
+def test_planner_errors_name_the_line():
+    def make():
+        spec, lr = _base()
+        r, q = spec.state("r", per="row"), spec.state("q", per="row")
+        spec.update(r, 0.5 * q + row_mean(spec.grad**2))  # each reads the other's old value: written in place
+        spec.update(q, 0.5 * r + row_mean(spec.grad**2))
+        spec.update(spec.param, spec.param - lr * spec.grad)
+        return spec
+
+    _raises(make, "read each other's old values")
+
+
+def test_complex_matrices_and_a_changed_variant_are_refused_before_anything_changes():
+    param = torch.nn.Parameter(torch.randn(4, 3, dtype=torch.complex64))
+    param.grad = torch.randn_like(param)
+    opt = optgen.Adafactor([param], backend="torch")
+    with pytest.raises(RuntimeError, match="complex parameters of 2\\+ dimensions"):
+        opt.step()
+    assert not opt.state
+    real = torch.nn.Parameter(torch.randn(6, 5))
+    opt = optgen.Adafactor([real], backend="torch")
+    real.grad = torch.randn(6, 5)
+    opt.step()
+    real.data = torch.randn(30)
+    real.grad = torch.randn(30)
+    with pytest.raises(RuntimeError, match="runs the variant factored=False, but its state holds 'row_var'"):
+        opt.step()
+    with pytest.raises(ValueError, match="d"):
+        optgen.Adafactor([real], d=0.5)  # torch: d >= 1

@@ -98,8 +98,103 @@ def pass_args(plan: Plan, p: Pass) -> tuple[KernelArg, ...]:
     ]
     if n_partials:
         args.append(_table("_partials", "fp64", f"[chunks, {n_partials}]: per-chunk partial reductions", writes=True))
+    if plan.ir.factored:
+        args += _geometry_args()
+        args += [_table(f"_{name}_addr", "i64", f"[tensors]: data_ptr of each tensor's {name} (per {per})") for name, per in p.axis_loads]
+        scopes = {plan.slots[k].scope for k, _ in p.produces}
+        args += [
+            _table("_rowpart", "fp64", "[row partials, row slots]: each chunk's sums of its rows", writes="row" in scopes),
+            _table("_colpart", "fp64", "[column partials, column slots]: each chunk's sums of its columns", writes="col" in scopes),
+            _table("_rowtot", "fp64", "[rows, row slots]: finished per-row values"),
+            _table("_coltot", "fp64", "[columns, column slots]: finished per-column values"),
+            _table("_mattot", "fp64", "[matrices, matrix slots]: finished per-matrix values"),
+        ]
     args.append(_int("_chunk_offset", "row of this call's first chunk in _partials (partitions share the table)"))
     return tuple(args)
+
+
+def _geometry_args() -> list[KernelArg]:
+    """A factored plan's chunks are whole rows of one matrix (or one row's columns) of a (B, R, C) parameter."""
+    return [
+        _table("_chunk_row", "i64", "[chunks]: the chunk's first row, b*R + r"),
+        _table("_chunk_col", "i64", "[chunks]: the chunk's first column"),
+        _table("_chunk_nrows", "i64", "[chunks]: rows of the chunk"),
+        _table("_chunk_ncols", "i64", "[chunks]: columns of the chunk"),
+        _table("_chunk_mat", "i64", "[chunks]: the chunk's matrix b"),
+        _table("_chunk_rowpart", "i64", "[chunks]: the chunk's first row in _rowpart"),
+        _table("_chunk_colpart", "i64", "[chunks]: the chunk's first row in _colpart"),
+        _table("_mats", "i64", "[tensors]: matrices B"),
+        _table("_rows", "i64", "[tensors]: rows R of each matrix"),
+        _table("_cols", "i64", "[tensors]: columns C"),
+        _table("_row_base", "i64", "[tensors]: the tensor's first row in _rowtot"),
+        _table("_col_base", "i64", "[tensors]: the tensor's first column in _coltot"),
+        _table("_mat_base", "i64", "[tensors]: the tensor's first matrix in _mattot"),
+    ]
+
+
+def axis_columns(plan: Plan, scope: str) -> dict[int, int]:
+    """Slot index -> column in the plan-wide table of finished per-row (``"row"``), per-column (``"col"``) or
+    per-matrix (``"matrix"``) values."""
+    return {slot.index: i for i, slot in enumerate(s for s in plan.slots if s.scope == scope)}
+
+
+def has_axes_step(plan: Plan, p: Pass) -> bool:
+    """A reduce step after pass ``p`` folds per-row/column partials or computes per-row/column values."""
+    return p.axes_after
+
+
+def axes_args(plan: Plan, p: Pass) -> tuple[KernelArg, ...]:
+    """Runtime arguments of the per-row/column reduce step after pass ``p`` (one program per tensor): it folds
+    the pass's row and column partials, then computes its ``reduce_items`` (new per-row/column states, written
+    in place; per-matrix sums)."""
+    args = [
+        _table("_first_chunk", "i64", "[tensors]: first chunk of each tensor"),
+        _table("_n_chunks", "i64", "[tensors]: chunks of each tensor"),
+        _table("_group", "i32", "[tensors]: param group (row of _hyper)"),
+        _table("_hyper", "fp64", "[groups, hypers]: hyperparameters"),
+        _table("_step", "fp32", "[chunks]: steps taken so far"),
+        *_geometry_args(),
+        _table("_rowpart", "fp64", "[row partials, row slots]"),
+        _table("_colpart", "fp64", "[column partials, column slots]"),
+        _table("_rowtot", "fp64", "[rows, row slots]: finished per-row values", writes=True),
+        _table("_coltot", "fp64", "[columns, column slots]: finished per-column values", writes=True),
+        _table("_mattot", "fp64", "[matrices, matrix slots]: finished per-matrix values", writes=True),
+    ]
+    args += [
+        _table(f"_{name}_addr", "i64", f"[tensors]: data_ptr of each tensor's {name}", writes=False)
+        for name in axes_states(plan, p)
+    ]
+    args += [_table(f"_table_{producer}", "fp64", f"per-layer reductions of pass {producer}") for producer in axes_layer_tables(plan, p)]
+    args += [_table(f"_layer_{name}", "fp64", f"[chunks]: per-layer state {name}") for name in axes_layer_states(plan, p)]
+    args += [_table(f"_dev_{name}", "fp32", f"[1]: {name}") for name in axes_device_scalars(plan, p)]
+    return tuple(args)
+
+
+def axes_states(plan: Plan, p: Pass) -> list[str]:
+    """Per-row/column states the reduce step after ``p`` reads or writes, in declaration order."""
+    used = set()
+    for kind, key, expr in p.reduce_items:
+        if kind == "state":
+            used.add(key)
+        used |= {s.name for s in expr.free_symbols if s.name in plan.ir.factored_state_names}
+    return [name for name in plan.ir.factored_state_names if name in used]
+
+
+def axes_layer_tables(plan: Plan, p: Pass) -> list[int]:
+    """Passes whose per-layer values the reduce step after ``p`` reads."""
+    names = {s.name for _, _, expr in p.reduce_items for s in expr.free_symbols}
+    return sorted({plan.slots[k].stage for k in range(len(plan.slots)) if plan.slots[k].name in names and plan.slots[k].scope == "layer"})
+
+
+def axes_layer_states(plan: Plan, p: Pass) -> list[str]:
+    """Per-layer states (old values) the reduce step after ``p`` reads."""
+    names = {s.name for _, _, expr in p.reduce_items for s in expr.free_symbols}
+    return [name for name in plan.ir.layer_state_names if name in names]
+
+
+def axes_device_scalars(plan: Plan, p: Pass) -> list[str]:
+    names = {s.name for _, _, expr in p.reduce_items for s in expr.free_symbols}
+    return [d for d in plan.ir.device_scalars if d in names]
 
 
 def reduce_args(plan: Plan, p: Pass) -> tuple[KernelArg, ...]:

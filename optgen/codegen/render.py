@@ -24,7 +24,19 @@ import sympy
 from .. import settings
 from ..analysis import VARYING, Pass, Plan, SlotSymbol
 from ..spec import ColStateSymbol, HyperSymbol, ParamSymbol, RowStateSymbol, SpecError
-from .abi import eager_pass_buffers, global_columns, layer_state_args, pass_args, pass_buffers, reduce_args
+from .abi import (
+    axes_args,
+    axes_layer_states,
+    axes_layer_tables,
+    axis_columns,
+    eager_pass_buffers,
+    global_columns,
+    has_axes_step,
+    layer_state_args,
+    pass_args,
+    pass_buffers,
+    reduce_args,
+)
 from .printers import CPrinter, TorchPrinter, TritonPrinter
 
 
@@ -47,7 +59,7 @@ TARGETS: dict[str, Target] = {
     "torch": Target("torch", TorchPrinter, "torch_module.py.j2", ".py", _PYTHON_IDENTITY, factored=True),
     "triton": Target("triton", TritonPrinter, "triton_module.py.j2", ".py", _PYTHON_IDENTITY),
     # the C template names per-program fp64 values d_<name>; element-wise code reads their casts by name
-    "c": Target("c", CPrinter, "c_module.c.j2", ".c", {"sum": "0.0", "max": "(-INFINITY)"}, {"prefix": "d_"}),
+    "c": Target("c", CPrinter, "c_module.c.j2", ".c", {"sum": "0.0", "max": "(-INFINITY)"}, {"prefix": "d_"}, factored=True),
 }
 
 
@@ -151,6 +163,14 @@ def _pass_context(plan: Plan, p: Pass, printer, scalar_printer, identity: dict) 
         }
         (layer_reads if slots[k].scope == "layer" else global_reads).append(read)
     buffers = pass_buffers(plan, p)  # none for a pass that only counts: the kernels need only the chunk tables
+    columns = {scope: axis_columns(plan, scope) for scope in ("row", "col", "matrix")}
+    axis_reads = {"row": [], "col": [], "matrix": []}
+    for k in p.consumes:
+        if slots[k].scope in axis_reads:
+            axis_reads[slots[k].scope].append({"name": slots[k].name, "column": columns[slots[k].scope][k]})
+    state_reads = {"row": [], "column": []}
+    for name, per in p.axis_loads:
+        state_reads[per].append(name)
     return {
         "index": p.index,
         "loads": [{"symbol": ld.symbol, "buffer": ld.buffer} for ld in p.loads],
@@ -172,7 +192,11 @@ def _pass_context(plan: Plan, p: Pass, printer, scalar_printer, identity: dict) 
             }
             for b, e in p.stores
         ],
-        "produces": [_partial_context(slots[k], produced_columns[k], e, code, elementwise_names, identity) for k, e in p.produces],
+        "produces": [
+            {**_partial_context(slots[k], produced_columns[k], e, code, elementwise_names, identity),
+             "scope": slots[k].scope, "axis_column": columns.get(slots[k].scope, {}).get(k)}
+            for k, e in p.produces
+        ],
         # a tensor of the parameter's shape, for a reduced value that simplified to a per-step scalar
         "shape_donor": p.loads[0].symbol if p.loads else (f"_{p.stores[0][0]}" if p.stores else "_param"),
         "n_partials": len(p.produces),
@@ -189,6 +213,20 @@ def _pass_context(plan: Plan, p: Pass, printer, scalar_printer, identity: dict) 
         "layer_stores": [{"name": name, "code": scalar_code(e)} for name, e in p.layer_stores],
         # per-row/column states element code reads (broadcast), and what the reduce step after the pass computes
         "axis_loads": [name for name, _ in p.axis_loads],
+        "factored": plan.ir.factored,
+        "row_reads": axis_reads["row"],  # finished per-row values, read once per row
+        "col_reads": axis_reads["col"],  # finished per-column values, read per element
+        "mat_reads": axis_reads["matrix"],  # per-matrix values: one per chunk
+        "row_state_reads": state_reads["row"],
+        "col_state_reads": state_reads["column"],
+        "axis_slot_names": [r["name"] for r in axis_reads["row"] + axis_reads["col"]],
+        "axes_step": has_axes_step(plan, p),
+        "axes_args": [vars(a) for a in axes_args(plan, p)] if plan.ir.factored and has_axes_step(plan, p) else [],
+        "row_folds": [columns["row"][k] for k, _ in p.produces if slots[k].scope == "row"],
+        "col_folds": [columns["col"][k] for k, _ in p.produces if slots[k].scope == "col"],
+        "axes_layer_reads": _axes_layer_reads(plan, p),
+        "axes_layer_states": axes_layer_states(plan, p),
+        "widths": {scope: max(1, len(columns[scope])) for scope in columns},
         "reduce_items": [_reduce_item_context(plan, kind, key, e, scalar_code) for kind, key, e in p.reduce_items],
         "reduce_step_args": reduce_step_args(plan, p),
         "device_scalars": list(p.device_scalars),
@@ -200,8 +238,9 @@ def _pass_context(plan: Plan, p: Pass, printer, scalar_printer, identity: dict) 
         "args": [
             *(f"_{b}" for b in eager_pass_buffers(plan, p)), "dtype", "t", *p.hypers, *p.device_scalars,
             *(slots[k].name for k in p.consumes), *(f"_layer_{name}" for name in layer_state_args(plan, p)),
-            *(f"_{name}" for name, _ in p.axis_loads),
+            *(f"_{name}" for name, _ in p.axis_loads), *p.shape_reads,
         ],
+        "shape_reads": list(p.shape_reads),
     }
 
 
@@ -224,12 +263,42 @@ def reduce_step_args(plan: Plan, p: Pass) -> list[str]:
 
 def _reduce_item_context(plan: Plan, kind: str, key, expr, scalar_code) -> dict:
     """One computation of a reduce step: a per-row/column state's new value (written in place), or a per-matrix
-    reduction of a per-row (per-column) value over the rows (columns)."""
+    reduction of a per-row (per-column) value over the rows (columns). ``axis``: what it runs over (``"row"``:
+    the tensor's B*R rows, ``"col"``: its B*C columns), and what it reads there."""
     reads = sorted({s.name for s in expr.free_symbols if isinstance(s, (RowStateSymbol, ColStateSymbol))})
+    names = {s.name for s in expr.free_symbols}
+    columns = {scope: axis_columns(plan, scope) for scope in ("row", "col", "matrix")}
+    slot_reads = {scope: [{"name": plan.slots[k].name, "column": c} for k, c in columns[scope].items() if plan.slots[k].name in names]
+                  for scope in columns}  # fmt: skip
+    hyper_columns = _hyper_columns(plan)
+    context = {
+        "reads": reads,
+        "code": scalar_code(expr),
+        "row_slots": slot_reads["row"],
+        "col_slots": slot_reads["col"],
+        "mat_slots": slot_reads["matrix"],
+        "hypers": [{"name": h, "column": hyper_columns[h]} for h in sorted(names & set(hyper_columns))],
+        "uses_t": "t" in names,
+        "device_scalars": [d for d in plan.ir.device_scalars if d in names],
+    }
     if kind == "state":
-        return {"kind": kind, "name": key, "code": scalar_code(expr), "reads": reads, "dim": None}
+        per = plan.ir.per(key)
+        return {**context, "kind": kind, "name": key, "dim": None, "axis": "row" if per == "row" else "col", "column": None}
     slot = plan.slots[key]
-    return {"kind": kind, "name": slot.name, "code": scalar_code(expr), "reads": reads, "dim": slot.dim}
+    axis = "row" if slot.dim == -2 else "col"  # a column sum of a per-row value runs over rows
+    return {**context, "kind": kind, "name": slot.name, "dim": slot.dim, "axis": axis, "column": columns["matrix"][key]}
+
+
+def _axes_layer_reads(plan: Plan, p: Pass) -> list[dict]:
+    """Per-layer values the reduce step after ``p`` reads: (name, producer table, column, width)."""
+    names = {s.name for _, _, expr in p.reduce_items for s in expr.free_symbols}
+    out = []
+    for producer in axes_layer_tables(plan, p):
+        q = plan.passes[producer]
+        for col, (k, _) in enumerate(q.produces):
+            if plan.slots[k].name in names:
+                out.append({"name": plan.slots[k].name, "producer": producer, "column": col, "width": len(q.produces)})
+    return out
 
 
 def _partial_context(slot, column: int, expr, code, elementwise_names, identity: dict) -> dict:
@@ -261,7 +330,8 @@ def _scalar_casts(plan: Plan, p: Pass) -> list[str]:
     used = _element_reads(p)
     # boolean scalars (a cse'd ``found_inf == 0``) stay booleans: only numbers are cast
     numeric = [n for n, e in p.scalars if not isinstance(e, sympy.logic.boolalg.Boolean)]
-    scalar_names = ["t", *p.hypers, *p.device_scalars, *(plan.slots[k].name for k in p.consumes), *p.layer_state_reads, *numeric]
+    scalar_names = ["t", *p.hypers, *p.device_scalars, *(plan.slots[k].name for k in p.consumes), *p.layer_state_reads,
+                    *p.shape_reads, *numeric]  # fmt: skip
     return [n for n in scalar_names if n in used]
 
 
@@ -305,7 +375,7 @@ def render(plan: Plan, target: str) -> str:
         "n_passes": len(plan.passes),
         "launches": plan.launches_per_step,
         "bytes_per_param": plan.bytes_per_param,
-        "buffers": list(plan.buffers),
+        "buffers": [*plan.buffers, *plan.ir.factored_state_names],
         "passes": [_pass_context(plan, p, printer, scalar_printer, spec.identity) for p in plan.passes],
         "states": [_state_context(state, printer) for state in plan.ir.states],
     }

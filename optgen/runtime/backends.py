@@ -27,7 +27,7 @@ class Backend:
     module: str  # imported on first use: a backend's dependencies (triton) load only when it runs
     cls: str
     refuse: Callable[[torch.device], str | None]  # why it cannot run on a device, or None
-    kernels: bool = True  # runs generated kernels (which do not take per-row/column reductions yet)
+    factored: bool = True  # takes per-row/column reductions (the Triton kernels do not yet)
 
     def load(self) -> type:
         return getattr(importlib.import_module(self.module), self.cls)
@@ -49,8 +49,8 @@ def _c_refuses(device: torch.device) -> str | None:
 
 
 BACKENDS: dict[str, Backend] = {
-    "torch": Backend("torch", "optgen.runtime.torch_backend", "TorchBackend", lambda device: None, kernels=False),
-    "triton": Backend("triton", "optgen.runtime.triton_backend", "TritonBackend", _triton_refuses),
+    "torch": Backend("torch", "optgen.runtime.torch_backend", "TorchBackend", lambda device: None),
+    "triton": Backend("triton", "optgen.runtime.triton_backend", "TritonBackend", _triton_refuses, factored=False),
     "c": Backend("c", "optgen.runtime.c_backend", "CBackend", _c_refuses),
 }
 # backend="auto": by device type; any other device runs the torch backend
@@ -69,7 +69,7 @@ def resolve(choice: str, device: torch.device, plan=None) -> Backend:
     problem = backend.refuse(device)
     if problem:
         raise RuntimeError(problem)
-    if plan is not None and backend.kernels and plan.ir.factored:
+    if plan is not None and not backend.factored and plan.ir.factored:
         key = (backend.name, plan.ir.name)
         if key not in _WARNED:
             _WARNED.add(key)

@@ -21,10 +21,10 @@ import warnings
 import torch
 
 from .. import settings
-from ..codegen.abi import pass_args, reduce_args
+from ..codegen.abi import axes_args, has_axes_step, pass_args, reduce_args
 from ..codegen.render import source_path, variant_stem
 from . import cbuild
-from .tables import ChunkTables, Staging, pass_values, reduce_launches, segment_reduce_values
+from .tables import ChunkTables, Staging, axes_values, pass_values, reduce_launches, segment_reduce_values
 
 # storage dtype -> the template's OG_DT_<buffer> code
 STORAGE_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
@@ -62,10 +62,10 @@ class _Kernels:
     def __init__(self, backend: CBackend, dtypes: dict[str, torch.dtype]):
         plan = backend.plan
         real64 = dtypes["param"] == torch.float64  # math in fp64 for fp64 parameters, as the torch backend
-        defines = {f"OG_DT_{b}": STORAGE_CODES[dtypes[b]] for b in plan.buffers}
+        defines = {f"OG_DT_{b}": STORAGE_CODES[dtypes[b]] for b in (*plan.buffers, *plan.ir.factored_state_names)}
         defines["OG_REAL_F64"] = int(real64)
         library = cbuild.load_built(backend.source, defines, variant_stem(plan))
-        self.passes, self.reduces = [], []
+        self.passes, self.reduces, self.axes = [], [], []
         for p in plan.passes:
             fn = getattr(library, f"{backend.prefix}_pass_{p.index}")
             fn.argtypes = [ctypes.c_int64] * 4 + _argtypes(pass_args(plan, p))
@@ -77,6 +77,12 @@ class _Kernels:
                 reduce_fn.argtypes = [ctypes.c_int64] + _argtypes(reduce_args(plan, p))
                 reduce_fn.restype = None
             self.reduces.append(reduce_fn)
+            axes_fn = None
+            if plan.ir.factored and has_axes_step(plan, p):
+                axes_fn = getattr(library, f"{backend.prefix}_axes_{p.index}")
+                axes_fn.argtypes = [ctypes.c_int64] * 2 + _argtypes(axes_args(plan, p))
+                axes_fn.restype = None
+            self.axes.append(axes_fn)
 
 
 class CBackend:
@@ -148,6 +154,9 @@ class CBackend:
         device_scalars = device_scalars or {}
         staged_items, staged = self._staging.contiguous(items)
         tables = self._tables_for(staged_items, scratch_of)
+        if self._mixed_factored(tables):
+            self._eager().step(items, scratch_of, device_scalars, reducer)
+            return
         try:
             kernels = self._kernels_for(tables)  # every build happens here, before any kernel runs
         except cbuild.BuildError as exc:
@@ -162,7 +171,7 @@ class CBackend:
     def prepare_fast(self, group_of: list[int], rows: list[tuple]) -> bool:
         """After a step: the optimizer's layout is stable; later steps may come through ``fast_step``."""
         t = self._tables
-        if t is None or self._fallback is not None or self._staging.staged:
+        if t is None or self._fallback is not None or self._staging.staged or self._mixed_factored(t):
             return False
         t.use_group_rows(group_of, rows)
         return True
@@ -179,6 +188,18 @@ class CBackend:
         t.sync_scalars()
         self._run(t, self._kernels_for(t), {}, None)
         self.fast_steps += 1
+
+    def _mixed_factored(self, t: ChunkTables) -> bool:
+        """A factored plan over several storage-dtype partitions: its reduce step (one program per tensor, the
+        states' dtypes compiled in) takes one partition; such steps run the eager torch passes (same tables)."""
+        return self.plan.ir.factored and len(t.partitions) > 1
+
+    def _eager(self):
+        from .torch_backend import TorchBackend
+
+        if getattr(self, "_eager_backend", None) is None:
+            self._eager_backend = TorchBackend(self.plan)
+        return self._eager_backend
 
     def _fall_back(self, exc: Exception) -> None:
         from .torch_backend import TorchBackend
@@ -236,6 +257,10 @@ class CBackend:
                     if reducer is not None:
                         calls.append((None, p.index))
                     calls += [self._reduce_call(fn, p, programs, values) for programs, values in after]
+                if plan.ir.factored and has_axes_step(plan, p):  # one partition (see step)
+                    values = axes_values(t, plan, p, device_scalars)
+                    args = [t.n_tensors, len(plan.ir.hypers)] + [_address(values[a.name]) for a in axes_args(plan, p)]
+                    calls.append((kernels[0].axes[p.index], tuple(args)))
             return calls
         (kernel,) = kernels
         for offset, count, (first, end) in blocks:

@@ -145,6 +145,13 @@ class StepRunner:
         """A state of another shape than its parameter (a state dict loaded for other parameters, their order
         changed, or a state assigned by hand): the kernels would read and write past it."""
         state = owner.state.get(param, {})
+        for decl in self.spec.states:  # a state of the other variant: the parameter's shape changed between steps
+            if decl.name in state and decl.name not in ir.state_names and decl.when is not None:
+                raise RuntimeError(
+                    f"{self.name}: the parameter now has shape {tuple(param.shape)} and runs the variant "
+                    f"{decl.when[0]}={not decl.when[1]}, but its state holds {decl.name!r} of the other one (its shape "
+                    f"changed between steps?); clear its state (optimizer.state[param] = {{}}) to start it again"
+                )
         for decl in ir.states:
             value = state.get(decl.name)
             expected = state_shape(decl.per, param.shape, decl.keepdim)
@@ -237,6 +244,8 @@ class StepRunner:
                     f"{self.name}: a parameter of shape {tuple(p.shape)} has fewer than 2 dimensions, and this update "
                     f"reduces over its rows or columns"
                 )
+            if q.ir.factored and p.is_complex():
+                raise RuntimeError(f"{self.name} does not support complex parameters of 2+ dimensions (rows and columns of a complex matrix)")
             if reducer is not None and q.ir.factored:
                 raise RuntimeError(
                     f"{self.name}: per-row/column reductions of sharded (FSDP2) parameters are not supported yet"
@@ -247,11 +256,15 @@ class StepRunner:
                 check(self.real(distributed.local(p)), self.real(distributed.local(grad)), self.config["state_dtype"])
         if len(backend_of) > 1 and any(slot.scope == "global" for q in plans for slot in q.slots):
             # each launch would see only its own parameters' share of a global norm
-            places = ", ".join(sorted({str(device) for device, _ in backend_of}))
+            places = sorted({str(device) for device, _ in backend_of})
+            where = (
+                f"are on several devices ({', '.join(places)})" if len(places) > 1
+                else f"run {len(plans)} variants of the update (its shape flags: {', '.join(f.name for f in self.spec.shape_flags)})"
+            )
             raise RuntimeError(
                 f"{self.name}: this update reduces over all parameters (a global norm: max_grad_norm, NVLAMB) and "
-                f"the parameters are on several devices ({places}) or run several variants of the update (shape "
-                f"flags); keep them on one device, or use one optimizer per device with its own clipping"
+                f"the parameters {where}: each would see only its share; keep them on one device and one variant, "
+                f"or use one optimizer for each"
             )
         for _, p, _ in collected:  # every check before the first state is created
             self.check_state_shapes(owner, p, plan_of[id(p)].ir)

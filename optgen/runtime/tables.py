@@ -19,11 +19,12 @@ passes, per-chunk partial sums live in ``[chunks, slots]`` tables that a reduce 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 
-from ..codegen.abi import producer_of
+from ..codegen.abi import axis_columns, producer_of
 
 
 class ChunkTables:
@@ -39,7 +40,7 @@ class ChunkTables:
         self.chunk_scalars = {"step": torch.float32, **{name: torch.float64 for name in plan.ir.layer_state_names}}
         self.key = tables_key(items, self.chunk_scalars)
         self.buffers: dict[str, list[torch.Tensor]] = {"param": params, "grad": [item[1] for item in items]}
-        for name in plan.ir.element_state_names:
+        for name in plan.ir.element_state_names + plan.ir.factored_state_names:
             self.buffers[name] = [item[2][name] for item in items]
         for name in plan.scratch:
             self.buffers[name] = [scratch_of(p, name) for p in params]
@@ -49,9 +50,11 @@ class ChunkTables:
                 storage(dtype)  # a clear error for unsupported dtypes, before anything runs
         order = [i for sig in dict.fromkeys(signature) for i in range(len(params)) if signature[i] == sig]
         numels = [p.numel() for p in params]
-        chunks_of = [max(1, (n + chunk - 1) // chunk) for n in numels]  # an empty tensor: one chunk of no elements
+        # chunks: (first element, then for factored plans first row, first column, rows, columns, matrix)
+        geometry = [_row_chunks(p.shape, chunk) if plan.ir.factored else _flat_chunks(p.numel(), chunk) for p in params]
+        chunks_of = [len(g) for g in geometry]
         first = [0] * len(params)
-        chunk_tensor, chunk_start = [], []
+        chunk_tensor, chunk_start, chunk_geometry = [], [], []
         self.partitions = []  # (first chunk, chunk count, {buffer: storage name}, tensor indices, {buffer: torch dtype})
         for sig in dict.fromkeys(signature):
             offset = len(chunk_tensor)
@@ -59,7 +62,8 @@ class ChunkTables:
             for i in members:
                 first[i] = len(chunk_tensor)
                 chunk_tensor += [i] * chunks_of[i]
-                chunk_start += [k * chunk for k in range(chunks_of[i])]
+                chunk_start += [g[0] for g in geometry[i]]
+                chunk_geometry += geometry[i]
             dtypes = {name: storage(dtype) for name, dtype in zip(self.buffers, sig)}
             self.partitions.append((offset, len(chunk_tensor) - offset, dtypes, members, dict(zip(self.buffers, sig))))
         n_chunks = len(chunk_tensor)
@@ -73,6 +77,8 @@ class ChunkTables:
         self.numel = torch.tensor(numels, **as_long)
         self.first_chunk = torch.tensor(first, **as_long)
         self.n_chunks_of = torch.tensor(chunks_of, **as_long)
+        if plan.ir.factored:
+            self._factored_tables(plan, params, chunk_tensor, chunk_geometry, as_long)
         self.values = None
         self.keys = None  # capturable hyperparameters: the tensors' identities per tensor
         self.group_rows = None  # set by use_group_rows: one row per param group
@@ -105,6 +111,39 @@ class ChunkTables:
                 # per-layer values (and, when sharded, the table that is all-reduced)
                 self.layer[p.index] = torch.empty(max(self.n_tensors, 1), len(p.produces), dtype=torch.float64, device=device)
                 self.globals[p.index] = torch.empty(len(p.produces), dtype=torch.float64, device=device)
+
+    def _factored_tables(self, plan, params, chunk_tensor, geometry, as_long) -> None:
+        """Row-aligned chunks' geometry, and the per-row/column/matrix tables of a factored plan: each parameter
+        is (B, R, C); its rows, columns and matrices follow the previous parameters' in the plan-wide tables of
+        finished values (``[rows, row slots]`` ...), and each chunk's partial sums its own rows of the partial
+        tables (a row of k rows' or one row's sums, a row of its columns' sums)."""
+        device = self.device
+        shapes = [(math.prod(p.shape[:-2]), p.shape[-2], p.shape[-1]) for p in params]
+        bases = {"row": [0], "col": [0], "mat": [0]}
+        for b, r, c in shapes:
+            bases["row"].append(bases["row"][-1] + b * r)
+            bases["col"].append(bases["col"][-1] + b * c)
+            bases["mat"].append(bases["mat"][-1] + b)
+        rowpart, colpart = [0], [0]
+        for g in geometry:
+            rowpart.append(rowpart[-1] + g[3])
+            colpart.append(colpart[-1] + g[4])
+        names = ("_chunk_row", "_chunk_col", "_chunk_nrows", "_chunk_ncols", "_chunk_mat")
+        columns = list(zip(*geometry)) if geometry else [()] * 6
+        self.factored = {name: torch.tensor(list(columns[k + 1]), **as_long) for k, name in enumerate(names)}
+        self.factored["_chunk_rowpart"] = torch.tensor(rowpart[:-1], **as_long)
+        self.factored["_chunk_colpart"] = torch.tensor(colpart[:-1], **as_long)
+        for k, name in enumerate(("_mats", "_rows", "_cols")):
+            self.factored[name] = torch.tensor([s[k] for s in shapes], **as_long)
+        for kind in ("row", "col", "mat"):
+            self.factored[f"_{kind}_base"] = torch.tensor(bases[kind][:-1], **as_long)
+        width = {kind: max(1, len(axis_columns(plan, kind))) for kind in ("row", "col", "matrix")}
+        as_double = dict(dtype=torch.float64, device=device)
+        self.factored["_rowpart"] = torch.zeros(max(1, rowpart[-1]), width["row"], **as_double)
+        self.factored["_colpart"] = torch.zeros(max(1, colpart[-1]), width["col"], **as_double)
+        self.factored["_rowtot"] = torch.zeros(max(1, bases["row"][-1]), width["row"], **as_double)
+        self.factored["_coltot"] = torch.zeros(max(1, bases["col"][-1]), width["col"], **as_double)
+        self.factored["_mattot"] = torch.zeros(max(1, bases["mat"][-1]), width["matrix"], **as_double)
 
     def still_valid(self, items) -> bool:
         if tables_key(items, self.chunk_scalars) != self.key:
@@ -200,6 +239,30 @@ class ChunkTables:
             self.group_rows = list(rows)
 
 
+def _flat_chunks(numel: int, chunk: int) -> list[tuple]:
+    """Chunks of ``chunk`` elements (an empty tensor: one chunk of no elements)."""
+    return [(k * chunk, 0, 0, 0, 0, 0) for k in range(max(1, (numel + chunk - 1) // chunk))]
+
+
+def _row_chunks(shape, chunk: int) -> list[tuple]:
+    """A (B, R, C) tensor in chunks of whole rows of one matrix (``chunk // C`` of them), or of ``chunk`` columns
+    of one row when a row is longer: (first element, first row b*R + r, first column, rows, columns, matrix b).
+    Row sums of a chunk are whole unless its rows are split; column sums are partial over its rows."""
+    rows, cols = shape[-2], shape[-1]
+    mats = math.prod(shape[:-2])
+    if mats * rows * cols == 0:
+        return [(0, 0, 0, 0, 0, 0)]
+    width = min(cols, chunk)
+    per = max(1, chunk // cols) if cols <= chunk else 1
+    out = []
+    for b in range(mats):
+        for r in range(0, rows, per):
+            n = min(per, rows - r)
+            for c in range(0, cols, width):
+                out.append((b * rows * cols + r * cols + c, b * rows + r, c, n, min(width, cols - c), b))
+    return out
+
+
 def tables_key(items, chunk_scalars):
     """What the tables depend on: the parameters and their storage, and the state tensors and their storage
     but for the per-chunk scalars the tables hold themselves (gradients and hyperparameters are refreshed in
@@ -278,6 +341,10 @@ def pass_values(t: ChunkTables, plan, p, offset: int, count: int, device_scalars
     }
     for name in plan.ir.layer_state_names:
         values[f"_layer_{name}"] = t.scalars[name][span]
+    if plan.ir.factored:
+        values.update(t.factored)
+        for name in ("_chunk_row", "_chunk_col", "_chunk_nrows", "_chunk_ncols", "_chunk_mat", "_chunk_rowpart", "_chunk_colpart"):
+            values[name] = t.factored[name][span]
     for name, addr in t.addr.items():
         values[f"_{name}_addr"] = addr
     for k in p.consumes:
@@ -288,6 +355,22 @@ def pass_values(t: ChunkTables, plan, p, offset: int, count: int, device_scalars
         values[f"_dev_{name}"] = value
     if p.produces:
         values["_partials"] = t.partials[p.index]
+    return values
+
+
+def axes_values(t: ChunkTables, plan, p, device_scalars: dict) -> dict:
+    """The arguments of the per-row/column reduce step after pass ``p`` (``abi.axes_args``), by ABI name: the
+    whole tables (one program per tensor)."""
+    values = {"_first_chunk": t.first_chunk, "_n_chunks": t.n_chunks_of, "_group": t.group, "_hyper": t.hyper, "_step": t.step}
+    values.update(t.factored)
+    for name, addr in t.addr.items():
+        values[f"_{name}_addr"] = addr
+    for producer in t.layer:
+        values[f"_table_{producer}"] = t.layer[producer]
+    for name, value in device_scalars.items():
+        values[f"_dev_{name}"] = value
+    for name in plan.ir.layer_state_names:
+        values[f"_layer_{name}"] = t.scalars[name]
     return values
 
 

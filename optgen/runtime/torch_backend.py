@@ -70,6 +70,9 @@ class TorchBackend:
             for name in plan.scratch:
                 buffers[name] = scratch_of(param, name)
             hypers = self._hyper_tensors(values, param.device, torch.float64)
+            if plan.ir.factored:  # a (B, R, C) parameter's row and column lengths, as per-step scalars
+                shape = {"n_cols": param.shape[-1], "n_rows": param.shape[-2]}
+                hypers = {**hypers, **{k: torch.tensor(float(v), dtype=torch.float64, device=param.device) for k, v in shape.items()}}
             contexts.append((buffers, dtype, t, hypers))
         finished: list[dict[str, torch.Tensor]] = [dict() for _ in items]
         for p, fn in zip(plan.passes, self.module.PASSES):
@@ -110,6 +113,7 @@ class TorchBackend:
         """The reduce step after pass ``p`` for one parameter: its per-row/column states, its per-matrix sums."""
         plan = self.plan
         scalars = {"t": t, **hypers, **{d: v.reshape(()) for d, v in device_scalars.items()}, **reds}
+        scalars.update({name: buffers[f"layer_{name}"].to(torch.float64) for name in plan.ir.layer_state_names})
         kwargs = {a: buffers[a[1:]] if a.startswith("_") else scalars[a] for a in reduce_step_args(plan, p)}
         values = self.module.REDUCES[p.index](**kwargs)
         for (_, key, _), value in zip((item for item in p.reduce_items if item[0] == "slot"), values):
@@ -124,7 +128,7 @@ class TorchBackend:
         kwargs.update({f"_{name}": buffers[name] for name, _ in p.axis_loads})
         kwargs["dtype"] = dtype
         kwargs["t"] = t
-        kwargs.update({h: hypers[h] for h in p.hypers})
+        kwargs.update({h: hypers[h] for h in (*p.hypers, *p.shape_reads)})
         kwargs.update({d: device_scalars[d].reshape(()) for d in p.device_scalars})
         kwargs.update({plan.slots[k].name: reds[plan.slots[k].name] for k in p.consumes})
         return fn(**kwargs)

@@ -37,7 +37,7 @@ def adafactor() -> Spec:
         lr=1e-2,
         beta2_decay=Hyper(-0.8, lo=-math.inf, hi=0.0),
         eps=(Hyper(None, none=FP32_EPS), 1e-3),
-        d=1.0,
+        d=Hyper(1.0, lo=1.0),  # torch: "Clipping threshold d should be >= 1"
         weight_decay=0.0,
     )
     w, g, t = spec.param, spec.grad, spec.step

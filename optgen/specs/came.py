@@ -1,6 +1,6 @@
 """CAME: confidence-guided adaptive memory-efficient optimization (Luo et al., ACL 2023), as came-pytorch."""
 
-from ..spec import Max, Spec, col_mean, layer_numel, row_mean, sqrt, sumsq, where
+from ..spec import Max, Spec, Unevaluated, col_mean, layer_numel, row_mean, sqrt, sumsq, where
 
 DOC = r"""CAME (Luo et al., "CAME: Confidence-guided Adaptive Memory Efficient Optimization", ACL 2023), as the
 reference implementation (``came_pytorch.CAME``) computes it.
@@ -45,8 +45,10 @@ def came() -> Spec:
     sq_row1 = spec.update(sq_row, beta2 * sq_row + (1 - beta2) * row_mean(squared))
     sq_col1 = spec.update(sq_col, beta2 * sq_col + (1 - beta2) * col_mean(squared))
     sq1 = spec.update(sq, beta2 * sq + (1 - beta2) * squared)
-    u = where(factored, g / (sqrt(sq_row1 / col_mean(sq_row1)) * sqrt(sq_col1)), g / sqrt(sq1))
-    u = u / Max(sqrt(sumsq(u) / layer_numel()) / clip_threshold, 1)
+    # Unevaluated: sympy would square g/(sqrt(r/mean)*sqrt(c)) into g**2*mean/(r*c), whose r*c underflows to 0 in
+    # fp32 for a zero or tiny gradient (r, c ~ eps1 = 1e-30): 0/0. The reference computes rsqrt factors, then g times them.
+    u = Unevaluated(where(factored, g / (sqrt(sq_row1 / col_mean(sq_row1)) * sqrt(sq_col1)), g / sqrt(sq1)))
+    u = Unevaluated(u / Max(sqrt(sumsq(u) / layer_numel()) / clip_threshold, 1))
     m1 = spec.update(m, beta1 * m + (1 - beta1) * u)
     res = (u - m1) ** 2 + eps2
     res_row1 = spec.update(res_row, beta3 * res_row + (1 - beta3) * row_mean(res))
