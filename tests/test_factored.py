@@ -466,3 +466,25 @@ def test_complex_matrices_and_a_changed_variant_are_refused_before_anything_chan
         opt.step()
     with pytest.raises(ValueError, match="d"):
         optgen.Adafactor([real], d=0.5)  # torch: d >= 1
+
+
+@pytest.mark.parametrize("name", ["adafactor", "came"])
+def test_c_blocked_schedule_is_bitwise_the_plain_one(name, monkeypatch):
+    """Per-row/column sums are within a tensor: the passes and reduce steps run block by block of tensors (cache
+    reuse between passes), folding the same partials in the same order as one block: bitwise equal."""
+    shapes = [(7, 13), (3, 700), (33, 17), (2, 3, 6)] * 3
+    grads = make_grads(shapes, 4)
+    runs = []
+    for block_bytes in ("1e15", "3000"):
+        monkeypatch.setenv("OPTGEN_C_BLOCK_BYTES", block_bytes)
+        params = make_params(shapes, zero=())
+        opt = getattr(optgen, BUILTINS[name]().name)(params, lr=1e-2, backend="c")
+        run_steps(opt, params, grads)
+        (c,) = [b for key, b in opt._runner.backends.items() if key[0] == "c"]
+        runs.append((params, opt, c._blocks(c._tables), c.fast_steps))
+    (plain, plain_opt, none, _), (blocked, opt, blocks, fast) = runs
+    assert none is None and len(blocks) > 3 and fast == 3
+    for p, q in zip(blocked, plain):
+        assert torch.equal(p, q)
+        for key, value in opt.state[p].items():
+            assert torch.equal(value, plain_opt.state[q][key]), key

@@ -104,9 +104,9 @@ def pass_args(plan: Plan, p: Pass) -> tuple[KernelArg, ...]:
         scopes = {plan.slots[k].scope for k, _ in p.produces}
         args += [
             _table("_rowpart", "fp64", "[row partials, row slots]: each chunk's sums of its rows", writes="row" in scopes),
-            _table("_colpart", "fp64", "[column partials, column slots]: each chunk's sums of its columns", writes="col" in scopes),
+            _table("_colpart", "fp64", "[column slots, column partials]: each chunk's sums of its columns", writes="col" in scopes),
             _table("_rowtot", "fp64", "[rows, row slots]: finished per-row values"),
-            _table("_coltot", "fp64", "[columns, column slots]: finished per-column values"),
+            _table("_coltot", "fp64", "[column slots, columns]: finished per-column values"),
             _table("_mattot", "fp64", "[matrices, matrix slots]: finished per-matrix values"),
         ]
     args.append(_int("_chunk_offset", "row of this call's first chunk in _partials (partitions share the table)"))
@@ -129,6 +129,8 @@ def _geometry_args() -> list[KernelArg]:
         _table("_row_base", "i64", "[tensors]: the tensor's first row in _rowtot"),
         _table("_col_base", "i64", "[tensors]: the tensor's first column in _coltot"),
         _table("_mat_base", "i64", "[tensors]: the tensor's first matrix in _mattot"),
+        _int("_colpart_rows", "columns of _colpart (it is [column slots, columns]: a slot's sums contiguous)"),
+        _int("_coltot_rows", "columns of _coltot ([column slots, columns])"),
     ]
 
 
@@ -155,9 +157,9 @@ def axes_args(plan: Plan, p: Pass) -> tuple[KernelArg, ...]:
         _table("_step", "fp32", "[chunks]: steps taken so far"),
         *_geometry_args(),
         _table("_rowpart", "fp64", "[row partials, row slots]"),
-        _table("_colpart", "fp64", "[column partials, column slots]"),
+        _table("_colpart", "fp64", "[column slots, column partials]"),
         _table("_rowtot", "fp64", "[rows, row slots]: finished per-row values", writes=True),
-        _table("_coltot", "fp64", "[columns, column slots]: finished per-column values", writes=True),
+        _table("_coltot", "fp64", "[column slots, columns]: finished per-column values", writes=True),
         _table("_mattot", "fp64", "[matrices, matrix slots]: finished per-matrix values", writes=True),
     ]
     args += [

@@ -80,7 +80,7 @@ class _Kernels:
             axes_fn = None
             if plan.ir.factored and has_axes_step(plan, p):
                 axes_fn = getattr(library, f"{backend.prefix}_axes_{p.index}")
-                axes_fn.argtypes = [ctypes.c_int64] * 2 + _argtypes(axes_args(plan, p))
+                axes_fn.argtypes = [ctypes.c_int64] * 3 + _argtypes(axes_args(plan, p))
                 axes_fn.restype = None
             self.axes.append(axes_fn)
 
@@ -258,18 +258,24 @@ class CBackend:
                         calls.append((None, p.index))
                     calls += [self._reduce_call(fn, p, programs, values) for programs, values in after]
                 if plan.ir.factored and has_axes_step(plan, p):  # one partition (see step)
-                    values = axes_values(t, plan, p, device_scalars)
-                    args = [t.n_tensors, len(plan.ir.hypers)] + [_address(values[a.name]) for a in axes_args(plan, p)]
-                    calls.append((kernels[0].axes[p.index], tuple(args)))
+                    calls.append(self._axes_call(t, kernels[0], p, 0, t.n_tensors, device_scalars))
             return calls
         (kernel,) = kernels
         for offset, count, (first, end) in blocks:
             numel = sum(t.numels[first:end])
             for p in plan.passes:
                 calls.append(self._pass_call(t, kernel, p, offset, count, numel, device_scalars))
-                if p.produces:
+                if p.reduce_after:
                     calls.append(self._reduce_call(kernel.reduces[p.index], p, end - first, segment_reduce_values(t, p, first, end)))
+                if plan.ir.factored and has_axes_step(plan, p):
+                    calls.append(self._axes_call(t, kernel, p, first, end - first, device_scalars))
         return calls
+
+    def _axes_call(self, t: ChunkTables, kernel: _Kernels, p, first: int, count: int, device_scalars: dict) -> tuple:
+        """The reduce step after pass ``p`` for tensors ``[first, first + count)``."""
+        values = axes_values(t, self.plan, p, device_scalars)
+        args = [count, first, len(self.plan.ir.hypers)] + [_address(values[a.name]) for a in axes_args(self.plan, p)]
+        return kernel.axes[p.index], tuple(args)
 
     def _reduce_call(self, fn, p, programs: int, values: dict) -> tuple:
         return fn, (programs, *(_address(values[a.name]) for a in reduce_args(self.plan, p)))
@@ -282,10 +288,11 @@ class CBackend:
     def _blocks(self, t: ChunkTables) -> list[tuple] | None:
         """Blocks of whole tensors, ``(first chunk, chunk count, (first tensor, end tensor))``, each spanning about
         ``OPTGEN_C_BLOCK_BYTES`` of buffers (a larger tensor is a block of its own), when blocking can help and
-        is exact: several passes, reductions that are all per layer (a global value needs every tensor before
-        any consumer), one partition (its tensors are then 0..n-1 with their chunks in order), unsharded."""
+        is exact: several passes, reductions that are all within a tensor (per layer, row, column or matrix: a
+        global value needs every tensor before any consumer), one partition (its tensors are then 0..n-1 with
+        their chunks in order), unsharded."""
         plan = self.plan
-        if len(plan.passes) < 2 or len(t.partitions) != 1 or any(slot.scope != "layer" for slot in plan.slots):
+        if len(plan.passes) < 2 or len(t.partitions) != 1 or any(slot.scope == "global" for slot in plan.slots):
             return None
         dtypes = t.partitions[0][4]
         element_bytes = sum(dtypes[b].itemsize for b in plan.buffers)

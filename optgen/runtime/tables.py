@@ -140,9 +140,12 @@ class ChunkTables:
         width = {kind: max(1, len(axis_columns(plan, kind))) for kind in ("row", "col", "matrix")}
         as_double = dict(dtype=torch.float64, device=device)
         self.factored["_rowpart"] = torch.zeros(max(1, rowpart[-1]), width["row"], **as_double)
-        self.factored["_colpart"] = torch.zeros(max(1, colpart[-1]), width["col"], **as_double)
+        # column sums slot-major: the element loops read and add them contiguously
+        self.factored["_colpart"] = torch.zeros(width["col"], max(1, colpart[-1]), **as_double)
+        self.factored["_colpart_rows"] = max(1, colpart[-1])
         self.factored["_rowtot"] = torch.zeros(max(1, bases["row"][-1]), width["row"], **as_double)
-        self.factored["_coltot"] = torch.zeros(max(1, bases["col"][-1]), width["col"], **as_double)
+        self.factored["_coltot"] = torch.zeros(width["col"], max(1, bases["col"][-1]), **as_double)
+        self.factored["_coltot_rows"] = max(1, bases["col"][-1])
         self.factored["_mattot"] = torch.zeros(max(1, bases["mat"][-1]), width["matrix"], **as_double)
 
     def still_valid(self, items) -> bool:
