@@ -497,19 +497,27 @@ def _reduce_items(ir: IR, slots, axis_defs: dict, axis_step: dict) -> dict[int, 
     for step, items in out.items():
         fixed = []
         for kind, key, expr in items:
-            subs = {}
-            for sym in expr.free_symbols:
-                if isinstance(sym, (NewRowStateSymbol, NewColStateSymbol)):
-                    subs[sym] = ir.old_symbol(_target_of(sym))
-                elif isinstance(sym, (RowStateSymbol, ColStateSymbol)) and axis_step[sym.name] < step:
-                    raise SpecError(
-                        f"{ir.name}: the old value of {sym.name} is read after the reduce step that writes its new "
-                        f"value (after pass {axis_step[sym.name]}); read the new value, or keep the old one in a state "
-                        f"[{_where(ir, [key])}]"
-                    )
+            subs = _axis_reads(ir, expr, step, axis_step, f"the reduce step after pass {step}", [key])
             fixed.append((kind, key, expr.xreplace(subs) if subs else expr))
         out[step] = tuple(fixed)
     return out
+
+
+def _axis_reads(ir: IR, expr, step: int, axis_step: dict, reader: str, targets) -> dict:
+    """Substitutions that make ``expr`` read each per-row/column state from the state itself: its new value once
+    the reduce step that writes it has run (before ``step``), its old value before; an old value read after is
+    refused (the state holds the new one)."""
+    subs = {}
+    for sym in expr.free_symbols:
+        if isinstance(sym, (NewRowStateSymbol, NewColStateSymbol)):
+            subs[sym] = ir.old_symbol(_target_of(sym))
+        elif isinstance(sym, (RowStateSymbol, ColStateSymbol)) and axis_step[sym.name] < step:
+            raise SpecError(
+                f"{ir.name}: {reader} reads the old value of {sym.name}, which the reduce step after pass "
+                f"{axis_step[sym.name]} has replaced; read its new value, or keep the old one in a state "
+                f"[{_where(ir, targets)}]"
+            )
+    return subs
 
 
 def _where(ir: IR, targets) -> str:
@@ -519,19 +527,10 @@ def _where(ir: IR, targets) -> str:
 
 
 def _read_axis_states(ir: IR, j: int, stores, produces, axis_step: dict):
-    """Pass ``j`` reads each per-row/column state from the state itself: its new value once the reduce step
-    that writes it has run (before pass j), its old value before; reading the old value after is refused."""
+    """Pass ``j`` reads each per-row/column state from the state itself (see ``_axis_reads``)."""
     subs = {}
-    for _, expr in stores + produces:
-        for sym in expr.free_symbols:
-            if isinstance(sym, (NewRowStateSymbol, NewColStateSymbol)):
-                subs[sym] = ir.old_symbol(_target_of(sym))
-            elif isinstance(sym, (RowStateSymbol, ColStateSymbol)) and axis_step[sym.name] < j:
-                raise SpecError(
-                    f"{ir.name}: pass {j} reads the old value of {sym.name}, which the reduce step after pass "
-                    f"{axis_step[sym.name]} has replaced; read its new value, or keep the old one in a state "
-                    f"[{_where(ir, [sym.name, PARAM])}]"
-                )
+    for target, expr in stores + produces:
+        subs.update(_axis_reads(ir, expr, j, axis_step, f"pass {j}", [target if isinstance(target, str) else PARAM]))
     if not subs:
         return stores, produces
     return [(b, e.xreplace(subs)) for b, e in stores], [(k, e.xreplace(subs)) for k, e in produces]

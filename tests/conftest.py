@@ -43,6 +43,19 @@ TOL = {
 TOL_F64_REFERENCE = 1e-5
 
 
+def assert_spec_error(make, *fragments, written_in: str) -> str:
+    """``optgen.build(make())`` raises a SpecError naming ``fragments`` and the file the spec was written in."""
+    import optgen
+
+    with pytest.raises(optgen.SpecError) as info:
+        optgen.build(make())
+    message = str(info.value)
+    for fragment in fragments:
+        assert fragment in message, f"{fragment!r} not in {message!r}"
+    assert written_in in message, f"the message does not say where the spec was written: {message!r}"
+    return message
+
+
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """Normwise relative error max|actual - expected| / max|expected| (absolute if expected is all zero)."""
     a = actual.detach().to(torch.float64).cpu()

@@ -15,7 +15,15 @@ import warnings
 import pytest
 import sympy
 import torch
-from conftest import TOL_F64_REFERENCE, assert_close_rel, clone_params, make_grads, make_params, run_steps
+from conftest import (
+    TOL_F64_REFERENCE,
+    assert_close_rel,
+    assert_spec_error,
+    clone_params,
+    make_grads,
+    make_params,
+    run_steps,
+)
 
 import optgen
 from optgen import Spec, SpecError
@@ -252,12 +260,7 @@ def test_c_element_loops_are_vectorised(name):
 
 
 def _raises(make, *fragments):
-    with pytest.raises(SpecError) as info:
-        optgen.build(make())
-    message = str(info.value)
-    for fragment in fragments:
-        assert fragment in message, f"{fragment!r} not in {message!r}"
-    assert HERE in message, message
+    assert_spec_error(make, *fragments, written_in=HERE)
 
 
 def _base():

@@ -15,7 +15,16 @@ import os
 import pytest
 import sympy
 import torch
-from conftest import CHUNK, TOL_F64_REFERENCE, assert_close_rel, clone_params, make_grads, make_params, run_steps
+from conftest import (
+    CHUNK,
+    TOL_F64_REFERENCE,
+    assert_close_rel,
+    assert_spec_error,
+    clone_params,
+    make_grads,
+    make_params,
+    run_steps,
+)
 
 import optgen
 from optgen import Spec, SpecError
@@ -292,12 +301,7 @@ def test_state_of_a_wrong_shape_is_refused_before_anything_changes(backend):
 
 
 def _raises(make, *fragments):
-    with pytest.raises(SpecError) as info:
-        optgen.build(make())
-    message = str(info.value)
-    for fragment in fragments:
-        assert fragment in message, f"{fragment!r} not in {message!r}"
-    assert HERE in message, message
+    assert_spec_error(make, *fragments, written_in=HERE)
 
 
 def test_element_wise_value_for_a_layer_state():
