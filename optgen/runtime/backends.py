@@ -63,8 +63,8 @@ _WARNED: set = set()
 
 def resolve(choice: str, device: torch.device, plan=None) -> Backend:
     """The backend ``choice`` ("auto" or a name) runs on ``device``; a RuntimeError says why it cannot. A plan
-    with per-row/column reductions (a factored Adafactor) has no kernels yet: the torch backend runs it, with a
-    warning once per optimizer and backend."""
+    with per-row/column reductions (a factored Adafactor) has no Triton kernels yet: the torch backend runs it,
+    with a warning once per process, backend and spec name."""
     backend = BACKENDS[AUTO.get(device.type, "torch") if choice == "auto" else choice]
     problem = backend.refuse(device)
     if problem:
