@@ -140,11 +140,6 @@ def axis_columns(plan: Plan, scope: str) -> dict[int, int]:
     return {slot.index: i for i, slot in enumerate(s for s in plan.slots if s.scope == scope)}
 
 
-def has_axes_step(plan: Plan, p: Pass) -> bool:
-    """A reduce step after pass ``p`` folds per-row/column partials or computes per-row/column values."""
-    return p.axes_after
-
-
 def axes_args(plan: Plan, p: Pass) -> tuple[KernelArg, ...]:
     """Runtime arguments of the per-row/column reduce step after pass ``p`` (one program per tensor): it folds
     the pass's row and column partials, then computes its ``reduce_items`` (new per-row/column states, written
@@ -182,20 +177,26 @@ def axes_states(plan: Plan, p: Pass) -> list[str]:
     return [name for name in plan.ir.factored_state_names if name in used]
 
 
+def reduce_item_names(p: Pass) -> set[str]:
+    """Names of the symbols the reduce step after ``p`` reads."""
+    return {s.name for _, _, expr in p.reduce_items for s in expr.free_symbols}
+
+
 def axes_layer_tables(plan: Plan, p: Pass) -> list[int]:
     """Passes whose per-layer values the reduce step after ``p`` reads."""
-    names = {s.name for _, _, expr in p.reduce_items for s in expr.free_symbols}
+    names = reduce_item_names(p)
     return sorted({plan.slots[k].stage for k in range(len(plan.slots)) if plan.slots[k].name in names and plan.slots[k].scope == "layer"})
 
 
 def axes_layer_states(plan: Plan, p: Pass) -> list[str]:
     """Per-layer states (old values) the reduce step after ``p`` reads."""
-    names = {s.name for _, _, expr in p.reduce_items for s in expr.free_symbols}
+    names = reduce_item_names(p)
     return [name for name in plan.ir.layer_state_names if name in names]
 
 
 def axes_device_scalars(plan: Plan, p: Pass) -> list[str]:
-    names = {s.name for _, _, expr in p.reduce_items for s in expr.free_symbols}
+    """Device scalars (GradScaler's found_inf) the reduce step after ``p`` reads."""
+    names = reduce_item_names(p)
     return [d for d in plan.ir.device_scalars if d in names]
 
 

@@ -27,15 +27,14 @@ from ..spec import ColStateSymbol, HyperSymbol, ParamSymbol, RowStateSymbol, Spe
 from .abi import (
     axes_args,
     axes_layer_states,
-    axes_layer_tables,
     axis_columns,
     eager_pass_buffers,
     global_columns,
-    has_axes_step,
     layer_state_args,
     pass_args,
     pass_buffers,
     reduce_args,
+    reduce_item_names,
 )
 from .printers import CPrinter, TorchPrinter, TritonPrinter
 
@@ -143,11 +142,7 @@ def _pass_context(plan: Plan, p: Pass, printer, scalar_printer, identity: dict) 
     produced_columns = {k: col for col, (k, _) in enumerate(p.produces)}
     elementwise_names = {name for name, _ in p.elementwise}
     hyper_columns = _hyper_columns(plan)
-    # Per slot: the pass that produced it and its column in that pass's table.
-    column_of = {}
-    for q in plan.passes:
-        for col, (k, _) in enumerate(q.produces):
-            column_of[k] = (q.index, col, len(q.produces))
+    column_of = _produced_at(plan)
     layer_reads, global_reads = [], []
     for k in p.consumes:
         if slots[k].scope not in ("layer", "global"):
@@ -220,8 +215,7 @@ def _pass_context(plan: Plan, p: Pass, printer, scalar_printer, identity: dict) 
         "row_state_reads": state_reads["row"],
         "col_state_reads": state_reads["column"],
         "axis_slot_names": [r["name"] for r in axis_reads["row"] + axis_reads["col"]],
-        "axes_step": has_axes_step(plan, p),
-        "axes_args": [vars(a) for a in axes_args(plan, p)] if plan.ir.factored and has_axes_step(plan, p) else [],
+        "axes_args": [vars(a) for a in axes_args(plan, p)] if p.axes_after else [],
         "row_folds": [columns["row"][k] for k, _ in p.produces if slots[k].scope == "row"],
         "col_folds": [columns["col"][k] for k, _ in p.produces if slots[k].scope == "col"],
         "axes_layer_reads": _axes_layer_reads(plan, p),
@@ -278,7 +272,6 @@ def _reduce_item_context(plan: Plan, kind: str, key, expr, scalar_code) -> dict:
         "col_slots": slot_reads["col"],
         "mat_slots": slot_reads["matrix"],
         "hypers": [{"name": h, "column": hyper_columns[h]} for h in sorted(names & set(hyper_columns))],
-        "uses_t": "t" in names,
         "device_scalars": [d for d in plan.ir.device_scalars if d in names],
     }
     if kind == "state":
@@ -289,15 +282,18 @@ def _reduce_item_context(plan: Plan, kind: str, key, expr, scalar_code) -> dict:
     return {**context, "kind": kind, "name": slot.name, "dim": slot.dim, "axis": axis, "column": columns["matrix"][key]}
 
 
+def _produced_at(plan: Plan) -> dict[int, tuple[int, int, int]]:
+    """Per slot a pass produces: (that pass, the slot's column in its table, the table's width)."""
+    return {k: (q.index, col, len(q.produces)) for q in plan.passes for col, (k, _) in enumerate(q.produces)}
+
+
 def _axes_layer_reads(plan: Plan, p: Pass) -> list[dict]:
     """Per-layer values the reduce step after ``p`` reads: (name, producer table, column, width)."""
-    names = {s.name for _, _, expr in p.reduce_items for s in expr.free_symbols}
+    names = reduce_item_names(p)
     out = []
-    for producer in axes_layer_tables(plan, p):
-        q = plan.passes[producer]
-        for col, (k, _) in enumerate(q.produces):
-            if plan.slots[k].name in names:
-                out.append({"name": plan.slots[k].name, "producer": producer, "column": col, "width": len(q.produces)})
+    for k, (producer, col, width) in sorted(_produced_at(plan).items(), key=lambda item: item[1]):
+        if plan.slots[k].scope == "layer" and plan.slots[k].name in names:
+            out.append({"name": plan.slots[k].name, "producer": producer, "column": col, "width": width})
     return out
 
 

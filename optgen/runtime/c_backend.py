@@ -21,7 +21,7 @@ import warnings
 import torch
 
 from .. import settings
-from ..codegen.abi import axes_args, has_axes_step, pass_args, reduce_args
+from ..codegen.abi import axes_args, pass_args, reduce_args
 from ..codegen.render import source_path, variant_stem
 from . import cbuild
 from .tables import ChunkTables, Staging, axes_values, pass_values, reduce_launches, segment_reduce_values
@@ -78,7 +78,7 @@ class _Kernels:
                 reduce_fn.restype = None
             self.reduces.append(reduce_fn)
             axes_fn = None
-            if plan.ir.factored and has_axes_step(plan, p):
+            if p.axes_after:
                 axes_fn = getattr(library, f"{backend.prefix}_axes_{p.index}")
                 axes_fn.argtypes = [ctypes.c_int64] * 3 + _argtypes(axes_args(plan, p))
                 axes_fn.restype = None
@@ -195,6 +195,7 @@ class CBackend:
         return self.plan.ir.factored and len(t.partitions) > 1
 
     def _eager(self):
+        """The eager torch backend of this plan (no compiler; a factored plan over several partitions)."""
         from .torch_backend import TorchBackend
 
         if getattr(self, "_eager_backend", None) is None:
@@ -202,8 +203,6 @@ class CBackend:
         return self._eager_backend
 
     def _fall_back(self, exc: Exception) -> None:
-        from .torch_backend import TorchBackend
-
         message = str(exc)
         if message not in _WARNED:
             _WARNED.add(message)
@@ -212,7 +211,7 @@ class CBackend:
                 cbuild.CKernelsUnavailable,
                 stacklevel=4,
             )
-        self._fallback = TorchBackend(self.plan)
+        self._fallback = self._eager()
 
     def _run(self, t: ChunkTables, kernels: list[_Kernels], device_scalars: dict, reducer) -> None:
         plan = self.plan
@@ -257,7 +256,7 @@ class CBackend:
                     if reducer is not None:
                         calls.append((None, p.index))
                     calls += [self._reduce_call(fn, p, programs, values) for programs, values in after]
-                if plan.ir.factored and has_axes_step(plan, p):  # one partition (see step)
+                if p.axes_after:  # one partition (see step)
                     calls.append(self._axes_call(t, kernels[0], p, 0, t.n_tensors, device_scalars))
             return calls
         (kernel,) = kernels
@@ -267,7 +266,7 @@ class CBackend:
                 calls.append(self._pass_call(t, kernel, p, offset, count, numel, device_scalars))
                 if p.reduce_after:
                     calls.append(self._reduce_call(kernel.reduces[p.index], p, end - first, segment_reduce_values(t, p, first, end)))
-                if plan.ir.factored and has_axes_step(plan, p):
+                if p.axes_after:
                     calls.append(self._axes_call(t, kernel, p, first, end - first, device_scalars))
         return calls
 

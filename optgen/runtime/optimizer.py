@@ -324,9 +324,11 @@ class GeneratedOptimizer(torch.optim.Optimizer):
             merged = {**self.defaults, **{k: v for k, v in group.items() if k != "params"}, **forced}
             self._check_group(merged, f"param group {i} of the state dict")
         layer_states = set(self._checks_ir.layer_state_names)
-        for saved in state_dict.get("state", {}).values():
-            for key in layer_states & set(saved or ()):
-                _one_number(key, saved[key])  # a clear error before anything is loaded
+        numbers = {  # a clear error before anything is loaded
+            (saved_id, key): _one_number(key, saved[key])
+            for saved_id, saved in state_dict.get("state", {}).items()
+            for key in layer_states & set(saved or ())
+        }
         super().load_state_dict(state_dict)
         for group in self.param_groups:
             group.update(forced)
@@ -352,13 +354,13 @@ class GeneratedOptimizer(torch.optim.Optimizer):
             for key, value in saved.items():
                 if key == "step" and isinstance(value, (int, float)):  # torch < 1.12 saved a Python number
                     value = torch.tensor(float(value))
-                if key in self._checks_ir.layer_state_names:
-                    value = _one_number(key, value)
+                if key in layer_states:
+                    value = numbers[(saved_id, key)]
                 if not isinstance(value, torch.Tensor):
                     continue
                 if key == "step":
                     dtype = torch.float32
-                elif key in self._checks_ir.layer_state_names:
+                elif key in layer_states:
                     dtype = torch.float64  # a per-layer state: one fp64 number
                 elif key in state_names and (value.is_floating_point() or value.is_complex()):
                     dtype = self._runner.state_dtype(param, key)

@@ -26,6 +26,10 @@ import torch
 
 from ..codegen.abi import axis_columns, producer_of
 
+# a factored plan's per-chunk tables (the rest of ChunkTables.factored is per tensor or plan-wide): the chunk's
+# first row, first column, rows, columns and matrix, then its first rows in the row and column partial tables
+CHUNK_GEOMETRY = ("_chunk_row", "_chunk_col", "_chunk_nrows", "_chunk_ncols", "_chunk_mat", "_chunk_rowpart", "_chunk_colpart")
+
 
 class ChunkTables:
     """Everything the launches of one step need, for one fixed set of tensors. ``storage(dtype)`` maps a
@@ -128,9 +132,8 @@ class ChunkTables:
         for g in geometry:
             rowpart.append(rowpart[-1] + g[3])
             colpart.append(colpart[-1] + g[4])
-        names = ("_chunk_row", "_chunk_col", "_chunk_nrows", "_chunk_ncols", "_chunk_mat")
         columns = list(zip(*geometry)) if geometry else [()] * 6
-        self.factored = {name: torch.tensor(list(columns[k + 1]), **as_long) for k, name in enumerate(names)}
+        self.factored = {name: torch.tensor(list(columns[k + 1]), **as_long) for k, name in enumerate(CHUNK_GEOMETRY[:5])}
         self.factored["_chunk_rowpart"] = torch.tensor(rowpart[:-1], **as_long)
         self.factored["_chunk_colpart"] = torch.tensor(colpart[:-1], **as_long)
         for k, name in enumerate(("_mats", "_rows", "_cols")):
@@ -346,7 +349,7 @@ def pass_values(t: ChunkTables, plan, p, offset: int, count: int, device_scalars
         values[f"_layer_{name}"] = t.scalars[name][span]
     if plan.ir.factored:
         values.update(t.factored)
-        for name in ("_chunk_row", "_chunk_col", "_chunk_nrows", "_chunk_ncols", "_chunk_mat", "_chunk_rowpart", "_chunk_colpart"):
+        for name in CHUNK_GEOMETRY:  # per chunk: sliced to the partition, as _chunk_tensor
             values[name] = t.factored[name][span]
     for name, addr in t.addr.items():
         values[f"_{name}_addr"] = addr
