@@ -157,6 +157,27 @@ def test_blocked_schedule_is_bitwise_the_plain_one(name, monkeypatch):
         assert launches == len(grads) * len(blocks) * calls_per_block
 
 
+@pytest.mark.parametrize("name", ["lamb", "adafactor", "nvlamb"])
+def test_threads_are_bitwise_one_thread(name, monkeypatch):
+    """Threads take contiguous shares of the chunks and odd passes walk theirs backwards; partials are stored by
+    chunk and folded in chunk order, so a step on every thread is bitwise a step on one."""
+    shapes = [*ODD_SHAPES, (0,), (40, 33), (5,), (7 * CHUNK + 3,), (3, CHUNK + 5), (2, 9, 2 * CHUNK)]
+    grads = make_grads(shapes, 3)
+    cls = {**CLASSES, "adafactor": optgen.Adafactor}[name]
+    runs = []
+    for parallel_min in ("1e15", "1"):
+        monkeypatch.setenv("OPTGEN_C_PARALLEL_MIN", parallel_min)
+        params = make_params(shapes)
+        opt = cls(params, backend="c", **EXTRA.get(name, {}))
+        run_steps(opt, params, grads)
+        runs.append((params, opt))
+    (serial, serial_opt), (threaded, opt) = runs
+    for p, q in zip(threaded, serial):
+        assert torch.equal(p, q)
+        for key, value in opt.state[p].items():
+            assert torch.equal(value, serial_opt.state[q][key]), key
+
+
 # -- storage conversions -------------------------------------------------------------------------------------
 
 

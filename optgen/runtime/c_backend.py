@@ -52,6 +52,12 @@ def block_bytes() -> int:
     return settings.count("OPTGEN_C_BLOCK_BYTES")
 
 
+# The C pass functions' leading integers, before the kernel ABI's arguments (the template spells them the same):
+# the chunk count of the call, whether to share it among threads, the walking direction, elements per chunk,
+# columns of the hyperparameter table.
+PASS_HEAD = ("_chunks", "_parallel", "_reverse", "_chunk", "_n_hyper")
+
+
 def _argtypes(args) -> list:
     return [ctypes.c_void_p if a.pointer else ctypes.c_int64 for a in args]
 
@@ -68,7 +74,7 @@ class _Kernels:
         self.passes, self.reduces, self.axes = [], [], []
         for p in plan.passes:
             fn = getattr(library, f"{backend.prefix}_pass_{p.index}")
-            fn.argtypes = [ctypes.c_int64] * 4 + _argtypes(pass_args(plan, p))
+            fn.argtypes = [ctypes.c_int64] * len(PASS_HEAD) + _argtypes(pass_args(plan, p))
             fn.restype = None
             self.passes.append(fn)
             reduce_fn = None
@@ -281,7 +287,10 @@ class CBackend:
 
     def _pass_call(self, t: ChunkTables, kernel: _Kernels, p, offset: int, count: int, numel: int, device_scalars: dict):
         values = pass_values(t, self.plan, p, offset, count, device_scalars)
-        head = [count, int(numel >= self.parallel_min), t.chunk, len(self.plan.ir.hypers)]
+        # Odd passes walk their chunks backwards: a pass then starts on what the one before touched last (still in
+        # cache when a block of tensors outgrows it). Partials are stored by chunk, so the results do not change.
+        reverse = p.index % 2
+        head = [count, int(numel >= self.parallel_min), reverse, t.chunk, len(self.plan.ir.hypers)]
         return kernel.passes[p.index], tuple(head + [_address(values[a.name]) for a in pass_args(self.plan, p)])
 
     def _blocks(self, t: ChunkTables) -> list[tuple] | None:
