@@ -37,7 +37,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from .analysis import Plan
-from .codegen.abi import pass_args, reduce_args
+from .codegen.abi import axes_args, pass_args, reduce_args
 from .codegen.render import load_module
 
 # Launch defaults of the Triton backend (optgen.runtime.triton_backend.LaunchConfig).
@@ -176,13 +176,13 @@ def compile_kernel(
     num_warps: int = NUM_WARPS,
     num_stages: int = 3,
 ) -> AOTKernel:
-    """Compile one generated kernel (a pass or a segment-reduce) for ``arch`` with Triton's real compiler;
+    """Compile one generated kernel (a pass, a segment-reduce or a reduce step) for ``arch`` with Triton's real compiler;
     ``args``: its runtime arguments, from the kernel ABI (``plan_kernels`` gives them).
 
     ``dtype_map`` gives the element dtype of buffers, by buffer name (``"param"``) or constexpr name
     (``"DT_param"``), as ``"fp32"``/``"bf16"``/``"fp16"`` or a ``triton.language`` dtype; buffers not named
-    are fp32. ``n_hyper`` (the plan's number of hyperparameters) is required by pass kernels. ``block``
-    defaults to the backend's: 1024 for passes, 256 for segment-reduces.
+    are fp32. ``n_hyper`` (the plan's number of hyperparameters) is required by pass and reduce-step kernels.
+    ``block`` defaults to the backend's: 1024 for passes and reduce steps, 256 for segment-reduces.
     """
     import triton
     from triton.backends.compiler import GPUTarget
@@ -202,7 +202,8 @@ def compile_kernel(
     for key, value in (dtype_map or {}).items():
         key = key if key.startswith("DT_") else f"DT_{key}"
         dtypes[key] = _tl_dtype(value)
-    constexprs = {"BLOCK": block or (BLOCK if is_pass else REDUCE_BLOCK), "CHUNK": chunk, "ALIGNED": bool(aligned)}
+    is_axes = "_rowtot" in jit.arg_names and not is_pass  # a factored plan's reduce step: a pass's block
+    constexprs = {"BLOCK": block or (BLOCK if is_pass or is_axes else REDUCE_BLOCK), "CHUNK": chunk, "ALIGNED": bool(aligned)}
     if "N_HYPER" in jit.arg_names:
         if n_hyper is None:
             raise ValueError(f"{name}: n_hyper (len(plan.ir.hypers)) is required to compile a pass kernel")
@@ -405,13 +406,15 @@ def analyze_ptx(ptx: str, name: str, runtime_args: list[str]) -> dict:
       tables, partials and the step table are not element data.
     * ``vectorized``: any element-data load is ``.v2``/``.v4``.
     * ``int64_addressing``: the index table with the int64 element/row origin -- ``_chunk_start`` (pass
-      kernels: the element data) or ``_first_chunk`` (segment-reduce kernels: the ``_partials`` rows) -- is
+      kernels: the element data; a factored plan's tiles: the geometry tables ``FACTORED_ORIGINS``) or
+      ``_first_chunk`` (segment-reduce kernels: the ``_partials`` rows) -- is
       loaded with a 64-bit load that reaches the address of *every* such access, and no instruction on the
       way from that load to the address narrows an integer (``cvt`` to a 8/16/32-bit integer type, or the
       unpacking of a 64-bit register into 32-bit halves). Then the offsets are formed in 64-bit arithmetic and
       cannot wrap at 2**31 elements. Merely finding ``mul.wide``/``add.s64`` in the PTX would prove nothing:
       every pointer addition is 64-bit, including those of a 32-bit index widened by ``mul.wide.s32``.
-      ``None`` when the kernel has no such access.
+      ``None`` when the kernel has no such access. A factored plan's reduce step indexes its states by a
+      loop counter: ``_wide_index`` says whether that is 64-bit.
     """
     instrs = parse_ptx(ptx)
     flow = _DataFlow(instrs)
@@ -421,6 +424,9 @@ def analyze_ptx(ptx: str, name: str, runtime_args: list[str]) -> dict:
             ins.param = param_name.get(ins.param, ins.param)
     accesses = [i for i, ins in enumerate(instrs) if ins.opcode.startswith(("ld.global", "st.global"))]
     is_pass = "_chunk_start" in runtime_args
+
+    def forms(indices, kind):
+        return dict(sorted(Counter(instrs[i].opcode for i in indices if instrs[i].opcode.startswith(kind)).items()))
 
     def element(i: int) -> bool:
         for j in flow.slice(instrs[i].address):
@@ -432,10 +438,19 @@ def analyze_ptx(ptx: str, name: str, runtime_args: list[str]) -> dict:
 
     if is_pass:
         data = [i for i in accesses if element(i)]
-        origin = "_chunk_start"
+        # a factored plan's tiles: elements at row * C + column, from the int64 geometry tables
+        origins = FACTORED_ORIGINS if "_chunk_row" in runtime_args else {"_chunk_start"}
+    elif "_rowtot" in runtime_args:  # a factored plan's reduce step: per-row/column states, by a loop index
+        data = [i for i in accesses if element(i)]
+        states = {
+            "global_loads": forms(accesses, "ld.global"), "global_stores": forms(accesses, "st.global"),
+            "element_loads": {}, "element_stores": {}, "vectorized": False,
+            "int64_addressing": all(_wide_index(flow, instrs, i) for i in data) if data else None,
+        }  # fmt: skip
+        return states
     else:
         data = [i for i in accesses if instrs[i].opcode.startswith("ld.global") and "_partials" in flow.params_of_load(i)]
-        origin = "_first_chunk"
+        origins = {"_first_chunk"}
     int64 = None
     if data:
         int64 = True
@@ -446,8 +461,8 @@ def analyze_ptx(ptx: str, name: str, runtime_args: list[str]) -> dict:
                 for j in backward
                 if instrs[j].opcode.startswith("ld.global")
                 and instrs[j].opcode.endswith(("b64", "u64", "s64"))
-                and origin in flow.params_of_load(j)
-                and set(flow.params_of_load(j)) <= {origin}
+                and origins & set(flow.params_of_load(j))
+                and set(flow.params_of_load(j)) <= origins
             }
             if not roots:
                 int64 = False
@@ -456,9 +471,6 @@ def analyze_ptx(ptx: str, name: str, runtime_args: list[str]) -> dict:
             if any(_narrows(instrs[j]) for j in path):
                 int64 = False
                 break
-
-    def forms(indices, kind):
-        return dict(sorted(Counter(instrs[i].opcode for i in indices if instrs[i].opcode.startswith(kind)).items()))
 
     element_loads = forms(data, "ld.global") if is_pass else {}
     return {
@@ -469,6 +481,22 @@ def analyze_ptx(ptx: str, name: str, runtime_args: list[str]) -> dict:
         "vectorized": any(".v2." in k or ".v4." in k for k in element_loads),
         "int64_addressing": int64,
     }
+
+
+FACTORED_ORIGINS = {"_chunk_row", "_chunk_col", "_chunk_mat", "_cols"}
+
+
+def _wide_index(flow, instrs, i: int) -> bool:
+    """A reduce step's state access: its index is a loop counter, not a table entry, so no origin load roots it.
+    64-bit when nothing on the address's backward slice narrows an integer, loads a 32-bit value or carries a
+    32-bit register round a loop (a 32-bit counter adds to itself); the thread and program ids, 32-bit
+    themselves, only widen."""
+    for j in flow.slice(instrs[i].address):
+        ins = instrs[j]
+        narrow = [d for d in ins.dests if d.startswith("%r") and not d.startswith("%rd")]
+        if _narrows(ins) or (narrow and (ins.opcode.startswith("ld.global") or set(narrow) & set(ins.uses))):
+            return False
+    return True
 
 
 def _narrows(ins: _Instr) -> bool:
@@ -507,21 +535,27 @@ def kernel_report(aot: AOTKernel, role: str, pass_index: int, launched_per_step:
 
 def plan_kernels(plan: Plan):
     """(role, pass index, kernel, launched every step, ABI arguments) for every kernel of the plan's Triton
-    module.
+    module, in launch order.
 
-    Every pass kernel, and every reduce kernel (one per pass that produces partials, role ``segment_reduce``).
-    A reduce kernel is launched every step after passes with per-layer reductions (``reduce_after``) or global
-    ones (``fold_after``: its extra program folds the global values), so after every producing pass."""
+    Every pass kernel; every reduce kernel (one per pass that produces partials, role ``segment_reduce``),
+    launched every step after passes with per-layer reductions (``reduce_after``) or global ones
+    (``fold_after``: its extra program folds the global values), so after every producing pass; and the
+    per-row/column reduce step of a factored plan (role ``axes``) after the passes that have one."""
     module = load_module(plan, "triton")
-    if len(module.PASSES) != len(plan.passes) or len(module.REDUCES) != len(plan.passes):
+    kernels = (module.PASSES, module.REDUCES, module.AXES)
+    if any(len(k) != len(plan.passes) for k in kernels):
         raise RuntimeError(f"{module.__name__}: {len(module.PASSES)} pass kernels for {len(plan.passes)} passes")
     out = []
-    for p, kernel, reduce_kernel in zip(plan.passes, module.PASSES, module.REDUCES):
+    for p, kernel, reduce_kernel, axes_kernel in zip(plan.passes, *kernels):
         out.append(("pass", p.index, kernel, True, pass_args(plan, p)))
         if reduce_kernel is not None:
             out.append(("segment_reduce", p.index, reduce_kernel, bool(p.reduce_after or p.fold_after), reduce_args(plan, p)))
         elif p.reduce_after or p.fold_after:
             raise RuntimeError(f"{module.__name__}: pass {p.index} needs a segment-reduce kernel and has none")
+        if (axes_kernel is not None) != p.axes_after:
+            raise RuntimeError(f"{module.__name__}: pass {p.index}'s reduce step and its kernel disagree")
+        if axes_kernel is not None:
+            out.append(("axes", p.index, axes_kernel, True, axes_args(plan, p)))
     return out
 
 

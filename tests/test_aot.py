@@ -22,7 +22,7 @@ from optgen import transforms
 from optgen.analysis import plan as make_plan
 from optgen.catalog import variants
 from optgen.codegen.abi import KernelArg
-from optgen.codegen.render import targets_for, variant_stem
+from optgen.codegen.render import variant_stem
 from optgen.inspect_kernels import (
     BLOCK,
     NUM_WARPS,
@@ -46,10 +46,11 @@ def builtin_plans() -> dict:
     plans = {variant_stem(p): p for f in BUILTINS.values() for p in (make_plan(lower(f(), fl)) for fl in variants(f()))}
     for f in BUILTINS.values():
         flags = tuple(flag.name for flag in f().flags)
-        shape = {flag.name: False for flag in f().shape_flags}  # (the factored variants have no kernels yet)
-        ir = transforms.apply(lower(f(), shape, runtime=flags), maximize_="runtime")
-        plans[f"{variant_stem(make_plan(ir))}__per_group"] = make_plan(ir)
-    return {stem: p for stem, p in plans.items() if "triton" in targets_for(p)}
+        for value in (False, True) if f().shape_flags else (False,):
+            shape = {flag.name: value for flag in f().shape_flags}
+            ir = transforms.apply(lower(f(), shape, runtime=flags), maximize_="runtime")
+            plans[f"{variant_stem(make_plan(ir))}__per_group"] = make_plan(ir)
+    return plans
 
 
 PLANS = builtin_plans()
@@ -84,6 +85,32 @@ def narrow_pass(_chunk_start, _numel, _x_addr, DT_x: tl.constexpr, CHUNK: tl.con
     ptr = tl.load(_x_addr).to(tl.pointer_type(DT_x))
     offs = start + tl.arange(0, BLOCK)
     tl.store(ptr + offs, tl.load(ptr + offs) * 2)
+
+
+# ... and a reduce step's loop over a tensor's rows, counted in int64 and in int32.
+AXES_CONTROL_ARGS = (
+    KernelArg("_rows", True, "i64", "[tensors]"),
+    KernelArg("_rowtot", True, "fp64", "[rows]"),
+    KernelArg("_x_addr", True, "i64", "[tensors]"),
+)
+
+
+@triton.jit
+def wide_axes(_rows, _rowtot, _x_addr, DT_x: tl.constexpr, BLOCK: tl.constexpr):
+    ptr = tl.load(_x_addr + tl.program_id(0)).to(tl.pointer_type(DT_x))
+    n = tl.load(_rows + tl.program_id(0))
+    for x0 in range(0, n, BLOCK):
+        x = x0 + tl.arange(0, BLOCK)
+        tl.store(ptr + x, tl.load(_rowtot + x, mask=x < n).to(DT_x), mask=x < n)
+
+
+@triton.jit
+def narrow_axes(_rows, _rowtot, _x_addr, DT_x: tl.constexpr, BLOCK: tl.constexpr):
+    ptr = tl.load(_x_addr + tl.program_id(0)).to(tl.pointer_type(DT_x))
+    n = tl.load(_rows + tl.program_id(0)).to(tl.int32)
+    for x0 in range(0, n, BLOCK):
+        x = x0 + tl.arange(0, BLOCK)
+        tl.store(ptr + x, tl.load(_rowtot + x, mask=x < n).to(DT_x), mask=x < n)
 
 
 TUNE_CORNERS = [
@@ -136,6 +163,8 @@ def worker(arch: str) -> dict:
         "adamw_unaligned": lambda: compile_kernel(adamw, arch, args=adamw_args, n_hyper=len(PLANS[ADAMW].ir.hypers), aligned=False),
         "wide": lambda: compile_kernel(wide_pass, arch, args=CONTROL_ARGS),
         "narrow": lambda: compile_kernel(narrow_pass, arch, args=CONTROL_ARGS),
+        "wide_axes": lambda: compile_kernel(wide_axes, arch, args=AXES_CONTROL_ARGS),
+        "narrow_axes": lambda: compile_kernel(narrow_axes, arch, args=AXES_CONTROL_ARGS),
     }
     for name, build in controls.items():
         out["controls"][name] = _guard(lambda build=build: kernel_report(build(), "pass", 0, True))
@@ -204,7 +233,10 @@ def test_kernel_compiles(compiled, arch, stem, role, index, name, launched):
     assert_resources(kernel)
     # element offsets in 64-bit arithmetic from the int64 chunk start (rows from the int64 first chunk)
     assert kernel["int64_addressing"] is True, kernel
-    if role == "pass":
+    if role == "pass" and PLANS[stem].ir.factored:
+        # a tile's rows are masked to its columns (any C): element accesses are scalar (a GPU to measure first)
+        assert kernel["element_loads"] and not kernel["vectorized"]
+    elif role == "pass":
         # aligned fp32 buffers: every load and store of the unmasked loop is a 16-byte vector access
         p = PLANS[stem].passes[index]
         v4 = vector_loads_per_buffer(4)
@@ -226,12 +258,16 @@ def test_report_matches_plan(compiled, arch, stem):
     assert report["launches_per_step"] == plan.launches_per_step
     expected = [(name, role, index) for s, role, index, name, _ in KERNELS if s == stem]
     assert [(k["name"], k["role"], k["pass_index"]) for k in report["kernels"]] == expected
-    # one launch per pass kernel and per reduce kernel: every pass with reductions is followed by its reduce
-    # launch (segment-reduce of per-layer values and/or the fold of global values)
+    # one launch per pass kernel and per reduce kernel: every pass with per-layer or global reductions is followed
+    # by its reduce launch (segment-reduce of per-layer values and/or the fold of global values), every pass with
+    # per-row/column ones by its reduce step
     launched = [k for k in report["kernels"] if k["launched_per_step"]]
-    assert len(launched) == plan.launches_per_step == len(plan.passes) + sum(bool(p.produces) for p in plan.passes)
+    reduces = sum(bool(p.reduce_after or p.fold_after) for p in plan.passes)
+    steps = sum(p.axes_after for p in plan.passes)
+    assert len(launched) == plan.launches_per_step == len(plan.passes) + reduces + steps
     assert sum(k["role"] == "pass" for k in report["kernels"]) == len(plan.passes)
     assert sum(k["role"] == "segment_reduce" for k in report["kernels"]) == sum(bool(p.produces) for p in plan.passes)
+    assert sum(k["role"] == "axes" for k in report["kernels"]) == steps
     json.dumps(report)  # JSON-serialisable as it is
 
 
@@ -254,6 +290,10 @@ def test_adamw_elementwise_loads_are_vectorized_when_aligned(compiled, arch):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_int64_detector_controls(compiled, arch):
     wide, narrow = compiled[arch]["controls"]["wide"], compiled[arch]["controls"]["narrow"]
+    assert "error" not in wide and "error" not in narrow, (wide, narrow)
+    assert wide["int64_addressing"] is True
+    assert narrow["int64_addressing"] is False
+    wide, narrow = compiled[arch]["controls"]["wide_axes"], compiled[arch]["controls"]["narrow_axes"]
     assert "error" not in wide and "error" not in narrow, (wide, narrow)
     assert wide["int64_addressing"] is True
     assert narrow["int64_addressing"] is False

@@ -43,6 +43,7 @@ class _RecordingModule:
     def __init__(self, module, log):
         self.PASSES = tuple(_Recorder(k, log, "pass", i) for i, k in enumerate(module.PASSES))
         self.REDUCES = tuple(k and _Recorder(k, log, "reduce", i) for i, k in enumerate(module.REDUCES))
+        self.AXES = module.AXES  # (none in these plans: no per-row/column reductions)
 
 
 def _global_producers(plan):

@@ -27,6 +27,7 @@ from ..spec import ColStateSymbol, HyperSymbol, ParamSymbol, RowStateSymbol, Spe
 from .abi import (
     axes_args,
     axes_layer_states,
+    axes_states,
     axis_columns,
     eager_pass_buffers,
     global_columns,
@@ -49,16 +50,15 @@ class Target:
     suffix: str  # of generated files
     identity: dict  # a reduction's starting value, by op, as the target writes it
     scalar_settings: dict = field(default_factory=dict)  # printer settings for per-step fp64 scalar code
-    factored: bool = False  # prints per-row/column reductions and states (only the torch passes do, so far)
 
 
 _PYTHON_IDENTITY = {"sum": "0.0", "max": 'float("-inf")'}
 
 TARGETS: dict[str, Target] = {
-    "torch": Target("torch", TorchPrinter, "torch_module.py.j2", ".py", _PYTHON_IDENTITY, factored=True),
+    "torch": Target("torch", TorchPrinter, "torch_module.py.j2", ".py", _PYTHON_IDENTITY),
     "triton": Target("triton", TritonPrinter, "triton_module.py.j2", ".py", _PYTHON_IDENTITY),
     # the C template names per-program fp64 values d_<name>; element-wise code reads their casts by name
-    "c": Target("c", CPrinter, "c_module.c.j2", ".c", {"sum": "0.0", "max": "(-INFINITY)"}, {"prefix": "d_"}, factored=True),
+    "c": Target("c", CPrinter, "c_module.c.j2", ".c", {"sum": "0.0", "max": "(-INFINITY)"}, {"prefix": "d_"}),
 }
 
 
@@ -216,6 +216,7 @@ def _pass_context(plan: Plan, p: Pass, printer, scalar_printer, identity: dict) 
         "col_state_reads": state_reads["column"],
         "axis_slot_names": [r["name"] for r in axis_reads["row"] + axis_reads["col"]],
         "axes_args": [vars(a) for a in axes_args(plan, p)] if p.axes_after else [],
+        "axes_states": axes_states(plan, p) if p.axes_after else [],
         "row_folds": [columns["row"][k] for k, _ in p.produces if slots[k].scope == "row"],
         "col_folds": [columns["col"][k] for k, _ in p.produces if slots[k].scope == "col"],
         "axes_layer_reads": _axes_layer_reads(plan, p),
@@ -345,21 +346,11 @@ def _known_signs(plan: Plan) -> dict:
     return {"positive": frozenset(positive), "nonnegative": frozenset(nonnegative)}
 
 
-def targets_for(plan: Plan) -> list[str]:
-    """The targets that print ``plan`` (per-row/column reductions: the torch passes only, so far)."""
-    return [name for name, target in TARGETS.items() if target.factored or not plan.ir.factored]
-
-
 def render(plan: Plan, target: str) -> str:
     """The source of ``plan`` for ``target`` (a key of ``TARGETS``); byte-stable for a given plan."""
     if target not in TARGETS:
         raise ValueError(f"unknown target {target!r}; expected one of {tuple(TARGETS)}")
     spec = TARGETS[target]
-    if target not in targets_for(plan):
-        raise SpecError(
-            f"{plan.ir.name} ({_flags_text(plan)}) reduces over rows or columns: the {target} target does not print "
-            f"per-row/column reductions yet (targets that do: {', '.join(targets_for(plan))})"
-        )
     signs = _known_signs(plan)
     printer = spec.printer(signs)
     scalar_printer = spec.printer({**signs, "scalar": True, **spec.scalar_settings})

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -27,7 +26,6 @@ class Backend:
     module: str  # imported on first use: a backend's dependencies (triton) load only when it runs
     cls: str
     refuse: Callable[[torch.device], str | None]  # why it cannot run on a device, or None
-    factored: bool = True  # takes per-row/column reductions (the Triton kernels do not yet)
 
     def load(self) -> type:
         return getattr(importlib.import_module(self.module), self.cls)
@@ -50,7 +48,7 @@ def _c_refuses(device: torch.device) -> str | None:
 
 BACKENDS: dict[str, Backend] = {
     "torch": Backend("torch", "optgen.runtime.torch_backend", "TorchBackend", lambda device: None),
-    "triton": Backend("triton", "optgen.runtime.triton_backend", "TritonBackend", _triton_refuses, factored=False),
+    "triton": Backend("triton", "optgen.runtime.triton_backend", "TritonBackend", _triton_refuses),
     "c": Backend("c", "optgen.runtime.c_backend", "CBackend", _c_refuses),
 }
 # backend="auto": by device type; any other device runs the torch backend
@@ -58,27 +56,12 @@ AUTO = {"cuda": "triton", "cpu": "c"}
 CHOICES = ("auto", *BACKENDS)
 
 
-_WARNED: set = set()
-
-
-def resolve(choice: str, device: torch.device, plan=None) -> Backend:
-    """The backend ``choice`` ("auto" or a name) runs on ``device``; a RuntimeError says why it cannot. A plan
-    with per-row/column reductions (a factored Adafactor) has no Triton kernels yet: the torch backend runs it,
-    with a warning once per process, backend and spec name."""
+def resolve(choice: str, device: torch.device) -> Backend:
+    """The backend ``choice`` ("auto" or a name) runs on ``device``; a RuntimeError says why it cannot."""
     backend = BACKENDS[AUTO.get(device.type, "torch") if choice == "auto" else choice]
     problem = backend.refuse(device)
     if problem:
         raise RuntimeError(problem)
-    if plan is not None and not backend.factored and plan.ir.factored:
-        key = (backend.name, plan.ir.name)
-        if key not in _WARNED:
-            _WARNED.add(key)
-            warnings.warn(
-                f"optgen: {plan.ir.name} reduces over rows or columns ({', '.join(plan.ir.factored_state_names) or 'row/column sums'}): "
-                f"the {backend.name} kernels do not take that yet; those parameters run on the eager torch backend",
-                stacklevel=4,
-            )
-        return BACKENDS["torch"]
     return backend
 
 

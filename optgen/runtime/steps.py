@@ -193,7 +193,7 @@ class StepRunner:
         return items
 
     def backend_for(self, device: torch.device, plan):
-        backend = backends.resolve(self.config["backend"], device, plan)
+        backend = backends.resolve(self.config["backend"], device)
         key = (backend.name, str(device), source_hash(plan))
         if key not in self.backends:
             options = {}

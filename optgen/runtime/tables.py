@@ -34,9 +34,10 @@ CHUNK_GEOMETRY = ("_chunk_row", "_chunk_col", "_chunk_nrows", "_chunk_ncols", "_
 class ChunkTables:
     """Everything the launches of one step need, for one fixed set of tensors. ``storage(dtype)`` maps a
     buffer's torch dtype to the backend's own name for it (a Triton dtype, a C code) and raises a clear
-    TypeError for a dtype the backend cannot take."""
+    TypeError for a dtype the backend cannot take; ``max_cols`` bounds the width of a factored plan's tiles
+    (``_row_chunks``)."""
 
-    def __init__(self, plan, items, scratch_of, chunk: int, storage: Callable):
+    def __init__(self, plan, items, scratch_of, chunk: int, storage: Callable, max_cols: int | None = None):
         params = [item[0] for item in items]
         device = params[0].device
         self.device = device
@@ -55,7 +56,7 @@ class ChunkTables:
         order = [i for sig in dict.fromkeys(signature) for i in range(len(params)) if signature[i] == sig]
         numels = [p.numel() for p in params]
         # chunks: (first element, then for factored plans first row, first column, rows, columns, matrix)
-        geometry = [_row_chunks(p.shape, chunk) if plan.ir.factored else _flat_chunks(p.numel(), chunk) for p in params]
+        geometry = [_row_chunks(p.shape, chunk, max_cols) if plan.ir.factored else _flat_chunks(p.numel(), chunk) for p in params]
         chunks_of = [len(g) for g in geometry]
         first = [0] * len(params)
         chunk_tensor, chunk_start, chunk_geometry = [], [], []
@@ -250,16 +251,18 @@ def _flat_chunks(numel: int, chunk: int) -> list[tuple]:
     return [(k * chunk, 0, 0, 0, 0, 0) for k in range(max(1, (numel + chunk - 1) // chunk))]
 
 
-def _row_chunks(shape, chunk: int) -> list[tuple]:
-    """A (B, R, C) tensor in chunks of whole rows of one matrix (``chunk // C`` of them), or of ``chunk`` columns
-    of one row when a row is longer: (first element, first row b*R + r, first column, rows, columns, matrix b).
-    Row sums of a chunk are whole unless its rows are split; column sums are partial over its rows."""
+def _row_chunks(shape, chunk: int, max_cols: int | None = None) -> list[tuple]:
+    """A (B, R, C) tensor in tiles of one matrix: ``width`` = min(C, ``max_cols``, ``chunk``) columns of
+    ``chunk // width`` rows (whole rows when C fits; the Triton kernels hold a tile's row in one block, so their
+    tiles are at most a block wide), row bands in order and the tiles of a band left to right: (first element,
+    first row b*R + r, first column, rows, columns, matrix b). A tile's row sums are partial when its rows are
+    split, its column sums partial over its rows; the reduce step folds them in tile order."""
     rows, cols = shape[-2], shape[-1]
     mats = math.prod(shape[:-2])
     if mats * rows * cols == 0:
         return [(0, 0, 0, 0, 0, 0)]
-    width = min(cols, chunk)
-    per = max(1, chunk // cols) if cols <= chunk else 1
+    width = min(cols, chunk, max_cols or chunk)
+    per = max(1, chunk // width)
     out = []
     for b in range(mats):
         for r in range(0, rows, per):

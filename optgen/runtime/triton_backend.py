@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import torch
 
 from .. import settings
-from ..codegen.abi import pass_args, reduce_args
+from ..codegen.abi import axes_args, axes_states, pass_args, reduce_args
 from ..codegen.render import load_module
-from .tables import ChunkTables, Staging, pass_values, reduce_launches
+from .tables import ChunkTables, Staging, axes_values, pass_values, reduce_launches
 
 _TL_DTYPES = {}
 
@@ -80,12 +80,21 @@ class TritonBackend:
     def invalidate(self) -> None:
         self._tables = None
 
+    def _eager(self):
+        """The eager torch backend of this plan (a factored plan over several storage-dtype partitions)."""
+        from .torch_backend import TorchBackend
+
+        if getattr(self, "_eager_backend", None) is None:
+            self._eager_backend = TorchBackend(self.plan)
+        return self._eager_backend
+
     def _tables_for(self, items, scratch_of, device_scalars=None) -> ChunkTables:
         tables = self._tables
         if tables is None or not tables.still_valid(items):
             if self.tuner is not None:
                 self.config = self.tuner(self.plan, items, default_config(), device_scalars=device_scalars)
-            tables = ChunkTables(self.plan, items, scratch_of, self.config.chunk, _tl_dtype)
+            # a factored plan's tiles are at most a block wide: a program holds a tile's row in one block
+            tables = ChunkTables(self.plan, items, scratch_of, self.config.chunk, _tl_dtype, max_cols=self.config.block)
             self._tables = tables
         else:
             tables.refresh(items)
@@ -100,12 +109,16 @@ class TritonBackend:
             self._step(items, scratch_of, device_scalars, reducer)
 
     def _step(self, items, scratch_of, device_scalars=None, reducer=None) -> None:
-        items, staged = self._staging.contiguous(items)
+        staged_items, staged = self._staging.contiguous(items)
         device_scalars = device_scalars or {}
-        t = self._tables_for(items, scratch_of, device_scalars)
+        t = self._tables_for(staged_items, scratch_of, device_scalars)
+        if self.plan.ir.factored and len(t.partitions) > 1:
+            # the reduce step (one program per tensor, the states' dtypes compiled in) takes one partition
+            self._eager().step(items, scratch_of, device_scalars, reducer)
+            return
         cfg = self.config
         plan = self.plan
-        for p, kernel, reduce_kernel in zip(plan.passes, self.module.PASSES, self.module.REDUCES):
+        for p, kernel, reduce_kernel, axes_kernel in zip(plan.passes, self.module.PASSES, self.module.REDUCES, self.module.AXES):
             names = [a.name for a in pass_args(plan, p)]
             for partition, (offset, count, dtypes, _, _) in enumerate(t.partitions):
                 if count == 0:
@@ -113,7 +126,7 @@ class TritonBackend:
                 values = pass_values(t, plan, p, offset, count, device_scalars)
                 kernel[(count,)](
                     *[values[n] for n in names],
-                    **{f"DT_{b}": dtypes[b] for b in plan.buffers if f"_{b}_addr" in names},
+                    **{f"DT_{b}": dtypes[b] for b in (*plan.buffers, *plan.ir.factored_state_names) if f"_{b}_addr" in names},
                     N_HYPER=len(plan.ir.hypers),
                     CHUNK=cfg.chunk,
                     BLOCK=cfg.block,
@@ -132,5 +145,15 @@ class TritonBackend:
                 for programs, values in after:
                     reduce_kernel[(programs,)](*[values[n] for n in reduce_names], BLOCK=cfg.reduce_block)
                 self.launches += len(before) + len(after)
+            if p.axes_after:
+                values = axes_values(t, plan, p, device_scalars)
+                dtypes = t.partitions[0][2]
+                axes_kernel[(t.n_tensors,)](
+                    *[values[a.name] for a in axes_args(plan, p)],
+                    **{f"DT_{name}": dtypes[name] for name in axes_states(plan, p)},
+                    N_HYPER=len(plan.ir.hypers),
+                    BLOCK=cfg.block,
+                )
+                self.launches += 1
         for original, twin in staged:
             original.copy_(twin)
