@@ -17,7 +17,12 @@ OPTIMIZERS = {
     "NVLAMB": dict(lr=1e-2, max_grad_norm=0.1),
     "RMSNormalizedSGD": dict(lr=1e-2),  # layer means: the element count of the whole (sharded) parameter
     "NovoGrad": dict(lr=1e-2, weight_decay=0.01),  # a per-layer state: the same number on every rank
+    # per-row/column states: the rows of a 2-D weight split over the ranks (column sums all-reduced, column
+    # states whole on every rank), whole matrices of a 3-D one, a rank without rows
+    "Adafactor": dict(lr=1e-2, weight_decay=0.01),
+    "CAME": dict(lr=1e-2, weight_decay=0.01),
 }
+FACTORED = {"Adafactor", "CAME"}
 
 
 def optimizer_class(name):
@@ -32,10 +37,24 @@ def optimizer_class(name):
 STEPS = 3
 
 
-def make_model():
-    """Odd sizes: 7 and 5 rows shard unevenly over 2 and 3 ranks (FSDP2 shards dim 0)."""
+class _Mix(torch.nn.Module):
+    """A (2, 5, 5) batch of matrices (3 ranks: one holds none) and a (2, 5) weight (3 ranks: one holds no row)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(2, 5, 5) * 0.3)
+        self.v = torch.nn.Parameter(torch.randn(2, 5) * 0.3)
+
+    def forward(self, x):
+        return torch.tanh(x @ self.w[0]) @ self.w[1] + x * self.v.sum(0)
+
+
+def make_model(name=None):
+    """Odd sizes: 7 and 5 rows shard unevenly over 2 and 3 ranks (FSDP2 shards dim 0); the factored optimizers
+    get 3-D and 2-row parameters too."""
     torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(13, 7), torch.nn.Tanh(), torch.nn.Linear(7, 5))
+    layers = [torch.nn.Linear(13, 7), torch.nn.Tanh(), torch.nn.Linear(7, 5)]
+    return torch.nn.Sequential(*layers, _Mix()) if name in FACTORED else torch.nn.Sequential(*layers)
 
 
 def batches():
@@ -57,7 +76,7 @@ def reference(backend):
 
     out = {}
     for name, kwargs in OPTIMIZERS.items():
-        model = make_model()
+        model = make_model(name)
         opt = optimizer_class(name)(model.parameters(), backend=backend, **kwargs)
         out[name] = train(model, opt, batches(), lambda m: list(m.parameters()))
     return out
@@ -96,6 +115,22 @@ def worker(rank, world, backend, mode, out_path, port):
                 optgen.LAMB([a, b]).step()
             except ValueError as exc:
                 messages["meshes"] = str(exc)
+        # a reduce step that reads its own sum over rows the ranks split: refused before anything changes
+        spec = optgen.Spec("RowOfMean")
+        w, g = spec.param, spec.grad
+        r, s = spec.state("r", per="row", init=1.0), spec.state("s", per="row", init=1.0)
+        r1 = spec.update(r, 0.5 * r + 0.5 * optgen.row_mean(g**2))
+        s1 = spec.update(s, r1 / optgen.col_mean(r1))
+        spec.update(w, w - 0.1 * g / optgen.sqrt(s1 + 1))
+        split = torch.nn.Parameter(distribute_tensor(torch.randn(5, 3), mesh, [Shard(0)]))
+        split.grad = distribute_tensor(torch.randn(5, 3), mesh, [Shard(0)])
+        before = split.full_tensor().clone()
+        opt = optgen.build(spec)([split])
+        try:
+            opt.step()
+        except RuntimeError as exc:
+            messages["late"] = str(exc)
+        messages["late_unchanged"] = bool(torch.equal(split.full_tensor(), before)) and not opt.state
         if rank == 0:
             torch.save({"messages": messages}, out_path)
         dist.barrier()
@@ -103,9 +138,9 @@ def worker(rank, world, backend, mode, out_path, port):
         sys.stdout.flush()
         os._exit(0)
 
-    results, collectives = {}, {}
+    results, collectives, column_states = {}, {}, {}
     for name, kwargs in OPTIMIZERS.items():
-        model = make_model()
+        model = make_model(name)
         if mode == "hsdp":  # 2-D mesh: replicate x shard; norms reduce over the shard dimension only
             mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard"))
             fully_shard(model, mesh=mesh)
@@ -128,7 +163,7 @@ def worker(rank, world, backend, mode, out_path, port):
             model_sd, optim_sd = get_state_dict(model, opt)
             ckpt = os.path.join(os.path.dirname(out_path), f"ckpt_{name}")
             dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=ckpt)
-            model2 = make_model()
+            model2 = make_model(name)
             fully_shard(model2, mesh=mesh)
             opt2 = optimizer_class(name)(model2.parameters(), backend=backend, **kwargs)
             model_sd2, optim_sd2 = get_state_dict(model2, opt2)
@@ -141,8 +176,17 @@ def worker(rank, world, backend, mode, out_path, port):
         results[name] = full
         reducer = getattr(opt._runner, "_shard_reducer", None)
         collectives[name] = reducer.collectives if reducer is not None else 0
+        if name in FACTORED:  # per-column states: (placements, the local values) of each, from every rank
+            local = {}
+            for i, p in enumerate(opt.param_groups[0]["params"]):
+                for key, value in opt.state[p].items():
+                    if hasattr(value, "placements") and ("col" in key):
+                        local[(i, key)] = (str(value.placements), value.to_local().clone())
+            gathered = [None] * world
+            dist.all_gather_object(gathered, local)
+            column_states[name] = gathered
     if rank == 0:
-        torch.save({"results": results, "collectives": collectives}, out_path)
+        torch.save({"results": results, "collectives": collectives, "column_states": column_states}, out_path)
     dist.barrier()
     dist.destroy_process_group()
     # Leave without running C++ destructors: a gloo worker thread torn down at interpreter exit can call

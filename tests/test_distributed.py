@@ -1,5 +1,6 @@
-"""FSDP2 (DTensor) and DDP on gloo with 2 and 3 processes: sharded LAMB, LARS, NVLAMB and NovoGrad equal a single
-process on the same data (1e-5 relative), with one all-reduce of the partial table per pass boundary."""
+"""FSDP2 (DTensor) and DDP on gloo with 2 and 3 processes: sharded LAMB, LARS, NVLAMB, NovoGrad, Adafactor and CAME
+equal a single process on the same data (1e-5 relative), with one all-reduce of the partial table per pass
+boundary (the factored plans: one more after a reduce step that sums a new row state over split rows)."""
 
 import os
 import subprocess
@@ -11,8 +12,11 @@ import torch
 from conftest import BACKENDS
 
 WORKER = Path(__file__).with_name("dist_worker.py")
-# collectives per step: LAMB and LARS have one pass boundary; NVLAMB two (global pre-pass, then layer norms)
-BOUNDARIES = {"LAMB": 1, "LARS": 1, "NVLAMB": 2, "RMSNormalizedSGD": 1, "NovoGrad": 1}
+# collectives per step: LAMB and LARS have one pass boundary; NVLAMB two (global pre-pass, then layer norms).
+# Adafactor: its vectors' plan one, its matrices' plan three (layer values and split column sums after pass 0,
+# then the column mean of the new row state; the RMS after pass 1). CAME: one and five (pass 0: column sums, then
+# the mean of the row state; pass 1: the RMS; pass 2: column sums, then the mean of the new residual row state).
+BOUNDARIES = {"LAMB": 1, "LARS": 1, "NVLAMB": 2, "RMSNormalizedSGD": 1, "NovoGrad": 1, "Adafactor": 1 + 3, "CAME": 1 + 5}
 STEPS = 3
 
 
@@ -46,6 +50,15 @@ def test_fsdp2_sharded_equals_single_process(tmp_path, references, world, backen
     assert_same(out["results"], references[backend])
     for name, count in out["collectives"].items():
         assert count == STEPS * BOUNDARIES[name], (name, count)
+    # per-column states: whole on every rank, and equal, where the rows are split; sharded with the matrices else
+    for name, ranks in out["column_states"].items():
+        assert ranks[0], name
+        for key, (placements, value) in ranks[0].items():
+            if "Replicate" in placements:
+                assert all(torch.equal(r[key][1], value) for r in ranks[1:]), (name, key)
+            else:
+                assert "Shard(dim=0)" in placements, (name, key, placements)
+        assert any("Replicate" in placements for placements, _ in ranks[0].values()), name
 
 
 def test_fsdp2_with_an_unsharded_parameter_equals_single_process(tmp_path, references, backend):
@@ -80,3 +93,4 @@ def test_unsupported_layouts_are_clear_errors(tmp_path):
     out = run_worker(tmp_path, 2, "torch", "errors")["messages"]
     assert "sharded on dim 1" in out["dim1"] and out["dim1_unchanged"]
     assert "different meshes" in out["meshes"]
+    assert "a later value of the same reduce step reads it" in out["late"] and out["late_unchanged"]

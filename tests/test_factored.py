@@ -476,3 +476,23 @@ def test_c_blocked_schedule_is_bitwise_the_plain_one(name, monkeypatch):
         assert torch.equal(p, q)
         for key, value in opt.state[p].items():
             assert torch.equal(value, plain_opt.state[q][key]), key
+
+
+def test_sums_over_split_rows_must_not_feed_their_own_reduce_step():
+    """Under FSDP2 a 2-D weight's rows are split over the ranks: a sum over its rows made at a reduce step is
+    partial until the all-reduce after the step's items, so no later item of that step may read it (Adafactor's
+    and CAME's column mean of the row factor is read by the next pass only)."""
+    from optgen.runtime.steps import late_matrix_reads
+
+    for name in ("adafactor", "came", "layer_adaptive_adafactor"):
+        assert late_matrix_reads(plan(lower(BUILTINS[name](), {"factored": True}))) is None, name
+    spec = Spec("RowOfMean")
+    w, g = spec.param, spec.grad
+    r = spec.state("r", per="row", init=1.0)
+    s = spec.state("s", per="row", init=1.0)
+    r1 = spec.update(r, 0.5 * r + 0.5 * row_mean(g**2))
+    s1 = spec.update(s, r1 / col_mean(r1))  # the new row state over its mean over the rows: in the same step
+    spec.update(w, w - 0.1 * g / sqrt(s1 + 1))
+    factored = plan(lower(spec, {}))
+    assert late_matrix_reads(factored) is not None
+    assert late_matrix_reads(plan(lower(row_col_spec(), {}))) is None

@@ -126,6 +126,7 @@ def _geometry_args() -> list[KernelArg]:
         _table("_mats", "i64", "[tensors]: matrices B"),
         _table("_rows", "i64", "[tensors]: rows R of each matrix"),
         _table("_cols", "i64", "[tensors]: columns C"),
+        _table("_count_rows", "i64", "[tensors]: rows of the whole parameter, what a column mean divides by (R, or more when FSDP2 shards the rows)"),
         _table("_row_base", "i64", "[tensors]: the tensor's first row in _rowtot"),
         _table("_col_base", "i64", "[tensors]: the tensor's first column in _coltot"),
         _table("_mat_base", "i64", "[tensors]: the tensor's first matrix in _mattot"),
@@ -156,6 +157,7 @@ def axes_args(plan: Plan, p: Pass) -> tuple[KernelArg, ...]:
         _table("_rowtot", "fp64", "[rows, row slots]: finished per-row values", writes=True),
         _table("_coltot", "fp64", "[column slots, columns]: finished per-column values", writes=True),
         _table("_mattot", "fp64", "[matrices, matrix slots]: finished per-matrix values", writes=True),
+        _int("_phases", "1: fold the partials; 2: the states and per-matrix sums; 3: both (sharded: an all-reduce between)"),
     ]
     args += [
         _table(f"_{name}_addr", "i64", f"[tensors]: data_ptr of each tensor's {name}", writes=False)

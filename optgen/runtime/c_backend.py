@@ -24,7 +24,17 @@ from .. import settings
 from ..codegen.abi import axes_args, pass_args, reduce_args
 from ..codegen.render import source_path, variant_stem
 from . import cbuild
-from .tables import ChunkTables, Staging, axes_values, pass_values, reduce_launches, segment_reduce_values
+from .tables import (
+    ChunkTables,
+    Staging,
+    axes_values,
+    boundary_all_reduce,
+    matrix_all_reduce,
+    pass_values,
+    reduce_launches,
+    segment_reduce_values,
+    split_rows,
+)
 
 # storage dtype -> the template's OG_DT_<buffer> code
 STORAGE_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
@@ -230,16 +240,16 @@ class CBackend:
         if self._calls is None or self._calls[0] != key:
             self._calls = (key, self._calls_for(t, kernels, device_scalars, reducer))
         for fn, args in self._calls[1]:
-            if fn is None:  # sharded: one all-reduce of the [tensors, slots] table of pass ``args``
-                p = plan.passes[args]
-                reducer(t.layer[p.index], [plan.slots[k].op for k, _ in p.produces])
+            if fn is None:  # sharded: an all-reduce, (its function, the pass)
+                collective, p = args
+                collective(t, plan, p, reducer)
                 continue
             fn(*args)
             self.launches += 1
 
     def _calls_for(self, t: ChunkTables, kernels: list[_Kernels], device_scalars: dict, reducer) -> list[tuple]:
         """The step as calls, each a function and its argument tuple in the kernel ABI's order (tensors by
-        address; ``(None, pass index)`` stands for the all-reduce of sharded training), cached while the tables
+        address; ``(None, (collective, pass))`` stands for an all-reduce of sharded training), cached while the tables
         stand: the tables' contents change in place, their addresses do not.
 
         Pass by pass over all parameters (one call per pass per partition, one reduce call after a pass with
@@ -255,15 +265,20 @@ class CBackend:
                 for (offset, count, _, members, _), kernel in zip(t.partitions, kernels):
                     if count:
                         calls.append(self._pass_call(t, kernel, p, offset, count, sum(t.numels[i] for i in members), device_scalars))
+                split = reducer is not None and split_rows(t, plan)  # the reduce step's folds, an all-reduce, its items
                 if p.produces and kernels:
                     fn = kernels[0].reduces[p.index]  # reduce functions do not depend on storage dtypes
                     before, after = reduce_launches(t, p, reducer is not None)
                     calls += [self._reduce_call(fn, p, programs, values) for programs, values in before]
+                    if split and p.axes_after:
+                        calls.append(self._axes_call(t, kernels[0], p, 0, t.n_tensors, device_scalars, phases=1))
                     if reducer is not None:
-                        calls.append((None, p.index))
+                        calls.append((None, (boundary_all_reduce, p)))
                     calls += [self._reduce_call(fn, p, programs, values) for programs, values in after]
                 if p.axes_after:  # one partition (see step)
-                    calls.append(self._axes_call(t, kernels[0], p, 0, t.n_tensors, device_scalars))
+                    calls.append(self._axes_call(t, kernels[0], p, 0, t.n_tensors, device_scalars, phases=2 if split else 3))
+                    if split:
+                        calls.append((None, (matrix_all_reduce, p)))
             return calls
         (kernel,) = kernels
         for offset, count, (first, end) in blocks:
@@ -276,9 +291,9 @@ class CBackend:
                     calls.append(self._axes_call(t, kernel, p, first, end - first, device_scalars))
         return calls
 
-    def _axes_call(self, t: ChunkTables, kernel: _Kernels, p, first: int, count: int, device_scalars: dict) -> tuple:
-        """The reduce step after pass ``p`` for tensors ``[first, first + count)``."""
-        values = axes_values(t, self.plan, p, device_scalars)
+    def _axes_call(self, t: ChunkTables, kernel: _Kernels, p, first: int, count: int, device_scalars: dict, phases: int = 3) -> tuple:
+        """The reduce step after pass ``p`` for tensors ``[first, first + count)`` (``phases``: see axes_values)."""
+        values = axes_values(t, self.plan, p, device_scalars, phases)
         args = [count, first, len(self.plan.ir.hypers)] + [_address(values[a.name]) for a in axes_args(self.plan, p)]
         return kernel.axes[p.index], tuple(args)
 

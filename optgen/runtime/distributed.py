@@ -89,26 +89,48 @@ class ShardReducer:
         """The reducer for one backend's table, whose rows are parameters that are (or are not) sharded."""
         return self if all(sharded) else _RowReducer(self, sharded)
 
-    def __call__(self, table: torch.Tensor, ops: list[str], sharded: list[bool] | None = None) -> None:
+    def __call__(self, table: torch.Tensor, ops: list[str], sharded: list[bool] | None = None, extra=()) -> None:
+        """All-reduce the rows of ``table`` (of sharded parameters when ``sharded`` is given) by their columns'
+        ``ops``; ``extra`` tensors (the column sums of parameters whose rows are sharded) are summed in the same
+        collective as the sum columns."""
         mask = None
         if sharded is not None:
             if not any(sharded):  # every rank has the same layout: all skip the collective alike
                 return
             mask = torch.tensor(sharded, dtype=torch.bool, device=table.device)[:, None]
-        if mask is None and all(op == "sum" for op in ops):
+        if mask is None and all(op == "sum" for op in ops) and not extra:
             dist.all_reduce(table, op=dist.ReduceOp.SUM, group=self.group)
             self.collectives += 1
             return
         for op_name, reduce_op, identity in (("sum", dist.ReduceOp.SUM, 0.0), ("max", dist.ReduceOp.MAX, -math.inf)):
             columns = [i for i, op in enumerate(ops) if op == op_name]
-            if columns:
+            others = list(extra) if op_name == "sum" else []
+            if columns or others:
                 part = table[:, columns]
                 if mask is not None:
                     part = torch.where(mask, part, identity)
-                part = part.contiguous()
-                dist.all_reduce(part, op=reduce_op, group=self.group)
-                table[:, columns] = part if mask is None else torch.where(mask, part, table[:, columns])
-                self.collectives += 1
+                reduced = self._all_reduce([part, *others], reduce_op)
+                if columns:
+                    table[:, columns] = reduced[0] if mask is None else torch.where(mask, reduced[0], table[:, columns])
+                for target, value in zip(others, reduced[1:]):
+                    target.copy_(value)
+
+    def sum_(self, tensors: list[torch.Tensor]) -> None:
+        """Sum ``tensors`` over the ranks in place, in one collective (none when there are none)."""
+        if tensors:
+            for target, value in zip(tensors, self._all_reduce(list(tensors), dist.ReduceOp.SUM)):
+                target.copy_(value)
+
+    def _all_reduce(self, parts: list[torch.Tensor], reduce_op) -> list[torch.Tensor]:
+        """One all-reduce of ``parts`` packed into one buffer; the reduced parts, in their shapes."""
+        flat = torch.cat([p.reshape(-1).to(torch.float64) for p in parts])
+        dist.all_reduce(flat, op=reduce_op, group=self.group)
+        self.collectives += 1
+        out, offset = [], 0
+        for p in parts:
+            out.append(flat[offset : offset + p.numel()].view(p.shape).to(p.dtype))
+            offset += p.numel()
+        return out
 
 
 class _RowReducer:
@@ -117,8 +139,32 @@ class _RowReducer:
     def __init__(self, reducer: ShardReducer, sharded: list[bool]):
         self.reducer, self.sharded = reducer, list(sharded)
 
-    def __call__(self, table: torch.Tensor, ops: list[str]) -> None:
-        self.reducer(table, ops, self.sharded)
+    def __call__(self, table: torch.Tensor, ops: list[str], extra=()) -> None:
+        self.reducer(table, ops, self.sharded, extra)
+
+    def sum_(self, tensors: list[torch.Tensor]) -> None:
+        self.reducer.sum_(tensors)
+
+
+def rows_split(param) -> bool:
+    """A 2-D parameter sharded on dim 0 (FSDP2): each rank holds some of its rows, so its column sums (and sums
+    over its rows) are partial and its column states are kept whole on every rank. Parameters of more
+    dimensions shard whole matrices: their row and column statistics are local."""
+    return is_sharded(param) and param.dim() == 2
+
+
+def factored_state(param, local_value: torch.Tensor, per: str):
+    """A per-row/column state of the DTensor ``param`` from its local value: sharded like the parameter, but a
+    column state of a parameter whose rows are split, which every rank holds whole (``Replicate``)."""
+    placements = list(param.placements)
+    if per == "column" and rows_split(param):
+        placements = [Replicate() if isinstance(p, Shard) else p for p in placements]
+    shape = list(param.shape)
+    shape[-1 if per == "row" else -2] = 1
+    if local_value.dim() < param.dim():  # the reduced dimension dropped (keepdim=False)
+        del shape[-1 if per == "row" else -2]
+    stride = torch.empty(shape, device="meta").stride()
+    return DTensor.from_local(local_value, param.device_mesh, placements, run_check=False, shape=torch.Size(shape), stride=stride)
 
 
 class LocalState(dict):

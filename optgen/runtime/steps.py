@@ -138,7 +138,13 @@ class StepRunner:
             real = torch.view_as_real(param.detach()) if param.is_complex() else param.detach()
             for decl in missing:
                 dtype = self.state_dtype(param, decl.name)
-                state[decl.name] = module.initial_state(decl.name, param, real, hypers, dtype)
+                if decl.per in ("row", "column") and distributed.is_dtensor(param):
+                    # made from the local shard, then a DTensor: whole-row states sharded like the parameter
+                    local = distributed.local(real)
+                    value = module.initial_state(decl.name, local, local, hypers, dtype)
+                    state[decl.name] = distributed.factored_state(param, value, decl.per)
+                else:
+                    state[decl.name] = module.initial_state(decl.name, param, real, hypers, dtype)
         return state
 
     def check_state_shapes(self, owner, param: torch.Tensor, ir) -> None:
@@ -246,10 +252,14 @@ class StepRunner:
                 )
             if q.ir.factored and p.is_complex():
                 raise RuntimeError(f"{self.name} does not support complex parameters of 2+ dimensions (rows and columns of a complex matrix)")
-            if reducer is not None and q.ir.factored:
-                raise RuntimeError(
-                    f"{self.name}: per-row/column reductions of sharded (FSDP2) parameters are not supported yet"
-                )
+            if q.ir.factored and distributed.rows_split(p):
+                late = late_matrix_reads(q)
+                if late:
+                    raise RuntimeError(
+                        f"{self.name}: {late} sums a per-row value over the rows of a matrix, and a later value of "
+                        f"the same reduce step reads it; with FSDP2 sharding the rows of a {tuple(p.shape)} parameter, "
+                        f"that sum is partial until an all-reduce the step has no room for"
+                    )
             backend = backend_of.setdefault((p.device, id(q)), self.backend_for(p.device, q))
             check = getattr(backend, "check", None)
             if check is not None:
@@ -308,6 +318,8 @@ class StepRunner:
         view = cache.get(param)
         if view is None or not view.current(state):
             view = distributed.LocalState(state, lambda v: self.real(distributed.local(v)))
+            view.param_shape = tuple(param.shape)  # the whole parameter's: a column mean divides by all its rows
+            view.rows_split = distributed.rows_split(param)  # its column sums are partial on each rank
             cache[param] = view
         return view
 
@@ -418,6 +430,19 @@ class StepRunner:
             return False
         fast.backend.fast_step(grads, rows)
         return True
+
+
+def late_matrix_reads(plan) -> str | None:
+    """The first per-matrix sum over rows that a later item of its own reduce step reads (such a sum is partial
+    when FSDP2 shards the rows: the step all-reduces it after its items), or None."""
+    for p in plan.passes:
+        made = set()
+        for kind, key, expr in p.reduce_items:
+            if made & {s.name for s in expr.free_symbols}:
+                return sorted(made & {s.name for s in expr.free_symbols})[0]
+            if kind == "slot" and plan.slots[key].dim == -2:  # over the rows (of a per-row value)
+                made.add(plan.slots[key].name)
+    return None
 
 
 def state_shape(per: str, shape: torch.Size, keepdim: bool = True) -> tuple:

@@ -83,7 +83,7 @@ class ChunkTables:
         self.first_chunk = torch.tensor(first, **as_long)
         self.n_chunks_of = torch.tensor(chunks_of, **as_long)
         if plan.ir.factored:
-            self._factored_tables(plan, params, chunk_tensor, chunk_geometry, as_long)
+            self._factored_tables(plan, items, chunk_tensor, chunk_geometry, as_long)
         self.values = None
         self.keys = None  # capturable hyperparameters: the tensors' identities per tensor
         self.group_rows = None  # set by use_group_rows: one row per param group
@@ -117,13 +117,17 @@ class ChunkTables:
                 self.layer[p.index] = torch.empty(max(self.n_tensors, 1), len(p.produces), dtype=torch.float64, device=device)
                 self.globals[p.index] = torch.empty(len(p.produces), dtype=torch.float64, device=device)
 
-    def _factored_tables(self, plan, params, chunk_tensor, geometry, as_long) -> None:
+    def _factored_tables(self, plan, items, chunk_tensor, geometry, as_long) -> None:
         """Row-aligned chunks' geometry, and the per-row/column/matrix tables of a factored plan: each parameter
         is (B, R, C); its rows, columns and matrices follow the previous parameters' in the plan-wide tables of
         finished values (``[rows, row slots]`` ...), and each chunk's partial sums its own rows of the partial
-        tables (a row of k rows' or one row's sums, a row of its columns' sums)."""
+        tables (a row of k rows' or one row's sums, a row of its columns' sums). A 2-D parameter whose rows FSDP2
+        shards (``rows_split``) counts all its rows (``_count_rows``)."""
         device = self.device
+        params = [item[0] for item in items]
         shapes = [(math.prod(p.shape[:-2]), p.shape[-2], p.shape[-1]) for p in params]
+        self.rows_split = [bool(getattr(item[2], "rows_split", False)) for item in items]
+        count_rows = [getattr(item[2], "param_shape", p.shape)[-2] for item, p in zip(items, params)]
         bases = {"row": [0], "col": [0], "mat": [0]}
         for b, r, c in shapes:
             bases["row"].append(bases["row"][-1] + b * r)
@@ -139,6 +143,10 @@ class ChunkTables:
         self.factored["_chunk_colpart"] = torch.tensor(colpart[:-1], **as_long)
         for k, name in enumerate(("_mats", "_rows", "_cols")):
             self.factored[name] = torch.tensor([s[k] for s in shapes], **as_long)
+        self.factored["_count_rows"] = torch.tensor(count_rows, **as_long)
+        self.axis_shapes = shapes  # (host copies: the sharded step all-reduces split tensors' entries)
+        self.col_base = bases["col"][:-1]
+        self.mat_base = bases["mat"][:-1]
         for kind in ("row", "col", "mat"):
             self.factored[f"_{kind}_base"] = torch.tensor(bases[kind][:-1], **as_long)
         width = {kind: max(1, len(axis_columns(plan, kind))) for kind in ("row", "col", "matrix")}
@@ -367,10 +375,11 @@ def pass_values(t: ChunkTables, plan, p, offset: int, count: int, device_scalars
     return values
 
 
-def axes_values(t: ChunkTables, plan, p, device_scalars: dict) -> dict:
+def axes_values(t: ChunkTables, plan, p, device_scalars: dict, phases: int = 3) -> dict:
     """The arguments of the per-row/column reduce step after pass ``p`` (``abi.axes_args``), by ABI name: the
-    whole tables (one program per tensor)."""
-    values = {"_first_chunk": t.first_chunk, "_n_chunks": t.n_chunks_of, "_group": t.group, "_hyper": t.hyper, "_step": t.step}
+    whole tables (one program per tensor); ``phases``: 1 the folds, 2 the items, 3 both."""
+    values = {"_first_chunk": t.first_chunk, "_n_chunks": t.n_chunks_of, "_group": t.group, "_hyper": t.hyper, "_step": t.step,
+              "_phases": phases}  # fmt: skip
     values.update(t.factored)
     for name, addr in t.addr.items():
         values[f"_{name}_addr"] = addr
@@ -381,6 +390,34 @@ def axes_values(t: ChunkTables, plan, p, device_scalars: dict) -> dict:
     for name in plan.ir.layer_state_names:
         values[f"_layer_{name}"] = t.scalars[name]
     return values
+
+
+def split_rows(t: ChunkTables, plan) -> bool:
+    """Whether a factored plan's step has parameters whose rows FSDP2 splits over the ranks."""
+    return plan.ir.factored and any(t.rows_split)
+
+
+def boundary_all_reduce(t: ChunkTables, plan, p, reducer) -> None:
+    """Sharded: the one all-reduce after pass ``p`` of its ``[tensors, slots]`` table and, in the same collective,
+    the column sums of the parameters whose rows are split (folded by the reduce step's first phase)."""
+    extra = []
+    if plan.ir.factored:
+        columns = axis_columns(plan, "col")
+        width = {i: t.axis_shapes[i][0] * t.axis_shapes[i][2] for i, split in enumerate(t.rows_split) if split}
+        for k, _ in p.produces:
+            if plan.slots[k].scope == "col":
+                extra += [t.factored["_coltot"][columns[k], t.col_base[i] : t.col_base[i] + n] for i, n in width.items()]
+    if p.reduce_after or p.fold_after or extra:
+        reducer(t.layer[p.index], [plan.slots[k].op for k, _ in p.produces], extra=extra)
+
+
+def matrix_all_reduce(t: ChunkTables, plan, p, reducer) -> None:
+    """Sharded: the sums over the rows that the reduce step after ``p`` made (a column mean of a per-row state),
+    partial for the parameters whose rows are split: one more all-reduce, after the step's items."""
+    columns = axis_columns(plan, "matrix")
+    over_rows = [columns[key] for kind, key, _ in p.reduce_items if kind == "slot" and plan.slots[key].dim == -2]
+    entries = [t.factored["_mattot"][t.mat_base[i], c : c + 1] for c in over_rows for i, split in enumerate(t.rows_split) if split]
+    reducer.sum_(entries)
 
 
 def reduce_launches(t: ChunkTables, p, sharded: bool) -> tuple[list, list]:

@@ -70,35 +70,50 @@ class TorchBackend:
             for name in plan.scratch:
                 buffers[name] = scratch_of(param, name)
             hypers = self._hyper_tensors(values, param.device, torch.float64)
-            if plan.ir.factored:  # a (B, R, C) parameter's row and column lengths, as per-step scalars
-                shape = {"n_cols": param.shape[-1], "n_rows": param.shape[-2]}
+            if plan.ir.factored:  # a (B, R, C) parameter's row and column lengths (all its rows), as per-step scalars
+                shape = {"n_cols": param.shape[-1], "n_rows": getattr(state, "param_shape", param.shape)[-2]}
                 hypers = {**hypers, **{k: torch.tensor(float(v), dtype=torch.float64, device=param.device) for k, v in shape.items()}}
             contexts.append((buffers, dtype, t, hypers))
         finished: list[dict[str, torch.Tensor]] = [dict() for _ in items]
+        # 2-D parameters whose rows FSDP2 splits over the ranks: their column sums and sums over rows are partial
+        split = [bool(getattr(state, "rows_split", False)) for _, _, state, _ in items] if reducer is not None else [False] * len(items)
         for p, fn in zip(plan.passes, self.module.PASSES):
             results = []
             for (buffers, dtype, t, hypers), reds in zip(contexts, finished):
                 results.append(self._eager_pass(p, fn, buffers, dtype, t, hypers, device_scalars, reds))
             if p.produces:
-                self._finish(p, results, finished, reducer)
+                self._finish(p, results, finished, reducer, split)
             if p.reduce_items:
                 for (buffers, _, t, hypers), reds in zip(contexts, finished):
                     self._reduce_step(p, buffers, t, hypers, device_scalars, reds)
+                over_rows = [plan.slots[key].name for kind, key, _ in p.reduce_items if kind == "slot" and plan.slots[key].dim == -2]
+                if any(split) and over_rows:  # after the items (none of them reads these: steps.late_matrix_reads)
+                    reducer.sum_([reds[name] for name in over_rows for reds, s in zip(finished, split) if s])
 
-    def _finish(self, p, results, finished, reducer) -> None:
+    def _finish(self, p, results, finished, reducer, split) -> None:
         """The pass's partials as finished values: per-row/column sums are each parameter's own; per-layer and
-        global values go through the [tensors, slots] table (sharded, one all-reduce makes every value exact)."""
+        global values go through the [tensors, slots] table (sharded, one all-reduce makes every value exact,
+        the column sums of parameters whose rows are split in the same collective)."""
         plan = self.plan
         whole = [(col, plan.slots[k]) for col, (k, _) in enumerate(p.produces) if plan.slots[k].scope in ("layer", "global")]
+        extra = []
         for col, (k, _) in enumerate(p.produces):
             if plan.slots[k].scope in ("row", "col"):
-                for reds, r in zip(finished, results):
-                    reds[plan.slots[k].name] = r[col]
+                for reds, r, s in zip(finished, results, split):
+                    value = r[col]
+                    if s and plan.slots[k].scope == "col":
+                        value = value.to(torch.float64)  # summed over the ranks in place
+                        extra.append(value)
+                    reds[plan.slots[k].name] = value
+        if not whole and not extra:
+            return
+        table = torch.stack([torch.stack([r[col].to(torch.float64) for col, _ in whole]) for r in results]) if whole else None
+        if reducer is not None:
+            if table is None:
+                table = torch.zeros(len(results), 0, dtype=torch.float64, device=extra[0].device)
+            reducer(table, [slot.op for _, slot in whole], extra=extra)
         if not whole:
             return
-        table = torch.stack([torch.stack([r[col].to(torch.float64) for col, _ in whole]) for r in results])
-        if reducer is not None:
-            reducer(table, [slot.op for _, slot in whole])
         for i, (_, slot) in enumerate(whole):
             column = table[:, i]
             if slot.scope == "layer":

@@ -19,7 +19,16 @@ import torch
 from .. import settings
 from ..codegen.abi import axes_args, axes_states, pass_args, reduce_args
 from ..codegen.render import load_module
-from .tables import ChunkTables, Staging, axes_values, pass_values, reduce_launches
+from .tables import (
+    ChunkTables,
+    Staging,
+    axes_values,
+    boundary_all_reduce,
+    matrix_all_reduce,
+    pass_values,
+    reduce_launches,
+    split_rows,
+)
 
 _TL_DTYPES = {}
 
@@ -80,6 +89,19 @@ class TritonBackend:
     def invalidate(self) -> None:
         self._tables = None
 
+    def _axes(self, t: ChunkTables, p, kernel, device_scalars: dict, phases: int) -> None:
+        """The reduce step after pass ``p``: one program per tensor (``phases``: see tables.axes_values)."""
+        plan = self.plan
+        values = axes_values(t, plan, p, device_scalars, phases)
+        dtypes = t.partitions[0][2]
+        kernel[(t.n_tensors,)](
+            *[values[a.name] for a in axes_args(plan, p)],
+            **{f"DT_{name}": dtypes[name] for name in axes_states(plan, p)},
+            N_HYPER=len(plan.ir.hypers),
+            BLOCK=self.config.block,
+        )
+        self.launches += 1
+
     def _eager(self):
         """The eager torch backend of this plan (a factored plan over several storage-dtype partitions)."""
         from .torch_backend import TorchBackend
@@ -135,25 +157,22 @@ class TritonBackend:
                     num_stages=cfg.num_stages,
                 )
                 self.launches += 1
+            split = reducer is not None and split_rows(t, plan)  # the reduce step's folds, an all-reduce, its items
             if p.produces:
                 reduce_names = [a.name for a in reduce_args(plan, p)]
                 before, after = reduce_launches(t, p, reducer is not None)
                 for programs, values in before:
                     reduce_kernel[(programs,)](*[values[n] for n in reduce_names], BLOCK=cfg.reduce_block)
-                if reducer is not None:  # sharded: one all-reduce of the [tensors, slots] table
-                    reducer(t.layer[p.index], [plan.slots[k].op for k, _ in p.produces])
+                if split and p.axes_after:
+                    self._axes(t, p, axes_kernel, device_scalars, phases=1)
+                if reducer is not None:  # sharded: one all-reduce of the [tensors, slots] table (and split column sums)
+                    boundary_all_reduce(t, plan, p, reducer)
                 for programs, values in after:
                     reduce_kernel[(programs,)](*[values[n] for n in reduce_names], BLOCK=cfg.reduce_block)
                 self.launches += len(before) + len(after)
             if p.axes_after:
-                values = axes_values(t, plan, p, device_scalars)
-                dtypes = t.partitions[0][2]
-                axes_kernel[(t.n_tensors,)](
-                    *[values[a.name] for a in axes_args(plan, p)],
-                    **{f"DT_{name}": dtypes[name] for name in axes_states(plan, p)},
-                    N_HYPER=len(plan.ir.hypers),
-                    BLOCK=cfg.block,
-                )
-                self.launches += 1
+                self._axes(t, p, axes_kernel, device_scalars, phases=2 if split else 3)
+                if split:
+                    matrix_all_reduce(t, plan, p, reducer)
         for original, twin in staged:
             original.copy_(twin)
