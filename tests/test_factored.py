@@ -496,3 +496,25 @@ def test_sums_over_split_rows_must_not_feed_their_own_reduce_step():
     factored = plan(lower(spec, {}))
     assert late_matrix_reads(factored) is not None
     assert late_matrix_reads(plan(lower(row_col_spec(), {}))) is None
+
+
+@pytest.mark.parametrize("kernels", ["c", "triton"])
+def test_matrices_of_several_storage_dtypes_run_the_eager_passes(kernels):
+    """A factored plan's reduce step compiles its states' dtypes in and runs over one partition: fp32 and bf16
+    matrices in one step go to the eager torch passes (the same results as backend='torch'; no kernel runs)."""
+    shapes = [(6, 5), (4, 3)]
+    runs = {}
+    for backend in (kernels, "torch"):
+        params = make_params(shapes, zero=())
+        params[1].data = params[1].data.to(torch.bfloat16)
+        grads = make_grads(shapes, 3)
+        for step in grads:
+            step[1] = step[1].to(torch.bfloat16)
+        opt = optgen.Adafactor(params, lr=1e-2, backend=backend)
+        run_steps(opt, params, grads)
+        runs[backend] = (params, opt)
+    (params, opt), (expected, _) = runs[kernels], runs["torch"]
+    for p, e in zip(params, expected):
+        assert torch.equal(p, e)
+    (backend,) = [b for key, b in opt._runner.backends.items() if key[0] == kernels]
+    assert backend.launches == 0

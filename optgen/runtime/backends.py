@@ -69,3 +69,9 @@ def make(backend: Backend, plan, options: dict):
     """An instance of ``backend`` for ``plan``, given the options its class takes."""
     cls = backend.load()
     return cls(plan, **{k: v for k, v in options.items() if k in cls.options})
+
+
+def eager(plan):
+    """The eager torch backend of ``plan``, for the steps a kernel backend hands over (no C compiler; a factored
+    plan over several storage-dtype partitions, whose reduce step compiles the states' dtypes in)."""
+    return make(BACKENDS["torch"], plan, {})

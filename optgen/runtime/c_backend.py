@@ -23,7 +23,7 @@ import torch
 from .. import settings
 from ..codegen.abi import axes_args, pass_args, reduce_args
 from ..codegen.render import source_path, variant_stem
-from . import cbuild
+from . import backends, cbuild
 from .tables import (
     ChunkTables,
     Staging,
@@ -212,10 +212,8 @@ class CBackend:
 
     def _eager(self):
         """The eager torch backend of this plan (no compiler; a factored plan over several partitions)."""
-        from .torch_backend import TorchBackend
-
         if getattr(self, "_eager_backend", None) is None:
-            self._eager_backend = TorchBackend(self.plan)
+            self._eager_backend = backends.eager(self.plan)
         return self._eager_backend
 
     def _fall_back(self, exc: Exception) -> None:

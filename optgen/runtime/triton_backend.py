@@ -19,6 +19,7 @@ import torch
 from .. import settings
 from ..codegen.abi import axes_args, axes_states, pass_args, reduce_args
 from ..codegen.render import load_module
+from . import backends
 from .tables import (
     ChunkTables,
     Staging,
@@ -104,10 +105,8 @@ class TritonBackend:
 
     def _eager(self):
         """The eager torch backend of this plan (a factored plan over several storage-dtype partitions)."""
-        from .torch_backend import TorchBackend
-
         if getattr(self, "_eager_backend", None) is None:
-            self._eager_backend = TorchBackend(self.plan)
+            self._eager_backend = backends.eager(self.plan)
         return self._eager_backend
 
     def _tables_for(self, items, scratch_of, device_scalars=None) -> ChunkTables:
