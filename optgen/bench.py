@@ -418,11 +418,13 @@ def _quantile(values, q: float) -> float:
 
 
 def _make_params(shapes, device, dtype, seed: int):
-    g = torch.Generator(device="cpu").manual_seed(seed)
+    """Parameters and gradients drawn on the device itself: a 1B-parameter set drawn on the host (and copied)
+    would take seconds per optimizer."""
+    g = torch.Generator(device=device).manual_seed(seed)
     params = []
     for _, shape in shapes:
-        p = torch.nn.Parameter((torch.randn(shape, generator=g) * 0.02).to(device=device, dtype=dtype))
-        p.grad = (torch.randn(shape, generator=g) * 1e-3).to(device=device, dtype=dtype)
+        p = torch.nn.Parameter((torch.randn(shape, generator=g, device=device) * 0.02).to(dtype))
+        p.grad = (torch.randn(shape, generator=g, device=device) * 1e-3).to(dtype)
         params.append(p)
     return params
 
@@ -449,12 +451,54 @@ def _path(opt) -> str | None:
     return ",".join(sorted(set(names)))
 
 
-def measure_optimizer(optimizer, cls, model, shapes, device, dtype, rounds, warmup, log, sample_s=None, builtin=True) -> tuple[list, list]:
-    """Rows and skipped entries for one optimizer on one parameter set (implementations interleaved)."""
+def _launch_config(opt) -> dict | None:
+    """The Triton backend's launch configuration after the measured steps (for the ``optgen autotuned`` row:
+    the config the tuning chose); None where no Triton backend ran."""
+    import dataclasses
+
+    configs = []
+    for b in (getattr(opt, "_backends", None) or {}).values():
+        config = getattr(b, "config", None) if b.name == "triton" and getattr(b, "fallback", None) is None else None
+        if config is not None and dataclasses.asdict(config) not in configs:
+            configs.append(dataclasses.asdict(config))
+    return configs[0] if len(configs) == 1 else (configs or None)
+
+
+def selected(impl: str, only=None, skip=()) -> bool:
+    """Whether ``--impls``/``--skip-impls`` keep the implementation named ``impl`` (names compared without case)."""
+    name = impl.lower()
+    return (only is None or name in {o.lower() for o in only}) and name not in {s.lower() for s in skip}
+
+
+def check_impl_names(subjects, names) -> None:
+    """Names given to ``--impls``/``--skip-impls`` that no implementation of the chosen optimizers has fail
+    before anything is measured (a misspelt name would silently select nothing). The GPU-only rows' names are
+    known on CPU too (they select nothing there), so that one command line serves both."""
+    known = {
+        impl.impl.lower(): impl.impl
+        for optimizer, cls, builtin in subjects
+        for device in ("cpu", "cuda")
+        for impl in implementations(optimizer, cls, device, builtin)
+    }
+    unknown = [n for n in names if n.lower() not in known]
+    if unknown:
+        raise SystemExit(
+            f"optgen bench: unknown implementation(s) {', '.join(map(repr, unknown))} for "
+            f"{', '.join(name for name, _, _ in subjects)}; known: {', '.join(known.values())}"
+        )
+
+
+def measure_optimizer(
+    optimizer, cls, model, shapes, device, dtype, rounds, warmup, log, sample_s=None, builtin=True, only=None, skip=()
+) -> tuple[list, list]:
+    """Rows and skipped entries for one optimizer on one parameter set (implementations interleaved);
+    ``only``/``skip``: implementation names to keep/leave out (not listed as skipped)."""
     n = numel(shapes)
     params = _make_params(shapes, device, dtype, seed=0)
     rows, skipped, live = [], [], []
     for impl in implementations(optimizer, cls, device, builtin):
+        if not selected(impl.impl, only, skip):
+            continue
         if impl.skip:
             skipped.append({"optimizer": optimizer, "impl": impl.impl, "model": model, "reason": impl.skip})
             continue
@@ -531,12 +575,19 @@ def measure_optimizer(optimizer, cls, model, shapes, device, dtype, rounds, warm
                 "first_step_s": entry["first"],
                 "host_ms": statistics.median(entry["host"]) * 1e3,
                 "path": _path(entry["opt"]),
+                "launch_config": _launch_config(entry["opt"]),
             }
         )
-    for row in rows:
-        row["vs"] = {o["impl"]: o["step_ms"] / row["step_ms"] for o in rows if o is not row}
+    _relate(rows)
     del live
     return rows, skipped
+
+
+def _relate(rows: list[dict]) -> None:
+    """Every row's ``vs``: each other row's step time of the same optimizer, parameter set and dtype over its own."""
+    for row in rows:
+        peers = (o for o in rows if o is not row and (o["optimizer"], o["model"], o["dtype"]) == (row["optimizer"], row["model"], row["dtype"]))
+        row["vs"] = {o["impl"]: o["step_ms"] / row["step_ms"] for o in peers}
 
 
 def versions() -> dict:
@@ -655,12 +706,19 @@ def run(
     warmup: int = 2,
     log=print,
     sample_ms: float | None = None,
+    only=None,
+    skip=(),
 ) -> dict:
+    """``only``/``skip``: implementation names (``optgen``, ``torch fused``, ``optgen autotuned`` ...) to measure
+    alone / to leave out; a GPU session measures the slow-to-start rows in runs of their own and merges them."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("optgen bench: --device cuda but torch.cuda.is_available() is False")
     subjects = [resolve_optimizer(o) for o in optimizers]  # bad names fail before anything is measured
     shapes_of = {model: model_shapes(model) for model in models}  # bad models too
+    only = None if only is None else list(only)
+    skip = list(skip)
+    check_impl_names(subjects, [*(only or []), *skip])  # and bad implementation names
     load_start = load_average()
     started = time.perf_counter()
     info = device_info(device)
@@ -672,7 +730,7 @@ def run(
         log(f"{model}: {numel(shapes) / 1e6:.2f}M parameters in {len(shapes)} tensors")
         for optimizer, cls, builtin in subjects:
             sample_s = None if sample_ms is None else sample_ms / 1e3
-            rows, skips = measure_optimizer(optimizer, cls, model, shapes, device, dtype, rounds, warmup, log, sample_s, builtin)
+            rows, skips = measure_optimizer(optimizer, cls, model, shapes, device, dtype, rounds, warmup, log, sample_s, builtin, only, skip)
             results += rows
             skipped += skips
     # the copy measured again at the end: on a shared machine the better of the two is the device's
@@ -696,6 +754,8 @@ def run(
             "rounds": rounds,
             "warmup": warmup,
             "sample_ms": sample_ms,
+            "impls": only,
+            "skip_impls": skip,
             "timer": "cuda events" if device == "cuda" else "time.perf_counter",
             "argv": sys.argv[1:],
         },
@@ -728,6 +788,7 @@ def merge(reports: list[dict]) -> dict:
     results = [dict(row) for r in reports for row in r["results"]]
     for row in results:  # one denominator for every row of the merged report
         row["copy_pct"] = row["gbps"] / device["copy_gbps"] * 100
+    _relate(results)  # rows of one optimizer and set measured in separate runs (a slow-to-start row alone) compare too
     config = dict(first["config"])
     config["models"] = list(dict.fromkeys(m for r in reports for m in r["config"]["models"]))
     config["optimizers"] = list(dict.fromkeys(o for r in reports for o in r["config"]["optimizers"]))
@@ -838,9 +899,11 @@ def main(args) -> int:
         except (OSError, ValueError, KeyError) as exc:
             raise SystemExit(f"optgen bench --merge: {exc}") from None
     else:
+        names = lambda text: [n.strip() for n in (text or "").split(",") if n.strip()]  # noqa: E731
         report = run(
-            optimizers, models, device, DTYPES[args.dtype], rounds=args.rounds, warmup=args.warmup, log=print, sample_ms=args.sample_ms
-        )
+            optimizers, models, device, DTYPES[args.dtype], rounds=args.rounds, warmup=args.warmup, log=print,
+            sample_ms=args.sample_ms, only=names(args.impls) if args.impls else None, skip=names(args.skip_impls),
+        )  # fmt: skip
     print(format_table(report))
     if args.json:
         with open(args.json, "w") as f:

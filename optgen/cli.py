@@ -203,6 +203,13 @@ def main(argv=None) -> int:
     bench.add_argument(
         "--threads", type=int, default=None, help="CPU threads (torch.set_num_threads); default: torch's"
     )
+    bench.add_argument(
+        "--impls",
+        default=None,
+        help="comma list of implementation names to measure alone, as the table names them "
+        "('optgen,torch fused', 'optgen autotuned', 'torch.compile(generated)'); default: all",
+    )
+    bench.add_argument("--skip-impls", default=None, help="comma list of implementation names to leave out")
     bench.add_argument("--json", metavar="FILE", help="write the results as JSON")
     bench.add_argument("--plot", metavar="FILE.png", help="write a PNG: effective GB/s against model size")
     bench.add_argument(

@@ -125,22 +125,78 @@ def test_merge_joins_reports_of_one_machine(tmp_path, capsys):
 
 
 def test_gpu_suite_script_dry_run_on_cpu(tmp_path):
-    """bench/gpu_suite.sh is what a lent GPU session runs: its stages must work before a GPU is there."""
+    """bench/gpu_suite.sh is what a lent GPU session runs, in one call: every stage must work before a GPU is
+    there (the CUDA steps are skipped, bench measures tiny sets), within the device's limit of 8 files back."""
     import os
     import subprocess
+    import sys
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, OPTGEN_SUITE_DEVICE="cpu", OPTGEN_SUITE_SMALL="synthetic:20000",
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHON=sys.executable, OPTGEN_SUITE_DEVICE="cpu", OPTGEN_SUITE_MODELS="synthetic:20000",
                OPTGEN_SUITE_ARGS="--rounds 1 --warmup 0 --sample-ms 0")  # fmt: skip
-    done = subprocess.run(["bash", str(root / "bench" / "gpu_suite.sh"), "bench-small", str(tmp_path)], env=env,
-                          capture_output=True, text=True, timeout=600, cwd=root)  # fmt: skip
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    report = json.loads((tmp_path / "bench-small.json").read_text())
-    assert {r["optimizer"] for r in report["results"]} == {"adamw", "lamb", "lars", "nvlamb"}
-    assert (tmp_path / "bench-small.png").exists() and (tmp_path / "bench-small.log").stat().st_size > 0
-    bad = subprocess.run(["bash", str(root / "bench" / "gpu_suite.sh"), "nonsense", str(tmp_path)], capture_output=True, text=True)
-    assert bad.returncode == 2 and "unknown stage" in bad.stderr
+    done = subprocess.run(["bash", str(root / "bench" / "gpu_suite.sh"), str(out)], env=env,
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    files = {p.name for p in out.iterdir()}
+    assert files == {"suite.txt", "env.txt", "tests.log", "sanitizer.log", "bench.log", "bench.json", "bench.png"}
+    suite = (out / "suite.txt").read_text()
+    for line in ("env ", "tests-collect ", "sanitize-plain ", "bench-synthetic-20000 ", "bench-factored ", "bench-merge "):
+        assert any(row.startswith(line) and " ok " in row for row in suite.splitlines()), (line, suite)
+    for step in ("tests", "sanitize", "bench-autotuned", "bench-compiled"):
+        assert any(row.startswith(f"{step} ") and "skipped: no CUDA" in row for row in suite.splitlines()), (step, suite)
+    assert "total " in suite.splitlines()[-1]
+    assert "copy bandwidth cpu" in (out / "env.txt").read_text()
+    assert "test_every_variant_equals_the_torch_oracle" in (out / "tests.log").read_text()
+    assert "LAMB: 2 steps" in (out / "sanitizer.log").read_text()
+    report = json.loads((out / "bench.json").read_text())
+    assert {r["optimizer"] for r in report["results"]} == {"adamw", "lamb", "lars", "nvlamb", "adafactor", "came"}
+    assert report["config"]["models"] == ["synthetic:20000", "tiny-transformer"]
+    assert (out / "bench.png").read_bytes()[:4] == b"\x89PNG"
+    # OPTGEN_SUITE_STAGES: a rerun of some stages only
+    again = subprocess.run(["bash", str(root / "bench" / "gpu_suite.sh"), str(tmp_path / "env-only")], capture_output=True,
+                           text=True, timeout=300, env=dict(env, OPTGEN_SUITE_STAGES="env"))  # fmt: skip
+    assert again.returncode == 0 and {p.name for p in (tmp_path / "env-only").iterdir()} == {"suite.txt", "env.txt"}
+
+
+def test_impls_select_rows_and_merge_relates_runs():
+    """--impls/--skip-impls: the rows a run measures (a GPU session times its slow-to-start rows in runs of their
+    own); merge relates rows of one optimizer and set across runs; bad names fail before anything runs."""
+    quiet = dict(models=["synthetic:2000"], rounds=1, warmup=0, log=lambda line: None, sample_ms=0)
+    main_run = bench.run(["adamw"], skip=["torch fused", "Torch For-Loop"], **quiet)
+    assert [r["impl"] for r in main_run["results"]] == ["optgen", "optgen eager", "torch foreach"]
+    assert not main_run["skipped"] and main_run["config"]["skip_impls"] == ["torch fused", "Torch For-Loop"]
+    alone = bench.run(["adamw"], only=["torch fused"], **quiet)
+    assert [r["impl"] for r in alone["results"]] == ["torch fused"] and alone["results"][0]["vs"] == {}
+    merged = bench.merge([main_run, alone])
+    fused = next(r for r in merged["results"] if r["impl"] == "torch fused")
+    assert set(fused["vs"]) == {"optgen", "optgen eager", "torch foreach"}
+    optgen_row = next(r for r in merged["results"] if r["impl"] == "optgen")
+    assert optgen_row["vs"]["torch fused"] == pytest.approx(fused["step_ms"] / optgen_row["step_ms"])
+    assert all(r["launch_config"] is None for r in merged["results"])  # no Triton on CPU
+    # a GPU-only row's name is known on CPU too, and selects nothing there
+    assert bench.run(["lamb"], only=["optgen autotuned"], **quiet)["results"] == []
+    with pytest.raises(SystemExit, match="unknown implementation.*'torch fusd'"):
+        bench.run(["adamw"], only=["torch fusd"], **quiet)
+    with pytest.raises(SystemExit, match="unknown implementation"):
+        main(["bench", "--model", "synthetic:2000", "--optimizers", "adamw", "--skip-impls", "optgen,nope"])
+
+
+def test_triton_rows_report_their_launch_config():
+    """The 'optgen autotuned' row's launch_config is the config its tuning chose (here: the Triton backend in the
+    interpreter, conftest's chunk and block)."""
+    import optgen
+
+    params = [torch.nn.Parameter(torch.randn(300)), torch.nn.Parameter(torch.randn(7, 5))]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt = optgen.LAMB(params, backend="triton")
+    opt.step()
+    assert bench._launch_config(opt) == {"chunk": 256, "block": 64, "reduce_block": 256, "num_warps": 4, "num_stages": 3}
+    eager = optgen.LAMB(params, backend="torch")
+    eager.step()
+    assert bench._launch_config(eager) is None
 
 
 @pytest.mark.parametrize("model", ["synthetic:0", "synthetic:-5", "synthetic:abc", "nonsense"])
