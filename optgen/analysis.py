@@ -620,9 +620,10 @@ def _is_elementwise(expr, elementwise_names) -> bool:
 class _Lifter:
     """Loop-invariant code motion and power bases, after ``sympy.cse``.
 
-    Maximal scalar subexpressions of element-wise code (``1 - beta1**t``) become scalar temporaries computed
-    once per program; the base of a small integer power becomes a temporary, so printing ``(u)**2`` as a
-    product ``u*u`` never evaluates ``u`` twice.
+    Maximal scalar subexpressions of element-wise code (``1 - beta1**t``), and the per-program factors of a
+    product (terms of a sum) together, become scalar temporaries computed once per program; the base of a
+    small integer power becomes a temporary, so printing ``(u)**2`` as a product ``u*u`` never evaluates ``u``
+    twice.
     """
 
     def __init__(self, start: int, elementwise_names: set[str]):
@@ -649,6 +650,13 @@ class _Lifter:
                 return self._temp(expr, self.scalars)
             return expr
         args = [self.lift(a) for a in expr.args]
+        if isinstance(expr, (sympy.Mul, sympy.Add)):
+            # the per-program factors of a product (terms of a sum) as one scalar temporary: g*lr*c/d is
+            # g*(lr*c/d), one multiplication per element where the printed left-to-right product made three
+            invariant = [a for a in args if not _is_elementwise(a, self.elementwise_names)]
+            if len(invariant) >= 2 and not all(a.is_number for a in invariant):
+                varying = [a for a in args if _is_elementwise(a, self.elementwise_names)]
+                args = [self._temp(expr.func(*invariant), self.scalars), *varying]
         if isinstance(expr, sympy.Pow) and expr.exp.is_number and float(expr.exp).is_integer() and 2 <= abs(float(expr.exp)) <= 8 and not args[0].is_Atom:
             args[0] = self._temp(args[0], self.elementwise)
         return expr.func(*args, evaluate=False) if isinstance(expr, (sympy.Add, sympy.Mul, sympy.Pow)) else expr.func(*args)

@@ -245,6 +245,23 @@ def test_every_element_loop_is_vectorised(name):
             assert loops and all(loops.values()), f"{name} {flags} {defines}: not vectorised: {loops}"
 
 
+def test_the_vectorisation_check_sees_an_unswitched_loop(tmp_path):
+    """The control: with a short-circuit NaN test in the max (``||``, as the template had it), gcc unswitches
+    Adafactor's element loops on max(eps^2, v)'s loop-invariant operand and leaves the ordinary case scalar,
+    though it reports them vectorised; the check must say they are not."""
+    source = source_path(make_plan(lower(BUILTINS["adafactor"](), {"factored": True})), "c")
+    text = source.read_text()
+    short_circuit = text.replace("((a != a) | (a > b))", "(a != a || a > b)")
+    assert short_circuit != text
+    control = tmp_path / "short_circuit.c"
+    control.write_text(short_circuit)
+    try:
+        loops, control_loops = cbuild.vectorization(source), cbuild.vectorization(control)
+    except cbuild.BuildError:
+        pytest.skip(f"no vectorisation report (it is gcc's) from {cbuild.toolchain().identity}")
+    assert all(loops.values()) and not all(control_loops.values()), (loops, control_loops)
+
+
 def test_no_compiler_warns_once_and_runs_the_torch_path(monkeypatch, tmp_path):
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     cbuild.toolchain.cache_clear()

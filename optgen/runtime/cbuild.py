@@ -173,19 +173,25 @@ def load(path: Path) -> ctypes.CDLL:
 
 def vectorization(source: Path, defines: dict[str, int | str] | None = None) -> dict[int, bool]:
     """Which element loops of ``source`` the compiler vectorised: {line of the loop: vectorised?}, from gcc's
-    ``-fopt-info-vec`` report of a build with the backend's flags (a static check: nothing runs). Element
-    loops are the lines ``for (int64_t _i = ...``. Raises BuildError for a compiler without the report."""
+    ``-fopt-info-vec`` and ``-fopt-info-loop`` reports of a build with the backend's flags (a static check:
+    nothing runs). Element loops are the lines the template marks ``/* element loop``. A loop gcc unswitched on
+    a NaN test (``x != x``) does not count: it is reported vectorised, but its ordinary version was left scalar
+    (the NaN-propagating max of a loop-invariant operand did that to Adafactor's passes). Other unswitched loops
+    (a ``where`` on a per-step condition) count as the report says. Raises BuildError for a compiler without
+    the reports."""
     chain = toolchain()
-    lines = [n for n, text in enumerate(source.read_text().splitlines(), 1) if text.strip().startswith("for (int64_t _i ")]
+    lines = [n for n, text in enumerate(source.read_text().splitlines(), 1) if "/* element loop" in text]
     with tempfile.TemporaryDirectory() as tmp:
         command = [*chain.prefix, *chain.flags, *(f"-D{k}={v}" for k, v in sorted((defines or {}).items())),
-                   "-fopt-info-vec-optimized", str(source), "-o", str(Path(tmp) / "report.so")]  # fmt: skip
+                   "-fopt-info-vec-optimized", "-fopt-info-loop-optimized", str(source), "-o", str(Path(tmp) / "report.so")]  # fmt: skip
         result = _run(command)
     if result.returncode != 0 or "-fopt-info" in result.stderr:
         raise BuildError(f"no vectorisation report from {chain.compiler}", command, result.stderr)
     found = {int(m) for m in _REPORT_LINE.findall(result.stderr)}
-    # gcc names an `omp simd` loop by its pragma's line, its `for` line or its first statement's
-    return {line: bool(found & {line - 1, line, line + 1}) for line in lines}
+    unswitched = {int(m) for m, _ in _UNSWITCH_LINE.findall(result.stderr)}
+    # gcc names an `omp simd` loop by its pragma's line, its `for` line or a statement of its body
+    return {line: bool(found & {line - 1, line, line + 1}) and not unswitched & {line - 1, line, line + 1, line + 2} for line in lines}
 
 
 _REPORT_LINE = __import__("re").compile(r":(\d+):\d+: optimized: loop vectorized")
+_UNSWITCH_LINE = __import__("re").compile(r":(\d+):\d+: optimized: Unswitching loop on condition: if \((\w+) != \2\)")
