@@ -150,6 +150,9 @@ class Pass:
     # Computed by the reduce step after this pass, in order, once its partials are folded: ("state", name, new
     # value) writes a per-row/column state, ("slot", slot index, argument) a per-matrix reduction.
     reduce_items: tuple[tuple[str, object, sympy.Expr], ...] = ()
+    # the first ``early_items`` of them read nothing partial on an FSDP2 shard before the pass boundary's
+    # all-reduce (no column sum, per-layer or global value of this pass): they run before it, the rest after
+    early_items: int = 0
     axes_after: bool = False  # a reduce step folds per-row/column partials or computes reduce_items
     shape_reads: tuple[str, ...] = ()  # n_cols / n_rows: the parameter's row and column lengths
 
@@ -439,7 +442,7 @@ def plan(ir: IR) -> Plan:
         stores, produces = _read_axis_states(ir, j, stores, produces, axis_step)
         layer_stores = list(layer_defs.items()) if j == n_passes - 1 else []
         passes.append(
-            _build_pass(j, n_passes, stores, produces, leaves, slots, ir.step_advance, layer_stores, reduce_items.get(j, ()))
+            _build_pass(j, n_passes, stores, produces, leaves, slots, ir.step_advance, layer_stores, *reduce_items.get(j, ((), 0)))
         )
     return Plan(
         ir=ir, slots=slots, passes=tuple(passes), scratch=tuple(s.name for s, _ in scratch.values()), notes=tuple(notes)
@@ -449,14 +452,14 @@ def plan(ir: IR) -> Plan:
 def _reduce_items(ir: IR, slots, axis_defs: dict, axis_step: dict) -> dict[int, tuple]:
     """What each reduce step computes once its pass's partials are folded: per-row/column states' new values
     and per-matrix reductions, in an order where every item comes after the new values it reads and before the
-    write of any state whose old value it reads."""
+    write of any state whose old value it reads, the early ones first: {step: (items, how many are early)}."""
     steps: dict[int, list] = {}
     for target, expr in axis_defs.items():
         steps.setdefault(axis_step[target], []).append(("state", target, expr))
     for slot in slots:
         if slot.reduce_time:
             steps.setdefault(slot.stage, []).append(("slot", slot.index, slot.arg))
-    out = {}
+    out, early_counts = {}, {}
     for step, items in steps.items():
         names = {(kind, key) for kind, key, _ in items}
         after: dict[tuple, set] = {(kind, key): set() for kind, key, _ in items}  # item -> items it must follow
@@ -468,10 +471,28 @@ def _reduce_items(ir: IR, slots, axis_defs: dict, axis_step: dict) -> dict[int, 
                     after[(kind, key)].add(("slot", _slot_index(sym)))
                 elif isinstance(sym, (RowStateSymbol, ColStateSymbol)) and ("state", sym.name) in names and key != sym.name:
                     after[("state", sym.name)].add((kind, key))  # the old value is read before the state is written
+        # Late: what reads a value that is partial on a shard until the pass boundary's all-reduce (this pass's
+        # column sums, per-layer or global values, this step's sums over rows), or must follow a late item. The
+        # others (row states, their sums over rows) come first: under FSDP2 they run before that all-reduce and
+        # their sums ride it.
+        over_rows = {key for kind, key, _ in items if kind == "slot" and slots[key].dim == -2}  # partial until it too
+        partial = {k for k, slot in enumerate(slots) if slot.stage == step and slot.scope in ("col", "layer", "global")} | over_rows
+        late = {
+            (kind, key)
+            for kind, key, expr in items
+            if any(isinstance(s, SlotSymbol) and _slot_index(s) in partial for s in expr.free_symbols)
+        }
+        while True:
+            more = {item for item, before in after.items() if before & late} - late
+            if not more:
+                break
+            late |= more
         ordered, placed = [], set()
         pending = list(items)
         while pending:
             ready = [item for item in pending if after[(item[0], item[1])] <= placed]
+            early = [item for item in ready if (item[0], item[1]) not in late]
+            ready = early or ready
             if not ready:
                 states = [key for kind, key, _ in pending if kind == "state"]
                 raise SpecError(
@@ -484,6 +505,7 @@ def _reduce_items(ir: IR, slots, axis_defs: dict, axis_step: dict) -> dict[int, 
                 ordered.append(item)
                 placed.add((item[0], item[1]))
                 pending.remove(item)
+        early_counts[step] = sum((kind, key) not in late for kind, key, _ in ordered)
         # after a state is written, items read its new value from the state itself
         written = {}
         final = []
@@ -499,7 +521,7 @@ def _reduce_items(ir: IR, slots, axis_defs: dict, axis_step: dict) -> dict[int, 
         for kind, key, expr in items:
             subs = _axis_reads(ir, expr, step, axis_step, f"the reduce step after pass {step}", [key])
             fixed.append((kind, key, expr.xreplace(subs) if subs else expr))
-        out[step] = tuple(fixed)
+        out[step] = (tuple(fixed), early_counts[step])
     return out
 
 
@@ -662,7 +684,7 @@ class _Lifter:
         return expr.func(*args, evaluate=False) if isinstance(expr, (sympy.Add, sympy.Mul, sympy.Pow)) else expr.func(*args)
 
 
-def _build_pass(j, n_passes, stores, produces, leaves, slots, step_advance, layer_stores, reduce_items) -> Pass:
+def _build_pass(j, n_passes, stores, produces, leaves, slots, step_advance, layer_stores, reduce_items, early_items) -> Pass:
     roots = [e for _, e in stores] + [e for _, e in produces] + [e for _, e in layer_stores]
     replacements, reduced = sympy.cse(roots, symbols=sympy.numbered_symbols("tmp", real=True), optimizations=None)
     elementwise_names: set[str] = set()
@@ -712,6 +734,7 @@ def _build_pass(j, n_passes, stores, produces, leaves, slots, step_advance, laye
         layer_stores=reduced_layer,
         axis_loads=tuple(sorted((s.name, "row" if isinstance(s, RowStateSymbol) else "column") for s in free if isinstance(s, _ROW + _COL))),
         reduce_items=tuple(reduce_items),
+        early_items=early_items,
         axes_after=bool(reduce_items) or any(slots[k].scope in ("row", "col") for k, _ in produces),
     )
 

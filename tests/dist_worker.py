@@ -116,10 +116,10 @@ def worker(rank, world, backend, mode, out_path, port):
             except ValueError as exc:
                 messages["meshes"] = str(exc)
         # a reduce step that reads its own sum over rows the ranks split: refused before anything changes
-        spec = optgen.Spec("RowOfMean")
+        spec = optgen.Spec("RowOfLayer")
         w, g = spec.param, spec.grad
         r, s = spec.state("r", per="row", init=1.0), spec.state("s", per="row", init=1.0)
-        r1 = spec.update(r, 0.5 * r + 0.5 * optgen.row_mean(g**2))
+        r1 = spec.update(r, 0.5 * r + 0.5 * optgen.row_mean(g**2) / optgen.layer_sum(g**2))
         s1 = spec.update(s, r1 / optgen.col_mean(r1))
         spec.update(w, w - 0.1 * g / optgen.sqrt(s1 + 1))
         split = torch.nn.Parameter(distribute_tensor(torch.randn(5, 3), mesh, [Shard(0)]))

@@ -1,6 +1,6 @@
 """FSDP2 (DTensor) and DDP on gloo with 2 and 3 processes: sharded LAMB, LARS, NVLAMB, NovoGrad, Adafactor and CAME
 equal a single process on the same data (1e-5 relative), with one all-reduce of the partial table per pass
-boundary (the factored plans: one more after a reduce step that sums a new row state over split rows)."""
+boundary, the factored plans' column sums and sums over split rows riding it."""
 
 import os
 import subprocess
@@ -13,10 +13,10 @@ from conftest import BACKENDS
 
 WORKER = Path(__file__).with_name("dist_worker.py")
 # collectives per step: LAMB and LARS have one pass boundary; NVLAMB two (global pre-pass, then layer norms).
-# Adafactor: its vectors' plan one, its matrices' plan three (layer values and split column sums after pass 0,
-# then the column mean of the new row state; the RMS after pass 1). CAME: one and five (pass 0: column sums, then
-# the mean of the row state; pass 1: the RMS; pass 2: column sums, then the mean of the new residual row state).
-BOUNDARIES = {"LAMB": 1, "LARS": 1, "NVLAMB": 2, "RMSNormalizedSGD": 1, "NovoGrad": 1, "Adafactor": 1 + 3, "CAME": 1 + 5}
+# Adafactor: its vectors' plan one, its matrices' plan two (after pass 0: the layer values, the split column sums
+# and the column mean of the new row state, made before; after pass 1: the RMS). CAME: one and three (passes 0,
+# 1 and 2; after 0 and 2 the column sums and the row state's mean ride along).
+BOUNDARIES = {"LAMB": 1, "LARS": 1, "NVLAMB": 2, "RMSNormalizedSGD": 1, "NovoGrad": 1, "Adafactor": 1 + 2, "CAME": 1 + 3}
 STEPS = 3
 
 

@@ -479,22 +479,36 @@ def test_c_blocked_schedule_is_bitwise_the_plain_one(name, monkeypatch):
 
 
 def test_sums_over_split_rows_must_not_feed_their_own_reduce_step():
-    """Under FSDP2 a 2-D weight's rows are split over the ranks: a sum over its rows made at a reduce step is
-    partial until the all-reduce after the step's items, so no later item of that step may read it (Adafactor's
-    and CAME's column mean of the row factor is read by the next pass only)."""
+    """Under FSDP2 a 2-D weight's rows are split over the ranks: a sum over its rows is partial until an
+    all-reduce. Made by an early item (one that reads nothing partial), it rides the pass boundary's all-reduce
+    and later items may read it; made by a late item, it is all-reduced after the step's items, and no later
+    item of that step may read it (refused)."""
     from optgen.runtime.steps import late_matrix_reads
 
     for name in ("adafactor", "came", "layer_adaptive_adafactor"):
         assert late_matrix_reads(plan(lower(BUILTINS[name](), {"factored": True}))) is None, name
+    # a row state over its mean over the rows, in the same step: the mean is made early (it rides the pass
+    # boundary's all-reduce), the state reading it is late
     spec = Spec("RowOfMean")
     w, g = spec.param, spec.grad
     r = spec.state("r", per="row", init=1.0)
     s = spec.state("s", per="row", init=1.0)
     r1 = spec.update(r, 0.5 * r + 0.5 * row_mean(g**2))
-    s1 = spec.update(s, r1 / col_mean(r1))  # the new row state over its mean over the rows: in the same step
+    s1 = spec.update(s, r1 / col_mean(r1))
     spec.update(w, w - 0.1 * g / sqrt(s1 + 1))
     factored = plan(lower(spec, {}))
-    assert late_matrix_reads(factored) is not None
+    assert late_matrix_reads(factored) is None
+    (step,) = [p for p in factored.passes if p.reduce_items]
+    assert [key for _, key, _ in step.reduce_items][: step.early_items][0] == "r" and step.early_items == 2
+    # ... but a row state that reads a per-layer value of the same pass is late, and so its mean over the rows
+    spec = Spec("RowOfLayer")
+    w, g = spec.param, spec.grad
+    r = spec.state("r", per="row", init=1.0)
+    s = spec.state("s", per="row", init=1.0)
+    r1 = spec.update(r, 0.5 * r + 0.5 * row_mean(g**2) / layer_sum(g**2))
+    s1 = spec.update(s, r1 / col_mean(r1))
+    spec.update(w, w - 0.1 * g / sqrt(s1 + 1))
+    assert late_matrix_reads(plan(lower(spec, {}))) is not None
     assert late_matrix_reads(plan(lower(row_col_spec(), {}))) is None
 
 

@@ -157,7 +157,7 @@ def axes_args(plan: Plan, p: Pass) -> tuple[KernelArg, ...]:
         _table("_rowtot", "fp64", "[rows, row slots]: finished per-row values", writes=True),
         _table("_coltot", "fp64", "[column slots, columns]: finished per-column values", writes=True),
         _table("_mattot", "fp64", "[matrices, matrix slots]: finished per-matrix values", writes=True),
-        _int("_phases", "1: fold the partials; 2: the states and per-matrix sums; 3: both (sharded: an all-reduce between)"),
+        _int("_phases", "1: fold the partials, then the early items; 2: the late items; 3: all (sharded: the boundary's all-reduce between)"),
     ]
     args += [
         _table(f"_{name}_addr", "i64", f"[tensors]: data_ptr of each tensor's {name}", writes=False)

@@ -223,6 +223,12 @@ def _pass_context(plan: Plan, p: Pass, printer, scalar_printer, identity: dict) 
         "axes_layer_states": axes_layer_states(plan, p),
         "widths": {scope: max(1, len(columns[scope])) for scope in columns},
         "reduce_items": [_reduce_item_context(plan, kind, key, e, scalar_code) for kind, key, e in p.reduce_items],
+        "early_items": p.early_items,
+        # per-matrix sums of early items that late ones read (the torch reduce step passes them across its calls)
+        "early_sums_read_late": sorted(
+            {plan.slots[key].name for kind, key, _ in p.reduce_items[: p.early_items] if kind == "slot"}
+            & {s.name for _, _, e in p.reduce_items[p.early_items :] for s in e.free_symbols}
+        ),
         "reduce_step_args": reduce_step_args(plan, p),
         "device_scalars": list(p.device_scalars),
         "step_advance": scalar_code(p.step_advance),

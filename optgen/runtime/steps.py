@@ -433,11 +433,12 @@ class StepRunner:
 
 
 def late_matrix_reads(plan) -> str | None:
-    """The first per-matrix sum over rows that a later item of its own reduce step reads (such a sum is partial
-    when FSDP2 shards the rows: the step all-reduces it after its items), or None."""
+    """The first per-matrix sum over rows made by a late item of a reduce step (one that runs after the pass
+    boundary's all-reduce) that a later item of the same step reads (such a sum is partial when FSDP2 shards the
+    rows: the step all-reduces it after its items), or None."""
     for p in plan.passes:
         made = set()
-        for kind, key, expr in p.reduce_items:
+        for kind, key, expr in p.reduce_items[p.early_items :]:
             if made & {s.name for s in expr.free_symbols}:
                 return sorted(made & {s.name for s in expr.free_symbols})[0]
             if kind == "slot" and plan.slots[key].dim == -2:  # over the rows (of a per-row value)

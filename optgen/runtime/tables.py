@@ -399,7 +399,8 @@ def split_rows(t: ChunkTables, plan) -> bool:
 
 def boundary_all_reduce(t: ChunkTables, plan, p, reducer) -> None:
     """Sharded: the one all-reduce after pass ``p`` of its ``[tensors, slots]`` table and, in the same collective,
-    the column sums of the parameters whose rows are split (folded by the reduce step's first phase)."""
+    for the parameters whose rows are split, their column sums and the sums over rows that the reduce step's
+    early items made (its first phase: the folds, then those items)."""
     extra = []
     if plan.ir.factored:
         columns = axis_columns(plan, "col")
@@ -407,17 +408,23 @@ def boundary_all_reduce(t: ChunkTables, plan, p, reducer) -> None:
         for k, _ in p.produces:
             if plan.slots[k].scope == "col":
                 extra += [t.factored["_coltot"][columns[k], t.col_base[i] : t.col_base[i] + n] for i, n in width.items()]
+        extra += _sums_over_split_rows(t, plan, p.reduce_items[: p.early_items])
     if p.reduce_after or p.fold_after or extra:
         reducer(t.layer[p.index], [plan.slots[k].op for k, _ in p.produces], extra=extra)
 
 
 def matrix_all_reduce(t: ChunkTables, plan, p, reducer) -> None:
-    """Sharded: the sums over the rows that the reduce step after ``p`` made (a column mean of a per-row state),
-    partial for the parameters whose rows are split: one more all-reduce, after the step's items."""
+    """Sharded: the sums over rows that the late items of the reduce step after ``p`` made, partial for the
+    parameters whose rows are split: one more all-reduce after them (none in the built-ins)."""
+    reducer.sum_(_sums_over_split_rows(t, plan, p.reduce_items[p.early_items :]))
+
+
+def _sums_over_split_rows(t: ChunkTables, plan, items) -> list:
+    """The ``_mattot`` entries of ``items``' sums over rows (a column mean of a per-row state) for the parameters
+    whose rows are split."""
     columns = axis_columns(plan, "matrix")
-    over_rows = [columns[key] for kind, key, _ in p.reduce_items if kind == "slot" and plan.slots[key].dim == -2]
-    entries = [t.factored["_mattot"][t.mat_base[i], c : c + 1] for c in over_rows for i, split in enumerate(t.rows_split) if split]
-    reducer.sum_(entries)
+    over_rows = [columns[key] for kind, key, _ in items if kind == "slot" and plan.slots[key].dim == -2]
+    return [t.factored["_mattot"][t.mat_base[i], c : c + 1] for c in over_rows for i, split in enumerate(t.rows_split) if split]
 
 
 def reduce_launches(t: ChunkTables, p, sharded: bool) -> tuple[list, list]:

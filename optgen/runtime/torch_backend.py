@@ -81,30 +81,51 @@ class TorchBackend:
             results = []
             for (buffers, dtype, t, hypers), reds in zip(contexts, finished):
                 results.append(self._eager_pass(p, fn, buffers, dtype, t, hypers, device_scalars, reds))
+            # Split rows: the early items run before the pass boundary's all-reduce and their sums over rows ride
+            # it; the late items after it, their sums over rows in one more all-reduce (none in the built-ins).
+            phased = any(split) and bool(p.reduce_items)
+            made = [{} for _ in items]
+            extra = self._axis_values(p, results, finished, split)  # split parameters' column sums: partial
+            if phased:
+                for (buffers, _, t, hypers), reds, done in zip(contexts, finished, made):
+                    self._reduce_step(p, buffers, t, hypers, device_scalars, reds, 1, done)
+                extra += self._over_rows(p, finished, split, early=True)
             if p.produces:
-                self._finish(p, results, finished, reducer, split)
+                self._finish(p, results, finished, reducer, extra)
             if p.reduce_items:
-                for (buffers, _, t, hypers), reds in zip(contexts, finished):
-                    self._reduce_step(p, buffers, t, hypers, device_scalars, reds)
-                over_rows = [plan.slots[key].name for kind, key, _ in p.reduce_items if kind == "slot" and plan.slots[key].dim == -2]
-                if any(split) and over_rows:  # after the items (none of them reads these: steps.late_matrix_reads)
-                    reducer.sum_([reds[name] for name in over_rows for reds, s in zip(finished, split) if s])
+                for (buffers, _, t, hypers), reds, done in zip(contexts, finished, made):
+                    self._reduce_step(p, buffers, t, hypers, device_scalars, reds, 2 if phased else 3, done)
+                if phased:
+                    reducer.sum_(self._over_rows(p, finished, split, early=False))
 
-    def _finish(self, p, results, finished, reducer, split) -> None:
-        """The pass's partials as finished values: per-row/column sums are each parameter's own; per-layer and
-        global values go through the [tensors, slots] table (sharded, one all-reduce makes every value exact,
-        the column sums of parameters whose rows are split in the same collective)."""
+    def _over_rows(self, p, finished, split, early: bool) -> list:
+        """The sums over rows that the early (late) items of the reduce step after ``p`` made for the parameters
+        whose rows are split: partial on each rank."""
         plan = self.plan
-        whole = [(col, plan.slots[k]) for col, (k, _) in enumerate(p.produces) if plan.slots[k].scope in ("layer", "global")]
+        items = p.reduce_items[: p.early_items] if early else p.reduce_items[p.early_items :]
+        names = [plan.slots[key].name for kind, key, _ in items if kind == "slot" and plan.slots[key].dim == -2]
+        return [reds[name] for name in names for reds, s in zip(finished, split) if s]
+
+    def _axis_values(self, p, results, finished, split) -> list:
+        """The pass's per-row/column sums, each parameter's own; those of column sums of parameters whose rows
+        are split are partial: returned, to be summed over the ranks in place."""
+        plan = self.plan
         extra = []
         for col, (k, _) in enumerate(p.produces):
             if plan.slots[k].scope in ("row", "col"):
                 for reds, r, s in zip(finished, results, split):
                     value = r[col]
                     if s and plan.slots[k].scope == "col":
-                        value = value.to(torch.float64)  # summed over the ranks in place
+                        value = value.to(torch.float64, copy=True)
                         extra.append(value)
                     reds[plan.slots[k].name] = value
+        return extra
+
+    def _finish(self, p, results, finished, reducer, extra) -> None:
+        """The pass's per-layer and global values, through the [tensors, slots] table (sharded, one all-reduce
+        makes every value exact; the ``extra`` partial sums of parameters whose rows are split ride it)."""
+        plan = self.plan
+        whole = [(col, plan.slots[k]) for col, (k, _) in enumerate(p.produces) if plan.slots[k].scope in ("layer", "global")]
         if not whole and not extra:
             return
         table = torch.stack([torch.stack([r[col].to(torch.float64) for col, _ in whole]) for r in results]) if whole else None
@@ -124,15 +145,15 @@ class TorchBackend:
             for reds, value in zip(finished, values):
                 reds[slot.name] = value  # fp64, like the per-step scalars it feeds
 
-    def _reduce_step(self, p, buffers, t, hypers, device_scalars, reds) -> None:
-        """The reduce step after pass ``p`` for one parameter: its per-row/column states, its per-matrix sums."""
+    def _reduce_step(self, p, buffers, t, hypers, device_scalars, reds, phases: int, made: dict) -> None:
+        """The reduce step after pass ``p`` for one parameter: its per-row/column states, its per-matrix sums
+        (``phases``: 1 the early items, 2 the late ones, 3 all; ``made``: the sums made by an earlier call)."""
         plan = self.plan
         scalars = {"t": t, **hypers, **{d: v.reshape(()) for d, v in device_scalars.items()}, **reds}
         scalars.update({name: buffers[f"layer_{name}"].to(torch.float64) for name in plan.ir.layer_state_names})
-        kwargs = {a: buffers[a[1:]] if a.startswith("_") else scalars[a] for a in reduce_step_args(plan, p)}
-        values = self.module.REDUCES[p.index](**kwargs)
-        for (_, key, _), value in zip((item for item in p.reduce_items if item[0] == "slot"), values):
-            reds[plan.slots[key].name] = value
+        # (a value the pass boundary finishes is not there yet for the early items, which do not read it)
+        kwargs = {a: buffers[a[1:]] if a.startswith("_") else scalars.get(a) for a in reduce_step_args(plan, p)}
+        reds.update(self.module.REDUCES[p.index](**kwargs, _phases=phases, _made=made))
 
     def _eager_pass(self, p, fn, buffers, dtype, t, hypers, device_scalars, reds):
         """One pass over one parameter (a zero-size one too: its reductions are their identities, and its
