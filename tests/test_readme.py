@@ -91,3 +91,39 @@ def test_gitignore_covers_the_demo_output(monkeypatch):
     assert cli.main(["demo"]) == 0
     ignored = (README.parent / ".gitignore").read_text().split()
     assert f"{seen['out']}/" in ignored or f"/{seen['out']}/" in ignored, seen
+
+
+# the README's table of the built-ins' plans, by row: the built-in and its shape flag's values (matrices / vectors)
+PLAN_ROWS = {
+    "Adam, AdamW": [("adamw", {})],
+    "LARS": [("lars", {})],
+    "LAMB": [("lamb", {})],
+    "NVLAMB": [("nvlamb", {})],
+    "LARSOptax": [("lars_optax", {})],
+    "NovoGrad": [("novograd", {})],
+    "Lion": [("lion", {})],
+    "LayerAdaptiveLion": [("layer_adaptive_lion", {})],
+    "AdaBelief": [("adabelief", {})],
+    "Adafactor (matrices / vectors)": [("adafactor", {"factored": True}), ("adafactor", {"factored": False})],
+    "CAME (matrices / vectors)": [("came", {"factored": True}), ("came", {"factored": False})],
+}
+
+
+def test_readme_plan_table_is_the_planners():
+    """Passes, launches per step and bytes per parameter in the README's table are the planner's figures."""
+    from optgen.analysis import plan
+    from optgen.ir import lower
+    from optgen.specs import BUILTINS
+
+    text = README.read_text()
+    table = text[text.index("## Plans of the built-ins") :].split("\n\n")[1]
+    rows = {}
+    for line in table.splitlines()[2:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        numbers = [[int(n) for n in re.findall(r"\d+", cell.split("(")[0])] for cell in cells[1:4]]
+        rows[cells[0]] = numbers
+    assert set(PLAN_ROWS) <= set(rows), set(PLAN_ROWS) - set(rows)
+    for name, variants in PLAN_ROWS.items():
+        plans = [plan(lower(BUILTINS[key](), flags)) for key, flags in variants]
+        expected = [[len(p.passes) for p in plans], [p.launches_per_step for p in plans], [p.bytes_per_param for p in plans]]
+        assert rows[name] == expected, (name, rows[name], expected)
