@@ -157,6 +157,16 @@ class Pass:
     shape_reads: tuple[str, ...] = ()  # n_cols / n_rows: the parameter's row and column lengths
 
     @property
+    def early_reduce_items(self) -> tuple:
+        """The reduce step's items that run before the pass boundary's all-reduce (under FSDP2)."""
+        return self.reduce_items[: self.early_items]
+
+    @property
+    def late_reduce_items(self) -> tuple:
+        """The reduce step's items that run after it."""
+        return self.reduce_items[self.early_items :]
+
+    @property
     def bytes_per_param(self) -> int:
         return FP32_BYTES * (len(self.loads) + len(self.stores))
 
@@ -475,7 +485,7 @@ def _reduce_items(ir: IR, slots, axis_defs: dict, axis_step: dict) -> dict[int, 
         # column sums, per-layer or global values, this step's sums over rows), or must follow a late item. The
         # others (row states, their sums over rows) come first: under FSDP2 they run before that all-reduce and
         # their sums ride it.
-        over_rows = {key for kind, key, _ in items if kind == "slot" and slots[key].dim == -2}  # partial until it too
+        over_rows = set(sums_over_rows(slots, items))  # partial until it too
         partial = {k for k, slot in enumerate(slots) if slot.stage == step and slot.scope in ("col", "layer", "global")} | over_rows
         late = {
             (kind, key)
@@ -523,6 +533,12 @@ def _reduce_items(ir: IR, slots, axis_defs: dict, axis_step: dict) -> dict[int, 
             fixed.append((kind, key, expr.xreplace(subs) if subs else expr))
         out[step] = (tuple(fixed), early_counts[step])
     return out
+
+
+def sums_over_rows(slots, items) -> list[int]:
+    """The slots of the reduce-step ``items`` that sum a per-row value over the rows of a matrix (a column mean
+    of a row state): partial on each rank when FSDP2 splits the rows."""
+    return [key for kind, key, _ in items if kind == "slot" and slots[key].dim == -2]
 
 
 def _axis_reads(ir: IR, expr, step: int, axis_step: dict, reader: str, targets) -> dict:

@@ -440,37 +440,14 @@ def analyze_ptx(ptx: str, name: str, runtime_args: list[str]) -> dict:
         data = [i for i in accesses if element(i)]
         # a factored plan's tiles: elements at row * C + column, from the int64 geometry tables
         origins = FACTORED_ORIGINS if "_chunk_row" in runtime_args else {"_chunk_start"}
+        wide = lambda i: _rooted_wide(flow, instrs, i, origins)  # noqa: E731
     elif "_rowtot" in runtime_args:  # a factored plan's reduce step: per-row/column states, by a loop index
         data = [i for i in accesses if element(i)]
-        states = {
-            "global_loads": forms(accesses, "ld.global"), "global_stores": forms(accesses, "st.global"),
-            "element_loads": {}, "element_stores": {}, "vectorized": False,
-            "int64_addressing": all(_wide_index(flow, instrs, i) for i in data) if data else None,
-        }  # fmt: skip
-        return states
+        wide = lambda i: _wide_index(flow, instrs, i)  # noqa: E731
     else:
         data = [i for i in accesses if instrs[i].opcode.startswith("ld.global") and "_partials" in flow.params_of_load(i)]
-        origins = {"_first_chunk"}
-    int64 = None
-    if data:
-        int64 = True
-        for i in data:
-            backward = flow.slice(instrs[i].address)
-            roots = {
-                j
-                for j in backward
-                if instrs[j].opcode.startswith("ld.global")
-                and instrs[j].opcode.endswith(("b64", "u64", "s64"))
-                and origins & set(flow.params_of_load(j))
-                and set(flow.params_of_load(j)) <= origins
-            }
-            if not roots:
-                int64 = False
-                break
-            path = flow.forward(roots, backward)
-            if any(_narrows(instrs[j]) for j in path):
-                int64 = False
-                break
+        wide = lambda i: _rooted_wide(flow, instrs, i, {"_first_chunk"})  # noqa: E731
+    int64 = all(wide(i) for i in data) if data else None
 
     element_loads = forms(data, "ld.global") if is_pass else {}
     return {
@@ -484,6 +461,21 @@ def analyze_ptx(ptx: str, name: str, runtime_args: list[str]) -> dict:
 
 
 FACTORED_ORIGINS = {"_chunk_row", "_chunk_col", "_chunk_mat", "_cols"}
+
+
+def _rooted_wide(flow, instrs, i: int, origins: set) -> bool:
+    """Access ``i``'s address is rooted in a 64-bit load of the ``origins`` index tables and nothing on the way
+    from that load to the address narrows an integer."""
+    backward = flow.slice(instrs[i].address)
+    roots = {
+        j
+        for j in backward
+        if instrs[j].opcode.startswith("ld.global")
+        and instrs[j].opcode.endswith(("b64", "u64", "s64"))
+        and origins & set(flow.params_of_load(j))
+        and set(flow.params_of_load(j)) <= origins
+    }
+    return bool(roots) and not any(_narrows(instrs[j]) for j in flow.forward(roots, backward))
 
 
 def _wide_index(flow, instrs, i: int) -> bool:

@@ -226,8 +226,8 @@ def _pass_context(plan: Plan, p: Pass, printer, scalar_printer, identity: dict) 
         "early_items": p.early_items,
         # per-matrix sums of early items that late ones read (the torch reduce step passes them across its calls)
         "early_sums_read_late": sorted(
-            {plan.slots[key].name for kind, key, _ in p.reduce_items[: p.early_items] if kind == "slot"}
-            & {s.name for _, _, e in p.reduce_items[p.early_items :] for s in e.free_symbols}
+            {plan.slots[key].name for kind, key, _ in p.early_reduce_items if kind == "slot"}
+            & {s.name for _, _, e in p.late_reduce_items for s in e.free_symbols}
         ),
         "reduce_step_args": reduce_step_args(plan, p),
         "device_scalars": list(p.device_scalars),

@@ -30,6 +30,7 @@ from .tables import (
     axes_values,
     boundary_all_reduce,
     matrix_all_reduce,
+    over_partitions,
     pass_values,
     reduce_launches,
     segment_reduce_values,
@@ -170,7 +171,7 @@ class CBackend:
         device_scalars = device_scalars or {}
         staged_items, staged = self._staging.contiguous(items)
         tables = self._tables_for(staged_items, scratch_of)
-        if self._mixed_factored(tables):
+        if over_partitions(tables, self.plan):
             self._eager().step(items, scratch_of, device_scalars, reducer)
             return
         try:
@@ -187,7 +188,7 @@ class CBackend:
     def prepare_fast(self, group_of: list[int], rows: list[tuple]) -> bool:
         """After a step: the optimizer's layout is stable; later steps may come through ``fast_step``."""
         t = self._tables
-        if t is None or self._fallback is not None or self._staging.staged or self._mixed_factored(t):
+        if t is None or self._fallback is not None or self._staging.staged or over_partitions(t, self.plan):
             return False
         t.use_group_rows(group_of, rows)
         return True
@@ -204,11 +205,6 @@ class CBackend:
         t.sync_scalars()
         self._run(t, self._kernels_for(t), {}, None)
         self.fast_steps += 1
-
-    def _mixed_factored(self, t: ChunkTables) -> bool:
-        """A factored plan over several storage-dtype partitions: its reduce step (one program per tensor, the
-        states' dtypes compiled in) takes one partition; such steps run the eager torch passes (same tables)."""
-        return self.plan.ir.factored and len(t.partitions) > 1
 
     def _eager(self):
         """The eager torch backend of this plan (no compiler; a factored plan over several partitions)."""

@@ -153,16 +153,13 @@ def rows_split(param) -> bool:
     return is_sharded(param) and param.dim() == 2
 
 
-def factored_state(param, local_value: torch.Tensor, per: str):
-    """A per-row/column state of the DTensor ``param`` from its local value: sharded like the parameter, but a
-    column state of a parameter whose rows are split, which every rank holds whole (``Replicate``)."""
+def factored_state(param, local_value: torch.Tensor, per: str, shape: tuple):
+    """A per-row/column state of the DTensor ``param``, of global ``shape``, from its local value: sharded like
+    the parameter, but a column state of a parameter whose rows are split, which every rank holds whole
+    (``Replicate``)."""
     placements = list(param.placements)
     if per == "column" and rows_split(param):
         placements = [Replicate() if isinstance(p, Shard) else p for p in placements]
-    shape = list(param.shape)
-    shape[-1 if per == "row" else -2] = 1
-    if local_value.dim() < param.dim():  # the reduced dimension dropped (keepdim=False)
-        del shape[-1 if per == "row" else -2]
     stride = torch.empty(shape, device="meta").stride()
     return DTensor.from_local(local_value, param.device_mesh, placements, run_check=False, shape=torch.Size(shape), stride=stride)
 

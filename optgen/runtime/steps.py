@@ -22,6 +22,7 @@ import torch
 
 from .. import transforms
 from ..analysis import plan as make_plan
+from ..analysis import sums_over_rows
 from ..codegen.render import load_module, source_hash
 from ..ir import lower
 from . import backends, distributed
@@ -142,7 +143,7 @@ class StepRunner:
                     # made from the local shard, then a DTensor: whole-row states sharded like the parameter
                     local = distributed.local(real)
                     value = module.initial_state(decl.name, local, local, hypers, dtype)
-                    state[decl.name] = distributed.factored_state(param, value, decl.per)
+                    state[decl.name] = distributed.factored_state(param, value, decl.per, state_shape(decl.per, param.shape, decl.keepdim))
                 else:
                     state[decl.name] = module.initial_state(decl.name, param, real, hypers, dtype)
         return state
@@ -438,11 +439,11 @@ def late_matrix_reads(plan) -> str | None:
     rows: the step all-reduces it after its items), or None."""
     for p in plan.passes:
         made = set()
-        for kind, key, expr in p.reduce_items[p.early_items :]:
-            if made & {s.name for s in expr.free_symbols}:
-                return sorted(made & {s.name for s in expr.free_symbols})[0]
-            if kind == "slot" and plan.slots[key].dim == -2:  # over the rows (of a per-row value)
-                made.add(plan.slots[key].name)
+        for item in p.late_reduce_items:
+            read = made & {s.name for s in item[2].free_symbols}
+            if read:
+                return sorted(read)[0]
+            made |= {plan.slots[k].name for k in sums_over_rows(plan.slots, [item])}
     return None
 
 

@@ -24,6 +24,7 @@ from collections.abc import Callable
 
 import torch
 
+from ..analysis import sums_over_rows
 from ..codegen.abi import axis_columns, producer_of
 
 # a factored plan's per-chunk tables (the rest of ChunkTables.factored is per tensor or plan-wide): the chunk's
@@ -377,7 +378,7 @@ def pass_values(t: ChunkTables, plan, p, offset: int, count: int, device_scalars
 
 def axes_values(t: ChunkTables, plan, p, device_scalars: dict, phases: int = 3) -> dict:
     """The arguments of the per-row/column reduce step after pass ``p`` (``abi.axes_args``), by ABI name: the
-    whole tables (one program per tensor); ``phases``: 1 the folds, 2 the items, 3 both."""
+    whole tables (one program per tensor); ``phases``: 1 the folds and the early items, 2 the late items, 3 all."""
     values = {"_first_chunk": t.first_chunk, "_n_chunks": t.n_chunks_of, "_group": t.group, "_hyper": t.hyper, "_step": t.step,
               "_phases": phases}  # fmt: skip
     values.update(t.factored)
@@ -390,6 +391,13 @@ def axes_values(t: ChunkTables, plan, p, device_scalars: dict, phases: int = 3) 
     for name in plan.ir.layer_state_names:
         values[f"_layer_{name}"] = t.scalars[name]
     return values
+
+
+def over_partitions(t: ChunkTables, plan) -> bool:
+    """A factored plan over several storage-dtype partitions: its reduce step (one program per tensor, the
+    states' dtypes compiled in) takes one partition, so the kernel backends hand such steps to the eager
+    passes."""
+    return plan.ir.factored and len(t.partitions) > 1
 
 
 def split_rows(t: ChunkTables, plan) -> bool:
@@ -408,7 +416,7 @@ def boundary_all_reduce(t: ChunkTables, plan, p, reducer) -> None:
         for k, _ in p.produces:
             if plan.slots[k].scope == "col":
                 extra += [t.factored["_coltot"][columns[k], t.col_base[i] : t.col_base[i] + n] for i, n in width.items()]
-        extra += _sums_over_split_rows(t, plan, p.reduce_items[: p.early_items])
+        extra += _sums_over_split_rows(t, plan, p.early_reduce_items)
     if p.reduce_after or p.fold_after or extra:
         reducer(t.layer[p.index], [plan.slots[k].op for k, _ in p.produces], extra=extra)
 
@@ -416,14 +424,14 @@ def boundary_all_reduce(t: ChunkTables, plan, p, reducer) -> None:
 def matrix_all_reduce(t: ChunkTables, plan, p, reducer) -> None:
     """Sharded: the sums over rows that the late items of the reduce step after ``p`` made, partial for the
     parameters whose rows are split: one more all-reduce after them (none in the built-ins)."""
-    reducer.sum_(_sums_over_split_rows(t, plan, p.reduce_items[p.early_items :]))
+    reducer.sum_(_sums_over_split_rows(t, plan, p.late_reduce_items))
 
 
 def _sums_over_split_rows(t: ChunkTables, plan, items) -> list:
     """The ``_mattot`` entries of ``items``' sums over rows (a column mean of a per-row state) for the parameters
     whose rows are split."""
     columns = axis_columns(plan, "matrix")
-    over_rows = [columns[key] for kind, key, _ in items if kind == "slot" and plan.slots[key].dim == -2]
+    over_rows = [columns[key] for key in sums_over_rows(plan.slots, items)]
     return [t.factored["_mattot"][t.mat_base[i], c : c + 1] for c in over_rows for i, split in enumerate(t.rows_split) if split]
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from ..analysis import sums_over_rows
 from ..codegen.abi import eager_pass_buffers, layer_state_args
 from ..codegen.render import load_module, reduce_step_args
 from .steps import state_shape
@@ -101,9 +102,8 @@ class TorchBackend:
     def _over_rows(self, p, finished, split, early: bool) -> list:
         """The sums over rows that the early (late) items of the reduce step after ``p`` made for the parameters
         whose rows are split: partial on each rank."""
-        plan = self.plan
-        items = p.reduce_items[: p.early_items] if early else p.reduce_items[p.early_items :]
-        names = [plan.slots[key].name for kind, key, _ in items if kind == "slot" and plan.slots[key].dim == -2]
+        slots = self.plan.slots
+        names = [slots[k].name for k in sums_over_rows(slots, p.early_reduce_items if early else p.late_reduce_items)]
         return [reds[name] for name in names for reds, s in zip(finished, split) if s]
 
     def _axis_values(self, p, results, finished, split) -> list:
@@ -126,15 +126,13 @@ class TorchBackend:
         makes every value exact; the ``extra`` partial sums of parameters whose rows are split ride it)."""
         plan = self.plan
         whole = [(col, plan.slots[k]) for col, (k, _) in enumerate(p.produces) if plan.slots[k].scope in ("layer", "global")]
-        if not whole and not extra:
-            return
-        table = torch.stack([torch.stack([r[col].to(torch.float64) for col, _ in whole]) for r in results]) if whole else None
-        if reducer is not None:
-            if table is None:
-                table = torch.zeros(len(results), 0, dtype=torch.float64, device=extra[0].device)
-            reducer(table, [slot.op for _, slot in whole], extra=extra)
         if not whole:
+            if reducer is not None and extra:  # the split column sums' collective, with an empty table
+                reducer(torch.zeros(len(results), 0, dtype=torch.float64, device=extra[0].device), [], extra=extra)
             return
+        table = torch.stack([torch.stack([r[col].to(torch.float64) for col, _ in whole]) for r in results])
+        if reducer is not None:
+            reducer(table, [slot.op for _, slot in whole], extra=extra)
         for i, (_, slot) in enumerate(whole):
             column = table[:, i]
             if slot.scope == "layer":

@@ -26,6 +26,7 @@ from .tables import (
     axes_values,
     boundary_all_reduce,
     matrix_all_reduce,
+    over_partitions,
     pass_values,
     reduce_launches,
     split_rows,
@@ -133,8 +134,7 @@ class TritonBackend:
         staged_items, staged = self._staging.contiguous(items)
         device_scalars = device_scalars or {}
         t = self._tables_for(staged_items, scratch_of, device_scalars)
-        if self.plan.ir.factored and len(t.partitions) > 1:
-            # the reduce step (one program per tensor, the states' dtypes compiled in) takes one partition
+        if over_partitions(t, self.plan):
             self._eager().step(items, scratch_of, device_scalars, reducer)
             return
         cfg = self.config
