@@ -55,6 +55,8 @@ AdaBelief = build(BUILTINS["adabelief"]())
 Adafactor = build(BUILTINS["adafactor"]())
 LayerAdaptiveAdafactor = build(BUILTINS["layer_adaptive_adafactor"]())
 CAME = build(BUILTINS["came"]())
+AdamW8bit = build(BUILTINS["adamw8bit"]())
+LAMB8bit = build(BUILTINS["lamb8bit"]())
 
 __all__ = [
     "Spec",
@@ -102,5 +104,7 @@ __all__ = [
     "Adafactor",
     "LayerAdaptiveAdafactor",
     "CAME",
+    "AdamW8bit",
+    "LAMB8bit",
     "BUILTINS",
 ]

@@ -23,10 +23,12 @@ The plan is the one place that knows the pass structure; printers and templates 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from fractions import Fraction
 
 import sympy
 from sympy.core.sorting import default_sort_key
 
+from . import quantization
 from .ir import IR
 from .spec import (
     PARAM,
@@ -155,6 +157,7 @@ class Pass:
     early_items: int = 0
     axes_after: bool = False  # a reduce step folds per-row/column partials or computes reduce_items
     shape_reads: tuple[str, ...] = ()  # n_cols / n_rows: the parameter's row and column lengths
+    traffic: Fraction = Fraction(0)  # element-wise bytes moved per parameter (8-bit states cost 1 + 4/256)
 
     @property
     def early_reduce_items(self) -> tuple:
@@ -167,8 +170,8 @@ class Pass:
         return self.reduce_items[self.early_items :]
 
     @property
-    def bytes_per_param(self) -> int:
-        return FP32_BYTES * (len(self.loads) + len(self.stores))
+    def bytes_per_param(self) -> int | float:
+        return as_number(self.traffic)
 
 
 @dataclass(frozen=True)
@@ -178,18 +181,22 @@ class Plan:
     passes: tuple[Pass, ...]
     scratch: tuple[str, ...]
     notes: tuple[str, ...] = field(default=())
+    # 8-bit buffers and their maps: the IR's 8-bit states, and then the scratch buffers (optgen.quantization)
+    quantized: tuple[tuple[str, str], ...] = ()
 
     @property
-    def bytes_per_param(self) -> int:
-        """HBM bytes moved per fp32 parameter per step (element-wise traffic; tables are negligible)."""
-        return sum(p.bytes_per_param for p in self.passes)
+    def bytes_per_param(self) -> int | float:
+        """HBM bytes moved per fp32 parameter per step (element-wise traffic; tables are negligible; an 8-bit
+        state's scales count, 4 bytes per 256 elements)."""
+        return as_number(sum((p.traffic for p in self.passes), Fraction(0)))
 
     @property
-    def state_bytes_per_param(self) -> int:
-        """Memory an fp32 parameter costs the optimizer between steps (fp32 element-wise states and scratch
-        buffers; the step count, per-layer states and tables are negligible), not traffic. Adam 8, AMSGrad 12,
-        SGD 4, NovoGrad 4, master weights +4."""
-        return FP32_BYTES * (len(self.ir.element_state_names) + len(self.scratch))
+    def state_bytes_per_param(self) -> int | float:
+        """Memory an fp32 parameter costs the optimizer between steps (element-wise states and scratch buffers;
+        the step count, per-layer states and tables are negligible), not traffic. Adam 8, AMSGrad 12, SGD 4,
+        NovoGrad 4, master weights +4; an 8-bit state 1 + 4/256 (Adam's two moments 2.03)."""
+        weigh = buffer_bytes(self.ir)
+        return as_number(sum((weigh(name) for name in (*self.ir.element_state_names, *self.scratch)), Fraction(0)))
 
     @property
     def launches_per_step(self) -> int:
@@ -213,7 +220,8 @@ class Plan:
         ]
         states = ", ".join((*self.ir.element_state_names, *self.scratch)) or "none"
         coarse = "".join(f"; {s.name} per {s.per}" for s in self.ir.states if s.per != "element")
-        lines.append(f"  state: {states}{coarse} -> {self.state_bytes_per_param} B/param (fp32)")
+        quantized = "".join(f"; {name} in 8 bits ({kind} map)" for name, kind in self.quantized)
+        lines.append(f"  state: {states}{coarse}{quantized} -> {self.state_bytes_per_param} B/param (fp32)")
         for slot in self.slots:
             where = f"at the reduce step after pass {slot.stage}" if slot.reduce_time else f"computed in pass {slot.stage}"
             lines.append(f"  {slot.name} = {slot.scope} {slot.op} of {slot.arg}  [{where}]")
@@ -388,13 +396,46 @@ def _layout(defs, slots_raw, earliest: dict[int, int], layer_defs=(), axis_defs=
     return slots, write, n_passes, axis_step
 
 
-def _cost(defs, slots, write, n_passes, scratch) -> tuple[int, int]:
+def as_number(bytes_: Fraction) -> int | float:
+    """A byte count as printed: an integer when it is one."""
+    return int(bytes_) if bytes_.denominator == 1 else float(bytes_)
+
+
+def buffer_bytes(ir: IR):
+    """Bytes per element of each buffer: 4 (fp32), an 8-bit state's code and its share of its block's scale
+    (with 8-bit states, scratch buffers are 8-bit too)."""
+    quantized = {name for name, _ in ir.quantized}
+    eight_bit = Fraction(quantization.STATE_BYTES)
+
+    def weigh(buffer: str) -> Fraction:
+        return eight_bit if buffer in quantized or (quantized and buffer.startswith("scratch_")) else Fraction(FP32_BYTES)
+
+    return weigh
+
+
+def _traffic(weigh, leaves, store_buffers) -> Fraction:
+    return sum((weigh(_buffer_of(s)) for s in leaves), Fraction(0)) + sum((weigh(b) for b in store_buffers), Fraction(0))
+
+
+# A later pass must not re-read an 8-bit state's new value: its codes have lost what the pass that computed it
+# used (an element whose second moment rounds to 0 beside a first moment that does not would step by m/eps;
+# LAMB's trust ratio would be the norm of another update than the one applied). The planner prices such a load
+# out of reach, so what the later pass needs of it is stored as an fp32 scratch value, as exact as in one pass.
+_UNREADABLE = Fraction(10**6)
+
+
+def _planning_cost(weigh, quantized, leaves, store_buffers) -> Fraction:
+    rereads = sum(1 for s in leaves if isinstance(s, NewStateSymbol) and _buffer_of(s) in quantized)
+    return _traffic(weigh, leaves, store_buffers) + _UNREADABLE * rereads
+
+
+def _cost(defs, slots, write, n_passes, scratch, weigh, quantized) -> tuple[Fraction, int]:
     """(element-wise bytes per fp32 parameter, launches) of a layout."""
-    total, launches = 0, n_passes
+    total, launches = Fraction(0), n_passes
     for j in range(n_passes):
         roots, produces, _, leaves = _program(j, defs, slots, write, scratch)
-        stores = len(roots) + sum(1 for _, i in scratch.values() if i == j)
-        total += FP32_BYTES * (len(leaves) + stores)
+        stores = [_store_buffer(t) for t, _ in roots] + [sym.name for sym, i in scratch.values() if i == j]
+        total += _planning_cost(weigh, quantized, leaves, stores)
         launches += any(slots[k].scope == "layer" for k, _ in produces) + any(slots[k].scope in ("row", "col") for k, _ in produces)
     return total, launches
 
@@ -414,7 +455,8 @@ def plan(ir: IR) -> Plan:
     # ||w|| alongside the moments, not in a pre-pass of its own, saves reading w twice.
     earliest: dict[int, int] = {}
     slots, write, n_passes, axis_step = _layout(defs, slots_raw, earliest, layer_exprs, axis_defs)
-    best_cost = _cost(defs, slots, write, n_passes, {})
+    weigh, quantized = buffer_bytes(ir), {name for name, _ in ir.quantized}
+    best_cost = _cost(defs, slots, write, n_passes, {}, weigh, quantized)
     for k in range(len(slots_raw)):
         if slots[k].reduce_time:
             continue
@@ -423,7 +465,7 @@ def plan(ir: IR) -> Plan:
             t_slots, t_write, t_passes, t_steps = _layout(defs, slots_raw, trial, layer_exprs, axis_defs)
             if t_passes != n_passes:
                 break
-            cost = _cost(defs, t_slots, t_write, t_passes, {})
+            cost = _cost(defs, t_slots, t_write, t_passes, {}, weigh, quantized)
             if cost < best_cost:
                 earliest, best_cost = trial, cost
                 slots, write, axis_step = t_slots, t_write, t_steps
@@ -434,13 +476,17 @@ def plan(ir: IR) -> Plan:
     for j in range(1, n_passes):
         for i in range(j):
             while True:
-                best = _best_scratch(i, j, defs, slots, write, scratch)
+                best = _best_scratch(i, j, defs, slots, write, scratch, weigh, quantized)
                 if best is None:
                     break
                 expr, saving = best
                 symbol = ScratchSymbol(f"scratch_{len(scratch)}")
                 scratch[expr] = (symbol, i)
-                notes.append(f"{symbol} = {expr} is stored by pass {i} for pass {j} (saves {saving} B/param)")
+                if saving >= _UNREADABLE:
+                    what = f"pass {j} would otherwise re-read 8-bit states' new values"
+                else:
+                    what = f"saves {saving} B/param"
+                notes.append(f"{symbol} = {expr} is stored by pass {i} for pass {j} ({what})")
 
     reduce_items = _reduce_items(ir, slots, axis_defs, axis_step)
     passes = []
@@ -452,11 +498,12 @@ def plan(ir: IR) -> Plan:
         stores, produces = _read_axis_states(ir, j, stores, produces, axis_step)
         layer_stores = list(layer_defs.items()) if j == n_passes - 1 else []
         passes.append(
-            _build_pass(j, n_passes, stores, produces, leaves, slots, ir.step_advance, layer_stores, *reduce_items.get(j, ((), 0)))
+            _build_pass(j, n_passes, stores, produces, leaves, slots, ir.step_advance, layer_stores, weigh, *reduce_items.get(j, ((), 0)))
         )
-    return Plan(
-        ir=ir, slots=slots, passes=tuple(passes), scratch=tuple(s.name for s, _ in scratch.values()), notes=tuple(notes)
-    )
+    scratch_names = tuple(s.name for s, _ in scratch.values())
+    # with 8-bit states, the values stored for a later pass are 8-bit too (signed map)
+    quantized = ir.quantized + tuple((name, "signed") for name in scratch_names) if ir.quantized else ()
+    return Plan(ir=ir, slots=slots, passes=tuple(passes), scratch=scratch_names, notes=tuple(notes), quantized=quantized)
 
 
 def _reduce_items(ir: IR, slots, axis_defs: dict, axis_step: dict) -> dict[int, tuple]:
@@ -627,7 +674,7 @@ def _subexpressions(expr):
             yield node
 
 
-def _best_scratch(i, j, defs, slots, write, scratch):
+def _best_scratch(i, j, defs, slots, write, scratch, weigh, quantized):
     """The value computed in pass i whose storing saves the most bytes in pass j, if any saves any."""
     roots_i, produces_i, local_i, _ = _program(i, defs, slots, write, scratch)
     roots_j, produces_j, local_j, leaves_j = _program(j, defs, slots, write, scratch)
@@ -638,13 +685,13 @@ def _best_scratch(i, j, defs, slots, write, scratch):
     for expr in [e for _, e in roots_j + produces_j] + list(local_j.values()):
         candidates |= {e for e in _subexpressions(expr) if e in computed_i}
     best = None
-    base = len(leaves_j)
+    base = _planning_cost(weigh, quantized, leaves_j, ())
     for expr in sorted(candidates, key=lambda e: (-sympy.count_ops(e), default_sort_key(e))):
         trial = dict(scratch)
         trial[expr] = (ScratchSymbol(f"scratch_{len(scratch)}"), i)
         _, _, _, leaves = _program(j, defs, slots, write, trial)
         # storing costs one write in pass i and one read in pass j (the read is one of ``leaves``)
-        saving = FP32_BYTES * (base - len(leaves) - 1)
+        saving = as_number(base - _planning_cost(weigh, quantized, leaves, ()) - weigh("scratch_"))
         if saving > 0 and (best is None or saving > best[1]):
             best = (expr, saving)
     return best
@@ -700,7 +747,7 @@ class _Lifter:
         return expr.func(*args, evaluate=False) if isinstance(expr, (sympy.Add, sympy.Mul, sympy.Pow)) else expr.func(*args)
 
 
-def _build_pass(j, n_passes, stores, produces, leaves, slots, step_advance, layer_stores, reduce_items, early_items) -> Pass:
+def _build_pass(j, n_passes, stores, produces, leaves, slots, step_advance, layer_stores, weigh, reduce_items, early_items) -> Pass:
     roots = [e for _, e in stores] + [e for _, e in produces] + [e for _, e in layer_stores]
     replacements, reduced = sympy.cse(roots, symbols=sympy.numbered_symbols("tmp", real=True), optimizations=None)
     elementwise_names: set[str] = set()
@@ -752,6 +799,7 @@ def _build_pass(j, n_passes, stores, produces, leaves, slots, step_advance, laye
         reduce_items=tuple(reduce_items),
         early_items=early_items,
         axes_after=bool(reduce_items) or any(slots[k].scope in ("row", "col") for k, _ in produces),
+        traffic=sum((weigh(ld.buffer) for ld in loads), Fraction(0)) + sum((weigh(b) for b, _ in reduced_stores), Fraction(0)),
     )
 
 

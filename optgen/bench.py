@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import quantization
 from .catalog import resolve_spec
 
 # -- parameter sets -------------------------------------------------------------------------------------
@@ -256,6 +257,8 @@ HYPERS = {  # the same settings for every implementation of an optimizer
     "nvlamb": dict(lr=1e-4, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01),
     "adafactor": dict(lr=1e-2, weight_decay=0.01),
     "came": dict(lr=2e-4, weight_decay=0.01),
+    "adamw8bit": dict(lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01),
+    "lamb8bit": dict(lr=1e-4, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01),
 }
 
 
@@ -325,6 +328,14 @@ def implementations(optimizer: str, cls: type, device: str, builtin: bool = True
         torch_cls = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}[peers_of]
         for name, kw in (("torch for-loop", {"foreach": False}), ("torch foreach", {"foreach": True}), ("torch fused", {"fused": True})):
             impls.append(Impl(optimizer, name, lambda ps, kw=kw: torch_cls(ps, **hp, **kw)))
+    if peers_of == "adamw8bit":
+        # torchao's AdamW8bit: the same maps and blocks, compiled per parameter by torch.compile (first steps)
+        impls.append(_peer(optimizer, "torchao AdamW8bit", "torchao.optim", lambda m, ps: m.AdamW8bit(ps, **hp)))
+        impls.append(_gpu_peer(optimizer, "bitsandbytes AdamW8bit", "bitsandbytes", lambda m, ps: m.optim.AdamW8bit(ps, **hp), cuda))
+        impls.append(Impl(optimizer, "torch fused (fp32 state)", lambda ps: torch.optim.AdamW(ps, **hp, fused=True)))
+    if peers_of == "lamb8bit":
+        impls.append(_gpu_peer(optimizer, "bitsandbytes LAMB8bit", "bitsandbytes", lambda m, ps: m.optim.LAMB8bit(ps, **hp), cuda))
+        impls.append(Impl(optimizer, "optgen LAMB (fp32 state)", lambda ps: _import("optgen").LAMB(ps, **hp)))
     if peers_of == "lamb":
         impls.append(_peer(optimizer, "pytorch-optimizer Lamb", "pytorch_optimizer", lambda m, ps: m.Lamb(ps, **hp)))
         impls.append(_peer(optimizer, "torch-optimizer Lamb", "torch_optimizer", lambda m, ps: m.Lamb(ps, **hp)))
@@ -403,10 +414,11 @@ def bytes_per_param(cls: type, dtype: torch.dtype) -> float:
     plan = _plan_of(cls)
     own = torch.empty((), dtype=dtype).element_size()
     state = torch.empty((), dtype=torch.promote_types(dtype, torch.float32)).element_size()
+    eight_bit = {name for name, _ in plan.quantized}  # codes and their share of the block scales
     total = 0
     for p in plan.passes:
         buffers = [ld.buffer for ld in p.loads] + [b for b, _ in p.stores]
-        total += sum(own if b in ("param", "grad") else state for b in buffers)
+        total += sum(own if b in ("param", "grad") else quantization.STATE_BYTES if b in eight_bit else state for b in buffers)
     return total
 
 
@@ -600,6 +612,7 @@ def versions() -> dict:
         ("torch_optimizer", "torch-optimizer"),
         ("timm", "timm"),
         ("came_pytorch", "came-pytorch"),
+        ("torchao", "torchao"),
         ("bitsandbytes", "bitsandbytes"),
         ("deepspeed", "deepspeed"),
         ("matplotlib", "matplotlib"),

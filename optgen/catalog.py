@@ -13,6 +13,9 @@ import re
 import sys
 from pathlib import Path
 
+from . import transforms
+from .analysis import plan as make_plan
+from .ir import lower
 from .spec import Spec
 from .specs import BUILTINS
 
@@ -46,6 +49,15 @@ def resolve_spec(name: str) -> Spec:
             raise SystemExit(f"optgen: {name} is a {type(value).__name__}, not an optgen.Spec")
         return value
     raise SystemExit(f"optgen: unknown optimizer {name!r}; built-ins: {', '.join(BUILTINS)} (or path/file.py:SPEC)")
+
+
+def default_plan(spec: Spec, flags: dict | None = None):
+    """The plan of ``spec``'s variant ``flags`` as its class runs it by default: with its default state format
+    (AdamW8bit's and LAMB8bit's 8-bit states)."""
+    ir = lower(spec, flags or {})
+    if spec.state_format == "8bit":
+        ir = transforms.apply(ir, quantized=None)
+    return make_plan(ir)
 
 
 def variants(spec: Spec):

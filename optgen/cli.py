@@ -10,10 +10,8 @@ import textwrap
 from pathlib import Path
 
 from . import settings
-from .analysis import plan as make_plan
-from .catalog import resolve_spec, summary, variants
+from .catalog import default_plan, resolve_spec, summary, variants
 from .codegen.render import TARGETS, generated_dir, golden_path, render
-from .ir import lower
 from .spec import SpecError
 from .specs import BUILTINS
 
@@ -48,7 +46,7 @@ def cmd_list(args) -> int:
 
 def cmd_show(args) -> int:
     spec = resolve_spec(args.name)
-    p = make_plan(lower(spec, _parse_flags(args.flag)))
+    p = default_plan(spec, _parse_flags(args.flag))
     if args.plan:
         print(p.describe())
         return 0
@@ -62,7 +60,7 @@ def golden_sources() -> dict[Path, str]:
     for factory in BUILTINS.values():
         spec = factory()
         for flags in variants(spec):
-            p = make_plan(lower(spec, flags))
+            p = default_plan(spec, flags)
             for target in TARGETS:
                 out[golden_path(p, target)] = render(p, target)
     return out
@@ -118,7 +116,7 @@ def cmd_inspect(args) -> int:
             argv += ["--flag", pair]
         return subprocess.run(argv, env=env).returncode
     spec = resolve_spec(args.name)
-    p = make_plan(lower(spec, _parse_flags(args.flag)))
+    p = default_plan(spec, _parse_flags(args.flag))
     report = inspect_plan(p, arch, getattr(args, "dtype", "fp32"))
     if args.json:
         print(json.dumps(report, indent=2, sort_keys=True))

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from .analysis import Plan
 from .codegen.abi import axes_args, pass_args, reduce_args
 from .codegen.render import load_module
+from .runtime.triton_backend import LaunchConfig, fit_config
 
 # Launch defaults of the Triton backend (optgen.runtime.triton_backend.LaunchConfig).
 CHUNK = 65536
@@ -47,7 +48,7 @@ REDUCE_BLOCK = 256
 NUM_WARPS = 4
 ARCHS = (80, 86, 89, 90)
 
-_DTYPE_NAMES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
+_DTYPE_NAMES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16", "uint8": "uint8",
                 "fp16": "float16", "float16": "float16"}
 
 
@@ -565,8 +566,11 @@ def inspect_plan(plan: Plan, arch: str = "sm_90", dtype="fp32", *, keep_going: b
         dtype_map = {}
         if role == "pass":
             dtype_map = {a: element for a in ("DT_param", "DT_grad") if a in kernel.arg_names}
+            # 8-bit buffers as the kernels run for tensors of 4096+ elements: their uint8 codes
+            dtype_map.update({f"DT_{b}": "uint8" for b, _ in plan.quantized if f"DT_{b}" in kernel.arg_names})
         try:
-            aot = compile_kernel(kernel, number, dtype_map, args=args, n_hyper=len(plan.ir.hypers))
+            block = fit_config(plan, LaunchConfig(chunk=CHUNK, block=BLOCK)).block if role == "pass" else None
+            aot = compile_kernel(kernel, number, dtype_map, args=args, n_hyper=len(plan.ir.hypers), block=block)
         except Exception as exc:
             if not keep_going or (isinstance(exc, RuntimeError) and interpreter_active()):
                 raise
@@ -592,10 +596,8 @@ def main(argv=None) -> int:
     import argparse
     import json
 
-    from .analysis import plan as make_plan
-    from .catalog import variants
+    from .catalog import default_plan, variants
     from .codegen.render import variant_stem
-    from .ir import lower
     from .specs import BUILTINS
 
     parser = argparse.ArgumentParser(prog="python -m optgen.inspect_kernels", description=main.__doc__)
@@ -610,7 +612,7 @@ def main(argv=None) -> int:
     for key in args.names or list(BUILTINS):
         spec = BUILTINS[key]()
         for flags in variants(spec):
-            plan = make_plan(lower(spec, flags))
+            plan = default_plan(spec, flags)
             report = inspect_plan(plan, args.arch, args.dtype, keep_going=True)
             report["variant"] = variant_stem(plan)
             reports.append(report)

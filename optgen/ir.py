@@ -57,6 +57,8 @@ class IR:
     device_scalars: tuple[str, ...] = ()
     step_advance: sympy.Expr = sympy.S.One  # how far the step count moves (0 when a step is skipped)
     options: tuple[tuple[str, bool], ...] = ()  # runtime options applied by optgen.transforms
+    # element-wise states kept in 8 bits (optgen.quantization), with their map: (state, "signed" | "unsigned")
+    quantized: tuple[tuple[str, str], ...] = ()
 
     @functools.cached_property  # the IR is frozen; srepr of the expressions costs milliseconds (per step)
     def hash(self) -> str:
@@ -68,6 +70,7 @@ class IR:
         parts += [f"update {k} {sympy.srepr(e)}" for k, e in self.updates]
         parts += [f"device {d}" for d in self.device_scalars]
         parts += [f"advance {sympy.srepr(self.step_advance)}", f"options {self.options}"]
+        parts += [f"8-bit {name} {kind}" for name, kind in self.quantized]
         return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
     def per(self, target: str) -> str:
@@ -340,7 +343,7 @@ def lower(spec: Spec, flags: dict | None = None, runtime: tuple[str, ...] = ()) 
                 f"state {state.name!r}: initial value {state.init} may use only constants, "
                 f"hyperparameters{' and the parameter w' if state.per == 'element' else ''} [{state.where}]"
             )
-        states.append(StateDecl(state.name, init, state.where, state.per, state.when, state.keepdim))
+        states.append(StateDecl(state.name, init, state.where, state.per, state.when, state.keepdim, state.quantize))
 
     requirements = []
     for req in spec.requirements:

@@ -607,6 +607,7 @@ class StateDecl:
     per: str = "element"
     when: tuple[str, bool] | None = None
     keepdim: bool = True  # per row/column: the reduced dimension kept as 1 (torch's Adafactor) or dropped (CAME)
+    quantize: str = "signed"  # in 8 bits (state_format="8bit"): the map ("signed", "unsigned"), or "exact": never
 
 
 @dataclass(frozen=True)
@@ -624,11 +625,13 @@ class Requirement:
 
 
 PARAM = "param"
+QUANTIZE_CHOICES = ("signed", "unsigned", "exact")
+QUANT_SUFFIX = "_absmax"  # an 8-bit state's scales are the state dict's entry <state>_absmax
 _RESERVED = {"w", "g", "t", PARAM, "params", "grad", "step", "backend", "defaults", "layer_adaptation", "tl", "torch"}
 _RESERVED_PREFIXES = ("_", "tmp", "red_", "scratch_")
 # names the generated code or the constructor uses: a spec cannot take them
 _RESERVED |= {"dtype", "self", "triton", "math", "BLOCK", "CHUNK", "N_HYPER", "ALIGNED", "maximize", "autotune",
-              "master_weights", "state_dtype"}
+              "master_weights", "state_dtype", "state_format", "bf16_stochastic_round"}
 
 
 class Spec:
@@ -669,6 +672,8 @@ class Spec:
         self.torch_foreach_refuses_tensors = False
         # group values torch.optim's class forces on every load (torch.optim.AdamW: decoupled_weight_decay=True)
         self.torch_forced_on_load: dict[str, object] = {}
+        # the constructor's default ``state_format`` (AdamW8bit, LAMB8bit: "8bit"; None: fp32)
+        self.state_format: str | None = None
 
     # -- declarations ------------------------------------------------------------------------------
 
@@ -677,7 +682,8 @@ class Spec:
             raise SpecError(f"{kind} name must be a Python identifier, got {name!r} [{_caller_location()}]")
         if hasattr(builtins, name):
             raise SpecError(f"{kind} name {name!r} is a Python builtin; choose another name [{_caller_location()}]")
-        if name in self._symbols or name in _RESERVED or name.endswith("_new") or name.startswith(_RESERVED_PREFIXES):
+        if (name in self._symbols or name in _RESERVED or name.endswith(("_new", QUANT_SUFFIX))
+                or name.startswith(_RESERVED_PREFIXES)):  # fmt: skip
             raise SpecError(
                 f"{kind} name {name!r} is already used or reserved in spec {self.name} [{_caller_location()}]"
             )
@@ -779,7 +785,7 @@ class Spec:
         self._symbols[name] = symbol
         return symbol
 
-    def state(self, name: str, init=0, per: str = "element", when=None, keepdim: bool = True):
+    def state(self, name: str, init=0, per: str = "element", when=None, keepdim: bool = True, quantize: str = "signed"):
         """Declare a state with torch's state name (``exp_avg``...) and its initial value (default 0).
 
         ``per="element"`` (default): one value per element of the parameter; ``per="layer"``: one number per
@@ -789,8 +795,14 @@ class Spec:
         broadcast. ``when``: a shape flag (``spec.shape_flag``) or its negation ``~flag``; the state exists only for
         the parameters where it holds, and only code under ``where(flag, ...)`` may read it. ``keepdim`` (per
         row/column): the state dict's tensor keeps the reduced dimension as 1 (torch.optim.Adafactor's
-        ``row_var``) or drops it (came-pytorch's ``exp_avg_sq_row``); the values are the same."""
+        ``row_var``) or drops it (came-pytorch's ``exp_avg_sq_row``); the values are the same. ``quantize``: how an
+        element-wise state is kept when the optimizer is built with ``state_format="8bit"``: ``"signed"``
+        (default) or ``"unsigned"`` (a state never negative: a second moment) selects the 8-bit map
+        (``optgen.quantization``), ``"exact"`` keeps it in full precision (a state the update cannot afford to
+        round, e.g. a running sum that must stay exact)."""
         self._claim(name, "state")
+        if quantize not in QUANTIZE_CHOICES:
+            raise SpecError(f"state {name!r}: quantize={quantize!r}; expected one of {QUANTIZE_CHOICES} [{_caller_location()}]")
         if per not in STATE_GRANULARITIES:
             raise SpecError(f"state {name!r}: per={per!r}; expected one of {STATE_GRANULARITIES} [{_caller_location()}]")
         condition = None
@@ -811,7 +823,7 @@ class Spec:
             raise SpecError(f"state {name!r}: initial value {init!r} is not a scalar expression [{_caller_location()}]")
         if not keepdim and per not in ("row", "column"):
             raise SpecError(f"state {name!r}: keepdim=False is for per-row or per-column states, not per={per!r} [{_caller_location()}]")
-        self.states.append(StateDecl(name, init, _caller_location(), per, condition, bool(keepdim)))
+        self.states.append(StateDecl(name, init, _caller_location(), per, condition, bool(keepdim), quantize))
         symbol = STATE_SYMBOLS[per][0](name)
         self._symbols[name] = symbol
         return symbol

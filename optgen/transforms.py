@@ -13,6 +13,10 @@ a state, skipped steps gate every store).
 * ``amp``: torch.amp.GradScaler's contract for fused optimizers (torch's fused AdamW): gradients are
   divided by the device scalar ``grad_scale``; where the device scalar ``found_inf`` is non-zero every
   store writes back the old value and the step count does not move, with no host synchronisation.
+* ``stochastic_round``: ``bf16_stochastic_round=True``: bf16 parameters take their new value rounded
+  stochastically (counter-based random bits), so small updates are not lost without fp32 master weights.
+* ``quantize_states``: ``state_format="8bit"``: the element-wise states not marked exact are stored as blockwise
+  8-bit codes and scales (``optgen.quantization``); the math is unchanged, the storage and the plan's bytes are.
 """
 
 from __future__ import annotations
@@ -98,7 +102,7 @@ def master_weights(ir: IR) -> IR:
         expr = expr.xreplace(swap)
         updates.append((MASTER if target == PARAM else target, expr))
     updates.append((PARAM, master_new))
-    states = ir.states + (StateDecl(MASTER, w, "optgen.transforms.master_weights"),)
+    states = ir.states + (StateDecl(MASTER, w, "optgen.transforms.master_weights", quantize="exact"),)
     order = {name: i for i, name in enumerate([s.name for s in states] + [PARAM])}
     updates.sort(key=lambda item: order[item[0]])
     return _with_option(ir, "master_weights", updates=tuple(updates), states=states)
@@ -125,8 +129,37 @@ def amp(ir: IR, unscale: bool) -> IR:
     )
 
 
+def quantize_states(ir: IR, names=None) -> IR:
+    """``state_format="8bit"``: the element-wise states ``names`` (None: all that the spec does not mark exact)
+    are kept in 8 bits (``optgen.quantization``; the kernels dequantize on load and requantize each block on
+    store). A state of this variant not in ``names`` (another variant's, Adafactor's vectors) is skipped."""
+    eligible = {s.name: s.quantize for s in ir.states if s.per == "element" and s.quantize != "exact"}
+    chosen = tuple((name, kind) for name, kind in eligible.items() if names is None or name in names)
+    if not chosen:
+        return ir
+    return _with_option(ir, "state_8bit", quantized=chosen)
+
+
+STOCHASTIC_ROUND = "bf16_stochastic_round"
+
+
+def stochastic_round(ir: IR) -> IR:
+    """``bf16_stochastic_round=True``: a bf16 parameter's new value is rounded to bf16 stochastically (up with the
+    probability of its distance from the value below, so the expected stored value is the fp32 one), with random
+    bits from a counter-based hash of (``sr_seed``, step, tensor, element): two runs, and a resumed run, are
+    bitwise equal. ``sr_seed`` is a per-group value (saved in the state dict; changing it never recompiles)."""
+    if any(h.name == "sr_seed" for h in ir.hypers):
+        raise SpecError(f"{ir.name} already has a hyperparameter sr_seed")
+    seed = HyperDecl(
+        name="sr_seed", default=0.0, lo=0.0, hi=float(2**32 - 1), lo_open=False, hi_open=False, is_bool=False,
+        key="sr_seed", index=None, doc="seed of the stochastic rounding of bf16 parameters (an integer)",
+    )
+    return _with_option(ir, STOCHASTIC_ROUND, hypers=ir.hypers + (seed,))
+
+
 def apply(
-    ir: IR, *, maximize_: bool | str = False, max_grad_norm: bool = False, master: bool = False, amp_mode: str | None = None
+    ir: IR, *, maximize_: bool | str = False, max_grad_norm: bool = False, master: bool = False, amp_mode: str | None = None,
+    quantized: tuple[str, ...] | None = (), stochastic: bool = False,
 ) -> IR:
     """Apply the optimizer-level options in their fixed order (the order matters: AMP gates last).
     ``maximize_="runtime"``: a per-group switch."""
@@ -136,6 +169,10 @@ def apply(
         ir = clip_grad_norm(ir)
     if master:
         ir = master_weights(ir)
+    if quantized is None or quantized:  # None: every state that may be 8-bit
+        ir = quantize_states(ir, quantized)
+    if stochastic:
+        ir = stochastic_round(ir)
     if amp_mode is not None:
         ir = amp(ir, unscale=amp_mode == "unscale")
     return ir

@@ -17,7 +17,7 @@ from conftest import CHUNK, ODD_SHAPES, TOL, assert_close_rel, make_grads, make_
 
 import optgen
 from optgen.analysis import plan as make_plan
-from optgen.catalog import variants
+from optgen.catalog import default_plan, variants
 from optgen.codegen.render import source_path
 from optgen.ir import lower
 from optgen.runtime import c_backend, cbuild
@@ -236,8 +236,10 @@ def test_every_element_loop_is_vectorised(name):
     """A static check (gcc's vectorisation report of the backend's own flags): every element loop of every
     variant, for fp32, bf16 storage and fp64 math. Without -fno-math-errno the sqrt loops would not be."""
     for flags in variants(BUILTINS[name]()):
-        source = source_path(make_plan(lower(BUILTINS[name](), flags)), "c")
-        for defines in ({}, {"OG_DT_param": STORAGE_CODES[torch.bfloat16]}, {"OG_DT_param": 1, "OG_REAL_F64": 1}):
+        plan = default_plan(BUILTINS[name](), flags)
+        source = source_path(plan, "c")
+        eight_bit = {f"OG_DT_{b}": STORAGE_CODES[torch.uint8] for b, _ in plan.quantized}  # codes and quantize loops
+        for defines in ({}, {"OG_DT_param": STORAGE_CODES[torch.bfloat16]}, {"OG_DT_param": 1, "OG_REAL_F64": 1}, *([eight_bit] if eight_bit else [])):
             try:
                 loops = cbuild.vectorization(source, defines)
             except cbuild.BuildError:

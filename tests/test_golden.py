@@ -8,6 +8,7 @@ import pytest
 
 from optgen import cli
 from optgen.analysis import plan
+from optgen.catalog import default_plan
 from optgen.codegen import render as render_module
 from optgen.codegen.render import TARGETS, golden_path, render, source_hash
 from optgen.ir import lower
@@ -18,13 +19,13 @@ def _all_plans():
     for name, factory in BUILTINS.items():
         spec = factory()
         for flags in cli.variants(spec):
-            yield name, flags, plan(lower(spec, flags))
+            yield name, flags, default_plan(spec, flags)
 
 
 def test_generate_check_passes(capsys):
     assert cli.main(["generate", "--check"]) == 0
     out = capsys.readouterr().out
-    assert "up to date" in out and "93 files" in out  # 31 variants (28 + 3 factored) x (torch, triton, c)
+    assert "up to date" in out and "117 files" in out  # 39 variants (28 + 3 factored + 8 8-bit) x (torch, triton, c)
 
 
 def test_golden_files_are_the_ones_loaded():
@@ -39,7 +40,7 @@ def test_golden_files_are_the_ones_loaded():
 
 def test_rendering_twice_gives_identical_bytes():
     for name, flags, p in _all_plans():
-        again = plan(lower(BUILTINS[name](), flags))
+        again = default_plan(BUILTINS[name](), flags)
         for target in TARGETS:
             first = render(p, target).encode()
             assert render(p, target).encode() == first
@@ -55,6 +56,7 @@ def test_render_rejects_unknown_target():
 RENDER_LAMB = """
 import sys
 from optgen.analysis import plan
+from optgen.catalog import default_plan
 from optgen.ir import lower
 from optgen.specs import BUILTINS
 from optgen.codegen.render import render

@@ -412,6 +412,8 @@ def test_generated_signature_and_defaults():
         "fused",
         "master_weights",
         "state_dtype",
+        "state_format",
+        "bf16_stochastic_round",
         "backend",
         "autotune",
     ]

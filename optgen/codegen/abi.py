@@ -46,6 +46,13 @@ def pass_buffers(plan: Plan, p: Pass) -> list[str]:
     return [b for b in plan.buffers if b in used]
 
 
+def quantized_buffers(plan: Plan, p: Pass) -> list[str]:
+    """Buffers of pass ``p`` that may be 8-bit states (``state_format="8bit"``), in argument order: each brings
+    the address table of its block scales, and the pass the maps."""
+    quantized = dict(plan.quantized)
+    return [b for b in pass_buffers(plan, p) if b in quantized]
+
+
 def eager_pass_buffers(plan: Plan, p: Pass) -> list[str]:
     """Buffers the generated torch function of pass ``p`` takes (as ``_<name>``): those it touches; a pass that
     only counts elements (``layer_numel()``) touches none and takes the parameter for its shape."""
@@ -84,6 +91,10 @@ def pass_args(plan: Plan, p: Pass) -> tuple[KernelArg, ...]:
         _table("_hyper", "fp64", "[groups, hypers]: hyperparameters"),
     ]
     args += [_table(f"_{b}_addr", "i64", f"[tensors]: data_ptr of each tensor's {b}") for b in pass_buffers(plan, p)]
+    quantized = quantized_buffers(plan, p)
+    args += [_table(f"_{b}_absmax_addr", "i64", f"[tensors]: data_ptr of each tensor's {b} block scales (8-bit state; unused for others)") for b in quantized]
+    if quantized:
+        args.append(_table("_qmap", "fp32", "[2, 256]: the 8-bit maps, signed then unsigned (optgen.quantization)"))
     for producer, scope in read_tables(plan, p):
         width = len(plan.passes[producer].produces)
         if scope == "layer":

@@ -21,9 +21,10 @@ from pathlib import Path
 import jinja2
 import sympy
 
-from .. import settings
+from .. import quantization, settings
 from ..analysis import VARYING, Pass, Plan, SlotSymbol
 from ..spec import ColStateSymbol, HyperSymbol, ParamSymbol, RowStateSymbol, SpecError
+from ..transforms import STOCHASTIC_ROUND
 from .abi import (
     axes_args,
     axes_layer_states,
@@ -34,6 +35,7 @@ from .abi import (
     layer_state_args,
     pass_args,
     pass_buffers,
+    quantized_buffers,
     reduce_args,
     reduce_item_names,
 )
@@ -166,9 +168,22 @@ def _pass_context(plan: Plan, p: Pass, printer, scalar_printer, identity: dict) 
     state_reads = {"row": [], "column": []}
     for name, per in p.axis_loads:
         state_reads[per].append(name)
+    kinds = dict(plan.quantized)
+    stored = {b for b, _ in p.stores}
+    # bf16 stochastic rounding of the parameter's store: its seed's column in the hyperparameter table
+    stochastic = stochastic_round(plan) and "param" in stored
+    quantized = [
+        {"buffer": b, "kind": kinds[b], "row": quantization.KINDS.index(kinds[b]), "stored": b in stored}
+        for b in quantized_buffers(plan, p)
+    ]
     return {
         "index": p.index,
-        "loads": [{"symbol": ld.symbol, "buffer": ld.buffer} for ld in p.loads],
+        "loads": [{"symbol": ld.symbol, "buffer": ld.buffer, "quantized": ld.buffer in kinds} for ld in p.loads],
+        # 8-bit states of the pass (their map row, whether the pass stores them), and those it stores
+        "quantized": quantized,
+        "quantized_stores": [q for q in quantized if q["stored"]],
+        "stochastic": stochastic,
+        "sr_seed_column": hyper_columns.get("sr_seed"),
         "scalars": [(name, scalar_code(e)) for name, e in p.scalars],
         "casts": _scalar_casts(plan, p),
         # boolean per-step values (a cse'd ``found_inf == 0``): all of them, and those element-wise code reads
@@ -180,6 +195,7 @@ def _pass_context(plan: Plan, p: Pass, printer, scalar_printer, identity: dict) 
                 "buffer": b,
                 "code": code(e),
                 "dtype_arg": f"DT_{b}",
+                "quantized": b in kinds,
                 "scalar": not _is_elementwise(e, elementwise_names),
                 # the value is a loaded buffer itself (b := old a): in torch ``.to(dtype)`` may return that
                 # buffer, which a store of this pass may overwrite before it is copied
@@ -240,6 +256,7 @@ def _pass_context(plan: Plan, p: Pass, printer, scalar_printer, identity: dict) 
             *(f"_{b}" for b in eager_pass_buffers(plan, p)), "dtype", "t", *p.hypers, *p.device_scalars,
             *(slots[k].name for k in p.consumes), *(f"_layer_{name}" for name in layer_state_args(plan, p)),
             *(f"_{name}" for name, _ in p.axis_loads), *p.shape_reads,
+            *(("_sr_tensor", "sr_seed") if stochastic else ()),
         ],
         "shape_reads": list(p.shape_reads),
     }
@@ -352,6 +369,11 @@ def _known_signs(plan: Plan) -> dict:
     return {"positive": frozenset(positive), "nonnegative": frozenset(nonnegative)}
 
 
+def stochastic_round(plan: Plan) -> bool:
+    """Whether bf16 parameters take their new values rounded stochastically (``bf16_stochastic_round``)."""
+    return dict(plan.ir.options).get(STOCHASTIC_ROUND, False)
+
+
 def render(plan: Plan, target: str) -> str:
     """The source of ``plan`` for ``target`` (a key of ``TARGETS``); byte-stable for a given plan."""
     if target not in TARGETS:
@@ -369,6 +391,8 @@ def render(plan: Plan, target: str) -> str:
         "launches": plan.launches_per_step,
         "bytes_per_param": plan.bytes_per_param,
         "buffers": [*plan.buffers, *plan.ir.factored_state_names],
+        "quantized": bool(plan.quantized),
+        "stochastic": stochastic_round(plan),
         "passes": [_pass_context(plan, p, printer, scalar_printer, spec.identity) for p in plan.passes],
         "states": [_state_context(state, printer) for state in plan.ir.states],
     }

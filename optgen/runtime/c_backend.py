@@ -20,7 +20,7 @@ import warnings
 
 import torch
 
-from .. import settings
+from .. import quantization, settings
 from ..codegen.abi import axes_args, pass_args, reduce_args
 from ..codegen.render import source_path, variant_stem
 from . import backends, cbuild
@@ -37,8 +37,8 @@ from .tables import (
     split_rows,
 )
 
-# storage dtype -> the template's OG_DT_<buffer> code
-STORAGE_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
+# storage dtype -> the template's OG_DT_<buffer> code (uint8: an 8-bit state's codes, optgen.quantization)
+STORAGE_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3, torch.uint8: 4}
 _WARNED: set[str] = set()
 
 
@@ -46,6 +46,13 @@ def storage_code(dtype: torch.dtype) -> int:
     if dtype not in STORAGE_CODES:
         raise TypeError(f"the C backend supports fp32, fp64, bf16 and fp16 tensors, not {dtype}")
     return STORAGE_CODES[dtype]
+
+
+def _float_code(dtype: torch.dtype) -> int:
+    """A parameter's, gradient's or state_dtype's code (uint8 is for 8-bit states only)."""
+    if dtype == torch.uint8:
+        raise TypeError(f"the C backend supports fp32, fp64, bf16 and fp16 tensors, not {dtype}")
+    return storage_code(dtype)
 
 
 def chunk_size() -> int:
@@ -111,6 +118,8 @@ class CBackend:
         self.source = source_path(plan, "c")
         self.prefix = re.sub(r"\W", "_", variant_stem(plan))
         self.chunk = chunk or chunk_size()
+        if plan.ir.quantized:  # chunks start on an 8-bit state's block
+            self.chunk = -(-self.chunk // quantization.BLOCK) * quantization.BLOCK
         self.parallel_min = parallel_min()
         self.block_bytes = block_bytes()
         self._tables: ChunkTables | None = None
@@ -125,9 +134,9 @@ class CBackend:
     def check(param: torch.Tensor, grad: torch.Tensor, state_dtype: torch.dtype | None = None) -> None:
         """Refuse what the kernels cannot take, before the optimizer creates any state."""
         for tensor in (param, grad):
-            storage_code(tensor.dtype)
+            _float_code(tensor.dtype)
         if state_dtype is not None:
-            storage_code(state_dtype)
+            _float_code(state_dtype)
 
     def invalidate(self) -> None:
         self._tables = None

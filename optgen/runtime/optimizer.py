@@ -63,6 +63,8 @@ class GeneratedOptimizer(torch.optim.Optimizer):
         backend = arguments.pop("backend")
         master = arguments.pop("master_weights")
         state_dtype = arguments.pop("state_dtype")
+        state_format = arguments.pop("state_format")
+        stochastic_round = arguments.pop("bf16_stochastic_round")
         autotune = arguments.pop("autotune")
         if isinstance(params, torch.Tensor):  # torch's message
             raise TypeError(
@@ -96,9 +98,12 @@ class GeneratedOptimizer(torch.optim.Optimizer):
             raise ValueError(
                 f"Invalid state_dtype: {state_dtype!r} (expected None, torch.float32, bfloat16, float16 or float64)"
             )
+        state_dtype, quantized = _state_format(self._spec, state_format, state_dtype)
+        if not isinstance(stochastic_round, bool):
+            raise ValueError(f"Invalid bf16_stochastic_round value: {stochastic_round!r} (expected True or False)")
         # what the constructor fixes for good: kept for copies and pickles
         self._configure(dict(clip=clip, master=master, state_dtype=state_dtype, backend=backend, autotune=autotune,
-                             master_requested=master))  # fmt: skip
+                             master_requested=master, quantized=quantized, stochastic_round=stochastic_round))  # fmt: skip
         defaults = dict(arguments)
         self._check_group(defaults, "the arguments")  # before params are read, as torch's constructors do
         params = list(params)
@@ -107,6 +112,14 @@ class GeneratedOptimizer(torch.optim.Optimizer):
             self._config["master"] = False  # the runner reads this dict: no plan was made yet
         super().__init__(params, defaults)
         self.state = States(self.state)
+        if quantized != ():
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.is_complex() or not p.is_floating_point():
+                        raise ValueError(
+                            f"state_format='8bit' keeps real floating-point state; a parameter is {p.dtype} (complex and "
+                            f"integer parameters cannot take 8-bit state)"
+                        )
 
     def _configure(self, config: dict) -> None:
         """Everything derived from the constructor's choices: the validation IR and the step runner."""
@@ -114,7 +127,8 @@ class GeneratedOptimizer(torch.optim.Optimizer):
         self._state_dtype = config["state_dtype"]
         # Every flag and maximize as a per-group switch: one IR that holds every group key, range and require()
         flags = tuple(f.name for f in self._spec.flags)
-        self._checks_ir = transforms.apply(lower(self._spec, runtime=flags), maximize_="runtime", max_grad_norm=config["clip"])
+        self._checks_ir = transforms.apply(lower(self._spec, runtime=flags), maximize_="runtime", max_grad_norm=config["clip"],
+                                           stochastic=config.get("stochastic_round", False))  # fmt: skip
         self._keys = _group_keys(self._checks_ir)
         self._checked_keys = (*self._keys, *TORCH_OPTIONS)
         self._runner = StepRunner(self._spec, self._config)
@@ -367,6 +381,7 @@ class GeneratedOptimizer(torch.optim.Optimizer):
                 else:
                     dtype = value.dtype
                 state[key] = value.detach().to(device=param.device, dtype=dtype, copy=True)
+            self._runner.convert_formats(param, state)  # fp32 <-> 8-bit state, as this optimizer keeps it
         self._runner.invalidate()
 
 
@@ -396,6 +411,48 @@ def _rebuilt_instance(spec):
     entry = _REBUILT.get(id(spec))
     cls = entry[1] if entry is not None and entry[0] is spec else build(spec)
     return cls.__new__(cls)
+
+
+STATE_FORMATS = ("fp32", "bf16", "8bit")
+
+
+def _state_format(spec: Spec, state_format, state_dtype):
+    """``state_format``: None (fp32, or ``state_dtype``), ``"fp32"``, ``"bf16"``, ``"8bit"`` (every element-wise
+    state the spec does not mark exact in blockwise 8 bits, the others fp32), or a dict ``{state: "8bit" |
+    "fp32"}`` choosing states. Returns (state_dtype, quantized: () none, None all that may be, or a tuple of
+    names); a clear error for anything else, before the optimizer exists."""
+    if state_format is None:
+        return state_dtype, ()
+    named = state_format if isinstance(state_format, dict) else None
+    if named is None and state_format not in STATE_FORMATS:
+        raise ValueError(f"Invalid state_format: {state_format!r} (expected one of {STATE_FORMATS}, or a dict state -> '8bit'/'fp32')")
+    if named is None and state_format != "8bit":
+        wanted = torch.float32 if state_format == "fp32" else torch.bfloat16
+        if state_dtype not in (None, wanted):
+            raise ValueError(f"state_format={state_format!r} and state_dtype={state_dtype} disagree: give one of them")
+        return wanted, ()
+    element = {s.name: s for s in spec.states if s.per == "element"}
+    if named is not None:
+        for name, fmt in named.items():
+            if name not in {s.name for s in spec.states}:
+                raise ValueError(f"state_format names {name!r}, which is not a state of {spec.name} (states: {', '.join(s.name for s in spec.states)})")
+            if fmt not in ("8bit", "fp32"):
+                raise ValueError(f"state_format[{name!r}] = {fmt!r}: a state's format is '8bit' or 'fp32'")
+            if fmt == "8bit" and name not in element:
+                raise ValueError(f"state_format: {name!r} is one number per layer, row or column: only element-wise states take 8 bits")
+            if fmt == "8bit" and element[name].quantize == "exact":
+                raise ValueError(f"state_format: {spec.name} marks state {name!r} exact (spec.state(..., quantize='exact')): it cannot be kept in 8 bits")
+        quantized = tuple(name for name, fmt in named.items() if fmt == "8bit")
+    else:
+        quantized = None
+        if not any(s.quantize != "exact" for s in element.values()):
+            raise ValueError(f"state_format='8bit': {spec.name} has no element-wise state that may be kept in 8 bits")
+    if quantized != () and (spec.shape_flags or any(s.per in ("row", "column") for s in spec.states)):
+        raise ValueError(
+            f"state_format='8bit' is not supported yet for {spec.name}: its update reduces over rows or columns "
+            f"(factored state); use 'fp32' or 'bf16'"
+        )
+    return state_dtype, quantized
 
 
 def _all_full_precision(params) -> bool:
@@ -436,6 +493,8 @@ def _signature_for(spec: Spec) -> inspect.Signature:
         params.append(inspect.Parameter(name, keyword, default=default))
     params.append(inspect.Parameter("master_weights", keyword, default=False))
     params.append(inspect.Parameter("state_dtype", keyword, default=None))
+    params.append(inspect.Parameter("state_format", keyword, default=spec.state_format))
+    params.append(inspect.Parameter("bf16_stochastic_round", keyword, default=False))
     params.append(inspect.Parameter("backend", keyword, default="auto"))
     params.append(inspect.Parameter("autotune", keyword, default=None))
     return inspect.Signature(params)
@@ -503,6 +562,8 @@ def _arguments_doc(spec: Spec) -> str:
     lines.append("    differentiable: only False (the kernels update in place, outside autograd).")
     lines.append("    master_weights: keep fp32 copies of bf16/fp16 parameters as state; write the model's weights from them.")
     lines.append("    state_dtype: dtype of the optimizer states (default fp32; fp64 for fp64 parameters).")
+    lines.append("    state_format: 'fp32', 'bf16' or '8bit' (blockwise 8-bit states, optgen.quantization), or {state: '8bit'}.")
+    lines.append("    bf16_stochastic_round: bf16 parameters take their update rounded stochastically (no master copy).")
     lines.append("    backend: 'auto' (Triton on CUDA tensors, C on CPU ones, torch otherwise), 'torch', 'triton' or 'c'.")
     lines.append(
         "    autotune: time the Triton backend's launch configs on copies of the tensors at the first step and"

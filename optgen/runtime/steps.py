@@ -20,11 +20,12 @@ from dataclasses import dataclass
 import sympy
 import torch
 
-from .. import transforms
+from .. import quantization, transforms
 from ..analysis import plan as make_plan
 from ..analysis import sums_over_rows
 from ..codegen.render import load_module, source_hash
 from ..ir import lower
+from ..spec import QUANT_SUFFIX
 from . import backends, distributed
 from .tables import scratch_buffer
 
@@ -44,6 +45,11 @@ class StepRunner:
         self._values: dict[int, tuple] = {}  # id(group) -> (fingerprint, ir, values)
         self._real_views: dict[int, tuple] = {}  # id(complex parameter) -> (parameter, its real view)
         self.generation = 0  # bumped by whatever changes the layout of a step (groups, loaded state)
+        chosen = config.get("quantized", ())
+        self.eight_bit_kinds = {  # states kept in 8 bits (state_format) -> their map
+            s.name: s.quantize for s in spec.states
+            if s.per == "element" and s.quantize != "exact" and (chosen is None or s.name in chosen)
+        }
         self.fast = None
 
     # -- variants ------------------------------------------------------------------------------------------
@@ -78,6 +84,8 @@ class StepRunner:
                 max_grad_norm=self.config["clip"],
                 master=self.config["master"],
                 amp_mode=amp_mode,
+                quantized=self.config.get("quantized", ()),
+                stochastic=self.config.get("stochastic_round", False),
             )
             plan = self._plans[key] = make_plan(ir)
         return plan
@@ -123,6 +131,12 @@ class StepRunner:
         compute = torch.promote_types(param.dtype, torch.float32)
         return compute if name == transforms.MASTER else (self.config["state_dtype"] or compute)
 
+    def eight_bit(self, param: torch.Tensor, name: str) -> str | None:
+        """The map of state ``name`` of ``param`` when it is kept in 8 bits (``state_format`` names it and the
+        parameter has at least ``quantization.MIN_NUMEL`` elements), else None."""
+        kind = self.eight_bit_kinds.get(name)
+        return kind if kind is not None and quantization.quantized(param.numel()) else None
+
     def init_state(self, owner, param: torch.Tensor, values: tuple, plan) -> dict:
         """Create the missing state entries (all on the first step; some after loading a checkpoint of another
         optimizer, e.g. master weights resumed from a torch.optim.AdamW state dict)."""
@@ -139,6 +153,11 @@ class StepRunner:
             real = torch.view_as_real(param.detach()) if param.is_complex() else param.detach()
             for decl in missing:
                 dtype = self.state_dtype(param, decl.name)
+                kind = self.eight_bit(param, decl.name)
+                if kind is not None:  # the initial value, quantized
+                    value = module.initial_state(decl.name, param, real, hypers, torch.float32)
+                    state[decl.name], state[decl.name + QUANT_SUFFIX] = quantization.quantize(value, kind)
+                    continue
                 if decl.per in ("row", "column") and distributed.is_dtensor(param):
                     # made from the local shard, then a DTensor: whole-row states sharded like the parameter
                     local = distributed.local(real)
@@ -161,6 +180,8 @@ class StepRunner:
                 )
         for decl in ir.states:
             value = state.get(decl.name)
+            if isinstance(value, torch.Tensor) and decl.per == "element":
+                self._check_format(param, decl.name, value, state, ir)
             expected = state_shape(decl.per, param.shape, decl.keepdim)
             if isinstance(value, torch.Tensor) and value.shape != expected:
                 kind = {"element": "", "layer": "one number per layer, ", "row": "one number per row, ", "column": "one number per column, "}[decl.per]
@@ -170,6 +191,46 @@ class StepRunner:
                     f"shape {tuple(param.shape)}; it must have {kind} (a state dict of other parameters, or a "
                     f"state set by hand?)"
                 )
+
+    def _check_format(self, param, name: str, value: torch.Tensor, state, ir) -> None:
+        """An element-wise state in the form this optimizer keeps it: 8-bit codes with their scales, or floats
+        (``load_state_dict`` converts between them; a state set by hand may not match)."""
+        kind = self.eight_bit(param, name)
+        if kind is None and value.dtype == torch.uint8:
+            raise RuntimeError(
+                f"{self.name}: state {name!r} holds 8-bit codes, and this optimizer keeps it in full precision (load "
+                f"an 8-bit checkpoint with load_state_dict: it converts)"
+            )
+        if kind is not None:
+            scales = state.get(name + QUANT_SUFFIX)
+            if value.dtype != torch.uint8 or not isinstance(scales, torch.Tensor) or scales.dtype != torch.float32 \
+                    or scales.shape != (quantization.n_blocks(param.numel()),):  # fmt: skip
+                raise RuntimeError(
+                    f"{self.name}: state {name!r} of a parameter of shape {tuple(param.shape)} must be 8-bit: uint8 codes "
+                    f"of its shape and {name + QUANT_SUFFIX!r}, {quantization.n_blocks(param.numel())} fp32 scales (a state "
+                    f"set by hand? load_state_dict converts full-precision state)"
+                )
+
+    def convert_formats(self, param: torch.Tensor, state: dict) -> None:
+        """A loaded state in the form this optimizer keeps it: full-precision values quantized where it keeps
+        them in 8 bits, 8-bit codes dequantized where it does not (users may switch formats mid-run)."""
+        if distributed.is_dtensor(param) or param.is_complex():
+            return
+        kinds = {s.name: s.quantize for s in self.spec.states if s.per == "element"}
+        for name in kinds:
+            value = state.get(name)
+            if not isinstance(value, torch.Tensor):
+                continue
+            want = self.eight_bit(param, name)
+            scales = state.get(name + QUANT_SUFFIX)
+            if want is not None and value.dtype != torch.uint8:
+                state[name], state[name + QUANT_SUFFIX] = quantization.quantize(value, want)
+            elif want is None and value.dtype == torch.uint8:
+                if not isinstance(scales, torch.Tensor) or kinds[name] == "exact":
+                    raise ValueError(f"load_state_dict: state {name!r} holds 8-bit codes without its scales ({name + QUANT_SUFFIX!r})")
+                values = quantization.dequantize(value, scales.to(value.device, torch.float32), kinds[name])
+                state[name] = values.to(self.state_dtype(param, name))
+                del state[name + QUANT_SUFFIX]
 
     # -- the step ----------------------------------------------------------------------------------------
 
@@ -261,6 +322,10 @@ class StepRunner:
                         f"the same reduce step reads it; with FSDP2 sharding the rows of a {tuple(p.shape)} parameter, "
                         f"that sum is partial until an all-reduce the step has no room for"
                     )
+            if q.ir.quantized and distributed.is_dtensor(p):
+                raise RuntimeError(
+                    f"{self.name}: 8-bit state (state_format) is not supported yet for sharded (FSDP2/DTensor) parameters"
+                )
             backend = backend_of.setdefault((p.device, id(q)), self.backend_for(p.device, q))
             check = getattr(backend, "check", None)
             if check is not None:
@@ -324,8 +389,8 @@ class StepRunner:
             cache[param] = view
         return view
 
-    def scratch_of(self, param: torch.Tensor, name: str) -> torch.Tensor:
-        return scratch_buffer(self.scratch, param, name)
+    def scratch_of(self, param: torch.Tensor, name: str, eight_bit: bool = False) -> torch.Tensor:
+        return scratch_buffer(self.scratch, param, name, eight_bit)
 
     def reducer(self, params):
         """The all-reduce of partial tables between passes when parameters are sharded (see distributed)."""

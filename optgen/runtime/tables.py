@@ -24,8 +24,10 @@ from collections.abc import Callable
 
 import torch
 
+from .. import quantization
 from ..analysis import sums_over_rows
 from ..codegen.abi import axis_columns, producer_of
+from ..spec import QUANT_SUFFIX
 
 # a factored plan's per-chunk tables (the rest of ChunkTables.factored is per tensor or plan-wide): the chunk's
 # first row, first column, rows, columns and matrix, then its first rows in the row and column partial tables
@@ -48,8 +50,22 @@ class ChunkTables:
         self.buffers: dict[str, list[torch.Tensor]] = {"param": params, "grad": [item[1] for item in items]}
         for name in plan.ir.element_state_names + plan.ir.factored_state_names:
             self.buffers[name] = [item[2][name] for item in items]
+        eight_bit = dict(plan.quantized)
         for name in plan.scratch:
-            self.buffers[name] = [scratch_of(p, name) for p in params]
+            self.buffers[name] = [scratch_of(p, name, name in eight_bit and quantization.quantized(p.numel())) for p in params]
+        if plan.quantized:
+            # 8-bit buffers' block scales (a parameter whose state is full precision, below MIN_NUMEL elements, has
+            # none: its kernels never read the placeholder) and the maps; chunks start on a block
+            if chunk % quantization.BLOCK:
+                raise ValueError(f"chunks of {chunk} elements: 8-bit state needs a multiple of {quantization.BLOCK}")
+            self.qmap = quantization.map_table(device)
+            self._no_scales = torch.zeros(1, dtype=torch.float32, device=device)
+            for name in eight_bit:
+                scales = name + QUANT_SUFFIX
+                if name in plan.scratch:
+                    self.buffers[scales] = [scratch_of(p, scales, True) if quantization.quantized(p.numel()) else self._no_scales for p in params]
+                else:
+                    self.buffers[scales] = [item[2].get(scales, self._no_scales) for item in items]
         signature = [tuple(self.buffers[name][i].dtype for name in self.buffers) for i in range(len(params))]
         for sig in signature:
             for dtype in sig:
@@ -365,6 +381,8 @@ def pass_values(t: ChunkTables, plan, p, offset: int, count: int, device_scalars
             values[name] = t.factored[name][span]
     for name, addr in t.addr.items():
         values[f"_{name}_addr"] = addr
+    if plan.quantized:
+        values["_qmap"] = t.qmap
     for k in p.consumes:
         producer = producer_of(plan, k)
         values[f"_table_{producer}"] = t.layer[producer]
@@ -466,12 +484,17 @@ def segment_reduce_values(t: ChunkTables, p, first: int = 0, end: int | None = N
             "_fold": t.partials[p.index], "_fold_rows": 0}  # fmt: skip
 
 
-def scratch_buffer(cache: dict, param: torch.Tensor, name: str) -> torch.Tensor:
+def scratch_buffer(cache: dict, param: torch.Tensor, name: str, eight_bit: bool = False) -> torch.Tensor:
     """The scratch buffer ``name`` of ``param`` (values a pass stores for a later one), kept in ``cache``:
-    the compute dtype, made again when the parameter's shape or device changed."""
+    the compute dtype, made again when the parameter's shape or device changed. ``eight_bit``: 8-bit codes
+    (``name``) or their block scales (``name`` ending in ``_absmax``; optgen.quantization)."""
     key = (id(param), name)
     buf = cache.get(key)
-    if buf is None or buf.shape != param.shape or buf.device != param.device:
-        buf = torch.empty_like(param, dtype=torch.promote_types(param.dtype, torch.float32))
+    if eight_bit and name.endswith(QUANT_SUFFIX):
+        shape, dtype = (quantization.n_blocks(param.numel()),), torch.float32
+    else:
+        shape, dtype = param.shape, torch.uint8 if eight_bit else torch.promote_types(param.dtype, torch.float32)
+    if buf is None or buf.shape != shape or buf.dtype != dtype or buf.device != param.device:
+        buf = torch.empty(shape, dtype=dtype, device=param.device) if eight_bit else torch.empty_like(param, dtype=dtype)
         cache[key] = buf
     return buf

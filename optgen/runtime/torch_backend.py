@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import torch
 
+from .. import quantization
 from ..analysis import sums_over_rows
 from ..codegen.abi import eager_pass_buffers, layer_state_args
-from ..codegen.render import load_module, reduce_step_args
+from ..codegen.render import load_module, reduce_step_args, stochastic_round
+from ..spec import QUANT_SUFFIX
 from .steps import state_shape
 
 
@@ -56,6 +58,7 @@ class TorchBackend:
 
     def _step_eager(self, items, scratch_of, device_scalars, reducer) -> None:
         plan = self.plan
+        kinds = dict(plan.quantized)
         contexts = []
         for param, grad, state, values in items:
             dtype = compute_dtype(param.dtype)
@@ -68,12 +71,18 @@ class TorchBackend:
             for decl in plan.ir.states:
                 if decl.per in ("row", "column"):  # the passes broadcast them: the reduced dimension kept as 1
                     buffers[decl.name] = state[decl.name].view(state_shape(decl.per, param.shape))
+            eight_bit = quantization.quantized(param.numel())
             for name in plan.scratch:
-                buffers[name] = scratch_of(param, name)
+                buffers[name] = scratch_of(param, name, name in kinds and eight_bit)
+            for name in kinds:  # 8-bit buffers' scales (full-precision ones, a small tensor's, have none)
+                if buffers[name].dtype == torch.uint8:
+                    scales = name + QUANT_SUFFIX
+                    buffers[scales] = scratch_of(param, scales, True) if name in plan.scratch else state[scales]
             hypers = self._hyper_tensors(values, param.device, torch.float64)
             if plan.ir.factored:  # a (B, R, C) parameter's row and column lengths (all its rows), as per-step scalars
                 shape = {"n_cols": param.shape[-1], "n_rows": getattr(state, "param_shape", param.shape)[-2]}
                 hypers = {**hypers, **{k: torch.tensor(float(v), dtype=torch.float64, device=param.device) for k, v in shape.items()}}
+            hypers = {**hypers, "_sr_tensor": len(contexts)}  # the tensor's index (stochastic rounding's counter)
             contexts.append((buffers, dtype, t, hypers))
         finished: list[dict[str, torch.Tensor]] = [dict() for _ in items]
         # 2-D parameters whose rows FSDP2 splits over the ranks: their column sums and sums over rows are partial
@@ -163,9 +172,24 @@ class TorchBackend:
         kwargs["dtype"] = dtype
         kwargs["t"] = t
         kwargs.update({h: hypers[h] for h in (*p.hypers, *p.shape_reads)})
+        if stochastic_round(plan) and any(b == "param" for b, _ in p.stores):
+            kwargs.update(_sr_tensor=hypers["_sr_tensor"], sr_seed=hypers["sr_seed"])
         kwargs.update({d: device_scalars[d].reshape(()) for d in p.device_scalars})
         kwargs.update({plan.slots[k].name: reds[plan.slots[k].name] for k in p.consumes})
-        return fn(**kwargs)
+        # 8-bit states: dequantized to fp32 for the pass, the new values quantized block by block after it (the
+        # kernels do the same in registers: the pass's own math reads the new values before rounding)
+        kinds = dict(plan.quantized)
+        eight_bit = [b for b in eager_pass_buffers(plan, p) if b in kinds and buffers[b].dtype == torch.uint8]
+        for b in eight_bit:
+            kwargs[f"_{b}"] = quantization.dequantize(buffers[b], buffers[b + QUANT_SUFFIX], kinds[b])
+        result = fn(**kwargs)
+        stored = {b for b, _ in p.stores}
+        for b in eight_bit:
+            if b in stored:
+                codes, scales = quantization.quantize(kwargs[f"_{b}"], kinds[b])
+                buffers[b].copy_(codes)
+                buffers[b + QUANT_SUFFIX].copy_(scales)
+        return result
 
     def _advance(self, items, device_scalars) -> None:
         steps = [state["step"] for _, _, state, _ in items]

@@ -12,11 +12,12 @@ the all-reduce of the ``[tensors, slots]`` table).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 
-from .. import settings
+from .. import quantization, settings
 from ..codegen.abi import axes_args, axes_states, pass_args, reduce_args
 from ..codegen.render import load_module
 from . import backends
@@ -39,11 +40,16 @@ def _tl_dtype(dtype: torch.dtype, what: str = "tensors"):
     if not _TL_DTYPES:
         import triton.language as tl
 
-        _TL_DTYPES.update({torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16})
-    if dtype not in _TL_DTYPES:
+        _TL_DTYPES.update({torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.uint8: tl.uint8})
+    if dtype not in _TL_DTYPES or (dtype == torch.uint8 and what != "8-bit state"):  # uint8: an 8-bit state's codes
         hint = " (use backend='torch' for it)" if what == "state_dtype" else ""
         raise TypeError(f"the Triton backend supports fp32, fp16 and bf16 {what}, not {dtype}{hint}")
     return _TL_DTYPES[dtype]
+
+
+def _state_tl_dtype(dtype: torch.dtype):
+    """A buffer's Triton dtype in the tables: floats, and the uint8 codes of 8-bit states."""
+    return _tl_dtype(dtype, "8-bit state" if dtype == torch.uint8 else "tensors")
 
 
 @dataclass(frozen=True)
@@ -55,6 +61,23 @@ class LaunchConfig:
     reduce_block: int = 256
     num_warps: int = 4
     num_stages: int = 3
+
+
+# 8-bit plans hold each stored block's fp32 values through a reshape, a reduction and ten map lookups per element:
+# at 1024 elements per 4 warps LAMB8bit's first pass needs 168 registers and spills 48 B on sm_90; at 512, 126 and
+# none there, but AdamW8bit still spills 8 B on sm_80 (56 registers: ptxas's cap); at 256 none spills (measured)
+QUANTIZED_MAX_BLOCK = 256
+
+
+def fit_config(plan, config: LaunchConfig) -> LaunchConfig:
+    """``config`` made fit for ``plan``: with 8-bit buffers a block holds whole quantization blocks (a multiple of
+    256 elements: the absmax of each is a reduction within the block), at most ``QUANTIZED_MAX_BLOCK``, and a
+    chunk whole blocks."""
+    if not plan.quantized:
+        return config
+    size = quantization.BLOCK
+    block = min(max(size, -(-config.block // size) * size), max(size, QUANTIZED_MAX_BLOCK))
+    return dataclasses.replace(config, block=block, chunk=-(-config.chunk // block) * block)
 
 
 def default_config() -> LaunchConfig:
@@ -74,7 +97,7 @@ class TritonBackend:
         whenever the tables are rebuilt (``optgen.runtime.autotune.tune``); None keeps ``config``."""
         self.plan = plan
         self.module = load_module(plan, "triton")
-        self.config = config or default_config()
+        self.config = fit_config(plan, config or default_config())
         self.tuner = tuner
         self._tables: ChunkTables | None = None
         self._staging = Staging()
@@ -114,9 +137,9 @@ class TritonBackend:
         tables = self._tables
         if tables is None or not tables.still_valid(items):
             if self.tuner is not None:
-                self.config = self.tuner(self.plan, items, default_config(), device_scalars=device_scalars)
+                self.config = fit_config(self.plan, self.tuner(self.plan, items, fit_config(self.plan, default_config()), device_scalars=device_scalars))
             # a factored plan's tiles are at most a block wide: a program holds a tile's row in one block
-            tables = ChunkTables(self.plan, items, scratch_of, self.config.chunk, _tl_dtype, max_cols=self.config.block)
+            tables = ChunkTables(self.plan, items, scratch_of, self.config.chunk, _state_tl_dtype, max_cols=self.config.block)
             self._tables = tables
         else:
             tables.refresh(items)

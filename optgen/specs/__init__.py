@@ -3,9 +3,9 @@
 from ..layerwise import layer_adaptive
 from .adabelief import adabelief
 from .adafactor import adafactor
-from .adam import adam, adamw
+from .adam import adam, adamw, adamw8bit
 from .came import came
-from .lamb import lamb, nvlamb
+from .lamb import lamb, lamb8bit, nvlamb
 from .lars import lars
 from .lars_optax import lars_optax
 from .lion import lion
@@ -38,6 +38,8 @@ BUILTINS = {
     "adafactor": adafactor,
     "layer_adaptive_adafactor": layer_adaptive_adafactor,
     "came": came,
+    "adamw8bit": adamw8bit,
+    "lamb8bit": lamb8bit,
 }
 
 __all__ = [
@@ -56,4 +58,6 @@ __all__ = [
     "adafactor",
     "layer_adaptive_adafactor",
     "came",
+    "adamw8bit",
+    "lamb8bit",
 ]

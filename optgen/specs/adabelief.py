@@ -30,7 +30,7 @@ def adabelief() -> Spec:
     decouple = spec.flag(weight_decouple=True)
     w, t = spec.param, spec.step
     g = where(decouple, spec.grad, spec.grad + wd * w)
-    m, s = spec.state("exp_avg"), spec.state("exp_avg_var")
+    m, s = spec.state("exp_avg"), spec.state("exp_avg_var", quantize="unsigned")
     m1 = spec.update(m, beta1 * m + (1 - beta1) * g)
     s1 = spec.update(s, beta2 * s + (1 - beta2) * (g - m1) ** 2 + eps)
     step = (lr / (1 - beta1**t)) * m1 / (sqrt(s1) / sqrt(1 - beta2**t) + eps)

@@ -44,7 +44,7 @@ def adafactor() -> Spec:
     factored = spec.shape_flag("factored", min_ndim=2)
     row_var = spec.state("row_var", per="row", when=factored)
     col_var = spec.state("col_var", per="column", when=factored)
-    variance = spec.state("variance", when=~factored)
+    variance = spec.state("variance", when=~factored, quantize="unsigned")
     weight = t**beta2_decay  # 1 - beta2_t
     row_var1 = spec.update(row_var, row_var + weight * (row_mean(g**2) - row_var))
     col_var1 = spec.update(col_var, col_var + weight * (col_mean(g**2) - col_var))

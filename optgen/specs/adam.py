@@ -41,7 +41,7 @@ def _adam(name: str, doc: str, decoupled: bool, weight_decay: float) -> Spec:
     lr, beta1, beta2, eps, wd = spec.hyper(lr=1e-3, betas=BETAS, eps=1e-8, weight_decay=weight_decay)
     amsgrad, decoupled_wd = spec.flag(amsgrad=False, decoupled_weight_decay=decoupled)
     w, g, t = spec.param, spec.grad, spec.step
-    m, v, v_max = spec.state("exp_avg"), spec.state("exp_avg_sq"), spec.state("max_exp_avg_sq")
+    m, v, v_max = spec.state("exp_avg"), spec.state("exp_avg_sq", quantize="unsigned"), spec.state("max_exp_avg_sq", quantize="unsigned")
     g = where(decoupled_wd, g, g + wd * w)
     m1 = spec.update(m, beta1 * m + (1 - beta1) * g)
     v1 = spec.update(v, beta2 * v + (1 - beta2) * g**2)
@@ -59,4 +59,22 @@ def adamw() -> Spec:
     spec = _adam("AdamW", ADAMW_DOC, decoupled=True, weight_decay=1e-2)
     # torch.optim.AdamW loads any state dict (an Adam one too) as AdamW
     spec.torch_forced_on_load = {"decoupled_weight_decay": True}
+    return spec
+
+
+EIGHT_BIT_DOC = r"""
+
+Its states are kept in blockwise 8 bits by default (``state_format="8bit"``; ``optgen.quantization``): per block
+of 256 elements one fp32 scale :math:`s_b = \max_{i \in b} |x_i|` and per element the code of the nearest
+value of a dynamic map (signed for :math:`m`, unsigned for :math:`v`); each step dequantizes them, computes in
+fp32 and quantizes the new values (the update uses them before rounding, as bitsandbytes and torchao do).
+Tensors under 4096 elements keep fp32 state; ``state_format="fp32"`` keeps all of it in fp32.
+"""
+
+
+def adamw8bit() -> Spec:
+    """AdamW with 8-bit states (torchao's ``AdamW8bit``, bitsandbytes' ``AdamW8bit``)."""
+    spec = _adam("AdamW8bit", ADAMW_DOC + EIGHT_BIT_DOC, decoupled=True, weight_decay=1e-2)
+    spec.torch_forced_on_load = {"decoupled_weight_decay": True}
+    spec.state_format = "8bit"
     return spec

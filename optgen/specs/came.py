@@ -40,7 +40,7 @@ def came() -> Spec:
     sq_col = spec.state("exp_avg_sq_col", per="column", when=factored, keepdim=False)
     res_row = spec.state("exp_avg_res_row", per="row", when=factored, keepdim=False)
     res_col = spec.state("exp_avg_res_col", per="column", when=factored, keepdim=False)
-    sq = spec.state("exp_avg_sq", when=~factored)
+    sq = spec.state("exp_avg_sq", when=~factored, quantize="unsigned")
     squared = g**2 + eps1
     sq_row1 = spec.update(sq_row, beta2 * sq_row + (1 - beta2) * row_mean(squared))
     sq_col1 = spec.update(sq_col, beta2 * sq_col + (1 - beta2) * col_mean(squared))

@@ -42,7 +42,7 @@ TRUST_CLIP = Hyper((Hyper(0.0, doc=_CLIP_DOC), Hyper(math.inf, finite=False, doc
 
 def _lamb_body(spec: Spec, g, lr, beta1, beta2, eps, wd, bias_correction, eps_inside_sqrt, phi_lo=0, phi_hi=math.inf):
     w, t = spec.param, spec.step
-    m, v = spec.state("exp_avg"), spec.state("exp_avg_sq")
+    m, v = spec.state("exp_avg"), spec.state("exp_avg_sq", quantize="unsigned")
     m1 = spec.update(m, beta1 * m + (1 - beta1) * g)
     v1 = spec.update(v, beta2 * v + (1 - beta2) * g**2)
     m_hat = where(bias_correction, m1 / (1 - beta1**t), m1)
@@ -73,4 +73,29 @@ def nvlamb() -> Spec:
     # Unevaluated: sympy would distribute (g/c)**2 into g**2/c**2, which overflows for large g.
     g = Unevaluated(spec.grad / Max(1, global_norm(spec.grad) / max_norm))
     _lamb_body(spec, g, lr, beta1, beta2, eps, wd, True, False)
+    return spec
+
+
+LAMB8BIT_DOC = r"""
+
+LAMB8bit keeps its moments in blockwise 8 bits by default (``state_format="8bit"``; ``optgen.quantization``;
+tensors under 4096 elements keep fp32 state) and applies the real trust ratio, unlike bitsandbytes' 8-bit LAMB
+(whose blockwise path skips it): pass 1 updates the moments in fp32, quantizes them, sums
+:math:`\|w\|^2` and :math:`\|u\|^2` of the fp32 update :math:`u` and stores :math:`u` itself in 8 bits for
+pass 2, which applies :math:`w - \gamma \phi(\|w\|) / \|u\| \cdot u` (pass 2 never re-reads the 8-bit moments:
+where a second moment rounds to 0 beside a first moment that does not, :math:`u` would step by
+:math:`m / \epsilon`).
+"""
+
+
+def lamb8bit() -> Spec:
+    """LAMB with 8-bit states and the real trust ratio."""
+    spec = Spec("LAMB8bit", doc=LAMB_DOC + LAMB8BIT_DOC)
+    lr, beta1, beta2, eps, wd, lo, hi = spec.hyper(
+        lr=1e-3, betas=BETAS, eps=1e-6, weight_decay=0.01, trust_clip=TRUST_CLIP
+    )
+    bias_correction, eps_inside_sqrt = spec.flag(bias_correction=True, eps_inside_sqrt=False)
+    spec.require(lo <= hi, "trust_clip=(lo, hi) needs lo <= hi")
+    _lamb_body(spec, spec.grad, lr, beta1, beta2, eps, wd, bias_correction, eps_inside_sqrt, lo, hi)
+    spec.state_format = "8bit"
     return spec

@@ -1,0 +1,110 @@
+r"""Blockwise 8-bit optimizer state: the maps, the block geometry and the reference quantizer.
+
+A state in 8 bits (``state_format="8bit"``) is stored as ``uint8`` codes of the parameter's shape and one fp32
+scale per block of ``BLOCK`` consecutive elements (the block's largest magnitude, at least ``MIN_SCALE``; the
+last block of a tensor may be shorter). A code indexes a sorted map of 256 fp32 values in [-1, 1] (``MAPS``):
+
+.. math::
+   x \approx \mathrm{map}[c_i] \cdot s_{\lfloor i / B \rfloor}, \qquad
+   s_b = \max(\max_{i \in b} |x_i|, 10^{-12}), \qquad
+   c_i = \operatorname*{arg\,min}_c |\mathrm{map}[c] - x_i / s_b|
+
+The code is found by a branchless binary search over the map, then rounded to the nearer neighbour (ties up),
+as torchao's ``quantize_8bit_with_qmap``: the kernels (C, Triton) and the eager oracle run the same steps in fp32,
+so their codes equal torchao's on the same inputs. Signed states use the signed dynamic map of bitsandbytes and
+torchao (Dettmers et al., 2022: an exponent of 0..-6 decades and a shrinking linear fraction), non-negative states
+the unsigned one; the maps are data (``MAPS``): a linear map is ``tuple(torch.linspace(-1, 1, 256).tolist())``.
+
+Tensors of fewer than ``MIN_NUMEL`` elements keep full-precision state (as bitsandbytes and torchao): their
+scales would cost more than the codes save. A NaN or infinity in a block makes that block's scale NaN (or
+infinite), so the block's values all read NaN afterwards, as fp32 state would spread it through the update; no
+other block is touched.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+BLOCK = 256  # elements per scale
+MIN_NUMEL = 4096  # smaller tensors keep full-precision state
+MIN_SCALE = 1e-12  # a block of zeros keeps a finite scale (no 0/0 when quantizing)
+KINDS = ("signed", "unsigned")  # the map rows of the kernels' [2, 256] map table, in this order
+STATE_BYTES = 1 + 4 / BLOCK  # bytes per element of an 8-bit state: the code and its share of the scale
+
+
+def dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bits: int = 8) -> tuple[float, ...]:
+    """The dynamic quantization map of bitsandbytes' ``create_dynamic_map`` (without its zero padding, as torchao
+    keeps it): per decade ``10**(i - 6)``, ``i < 7``, the midpoints of a linear split of [0.1, 1] into
+    ``2**(i + 1)`` (signed, both signs) or ``2**(i + 2)`` (unsigned) parts, then 0 and 1. Computed with the same
+    fp32 operations, so the values are the same floats."""
+    data: list[float] = []
+    non_sign_bits = total_bits - 1
+    additional_items = 2 ** (non_sign_bits - max_exponent_bits) - 1
+    for i in range(max_exponent_bits):
+        parts = 2 ** (i + non_sign_bits - max_exponent_bits) + 1 if signed else 2 ** (i + non_sign_bits - max_exponent_bits + 1) + 1
+        boundaries = torch.linspace(0.1, 1, int(parts))
+        means = (boundaries[:-1] + boundaries[1:]) / 2.0
+        data += ((10 ** (-(max_exponent_bits - 1) + i)) * means).tolist()
+        if signed:
+            data += (-(10 ** (-(max_exponent_bits - 1) + i)) * means).tolist()
+    if additional_items > 0:  # (none for 8 bits with 7 exponent bits)
+        boundaries = torch.linspace(0.1, 1, additional_items + 1)
+        means = (boundaries[:-1] + boundaries[1:]) / 2.0
+        data += ((10 ** (-(max_exponent_bits - 1) + max_exponent_bits - 1)) * means).tolist()
+        if signed:
+            data += (-(10 ** (-(max_exponent_bits - 1) + max_exponent_bits - 1)) * means).tolist()
+    data += [0.0, 1.0]
+    if len(data) != 2**total_bits:
+        raise ValueError(f"a dynamic map of {total_bits} bits has {2**total_bits} values, made {len(data)}")
+    return tuple(sorted(data))
+
+
+MAPS: dict[str, tuple[float, ...]] = {"signed": dynamic_map(True), "unsigned": dynamic_map(False)}
+
+
+def map_table(device=None) -> torch.Tensor:
+    """The maps as the kernels read them: fp32 ``[2, 256]``, rows in ``KINDS`` order."""
+    return torch.tensor([MAPS[kind] for kind in KINDS], dtype=torch.float32, device=device)
+
+
+def quantized(numel: int) -> bool:
+    """Whether a state of a tensor of ``numel`` elements is kept in 8 bits (else in full precision)."""
+    return numel >= MIN_NUMEL
+
+
+def n_blocks(numel: int) -> int:
+    return math.ceil(numel / BLOCK)
+
+
+def empty_state(like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes and scales of an 8-bit state of ``like``'s shape, all zero (every value reads 0)."""
+    codes = torch.zeros(like.shape, dtype=torch.uint8, device=like.device)
+    return codes, torch.zeros(n_blocks(like.numel()), dtype=torch.float32, device=like.device)
+
+
+def quantize(values: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference quantizer (the eager oracle's, and checkpoints' fp32 -> 8-bit): ``values`` (any float
+    dtype, any shape) as fp32 ``(codes of its shape, scales [blocks])``; see the module docstring."""
+    table = torch.tensor(MAPS[kind], dtype=torch.float32, device=values.device)
+    flat = values.detach().reshape(-1).to(torch.float32)
+    numel = flat.numel()
+    padded = torch.nn.functional.pad(flat, (0, n_blocks(numel) * BLOCK - numel)).view(-1, BLOCK)
+    scale = padded.abs().amax(dim=1).clamp(min=MIN_SCALE)  # NaN stays NaN (amax and clamp propagate it)
+    x = (padded / scale[:, None]).reshape(-1)[:numel]
+    codes = torch.where(x >= table[128], 128, 0)
+    for step in (64, 32, 16, 8, 4, 2, 1):
+        codes = codes + torch.where(x >= table[codes + step], step, 0)
+    up = (codes + 1).clamp(max=255)
+    down_value = table[codes]
+    codes = torch.where(x - down_value >= (table[up] - down_value) * 0.5, up, codes)
+    return codes.to(torch.uint8).view(values.shape), scale
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, kind: str) -> torch.Tensor:
+    """fp32 values of codes and scales (``map[code] * scale``, in fp32)."""
+    table = torch.tensor(MAPS[kind], dtype=torch.float32, device=codes.device)
+    flat = table[codes.reshape(-1).long()]
+    index = torch.arange(flat.numel(), device=codes.device) // BLOCK
+    return (flat * scale[index]).view(codes.shape)
