@@ -149,7 +149,7 @@ def cmd_bench(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run
 
-    run(args.out, steps=args.steps, backend=args.backend)
+    run(args.out, steps=args.steps, backend=args.backend, state_format=args.state_format)
     return 0
 
 
@@ -223,6 +223,7 @@ def main(argv=None) -> int:
     demo.add_argument("--out", default="optgen-demo", help="directory for the loss-curve PNG")
     demo.add_argument("--steps", type=int, default=150)
     demo.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto")
+    demo.add_argument("--state-format", choices=("fp32", "bf16", "8bit"), default=None, help="the optimizers' state (default fp32)")
     demo.set_defaults(fn=cmd_demo)
 
     args = parser.parse_args(argv)

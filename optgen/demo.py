@@ -48,18 +48,19 @@ def _param_groups(model, weight_decay: float):
     ]
 
 
-RECIPES = {
-    "LAMB": lambda m, b: LAMB(_param_groups(m, 0.01), lr=0.02, backend=b),
-    "LARS": lambda m, b: LARS(_param_groups(m, 1e-4), lr=1.0, momentum=0.9, trust_coefficient=0.01, backend=b),
-    "AdamW": lambda m, b: AdamW(m.parameters(), lr=0.01, weight_decay=0.01, backend=b),
-    "SGD": lambda m, b: SGD(m.parameters(), lr=0.5, momentum=0.9, backend=b),
+RECIPES = {  # (model, backend, state_format) -> optimizer
+    "LAMB": lambda m, b, f: LAMB(_param_groups(m, 0.01), lr=0.02, backend=b, state_format=f),
+    "LARS": lambda m, b, f: LARS(_param_groups(m, 1e-4), lr=1.0, momentum=0.9, trust_coefficient=0.01, backend=b, state_format=f),
+    "AdamW": lambda m, b, f: AdamW(m.parameters(), lr=0.01, weight_decay=0.01, backend=b, state_format=f),
+    "SGD": lambda m, b, f: SGD(m.parameters(), lr=0.5, momentum=0.9, backend=b, state_format=f),
 }
 
 
-def train(name: str, steps: int, backend: str):
+def train(name: str, steps: int, backend: str, state_format: str | None = None):
+    """``state_format``: the optimizers' (None: fp32; ``"8bit"``: the matrices' states in blockwise 8 bits)."""
     (x_train, y_train), (x_test, y_test) = _data()
     model = _model()
-    opt = RECIPES[name](model, backend)
+    opt = RECIPES[name](model, backend, state_format)
     losses = []
     start = time.perf_counter()
     for _ in range(steps):
@@ -74,7 +75,7 @@ def train(name: str, steps: int, backend: str):
     return losses, accuracy, elapsed
 
 
-def run(out_dir: str = "optgen-demo", steps: int = 150, backend: str = "auto") -> dict:
+def run(out_dir: str = "optgen-demo", steps: int = 150, backend: str = "auto", state_format: str | None = None) -> dict:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     lamb_plan = make_plan(lower(BUILTINS["lamb"]()))
@@ -94,10 +95,11 @@ def run(out_dir: str = "optgen-demo", steps: int = 150, backend: str = "auto") -
         print(f"\n(static kernel report unavailable here: {exc})")
     if backend == "triton" and not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    print(f"\n== training an MLP on scikit-learn digits, batch 1437 (full set), {steps} steps, backend={backend} ==")
+    states = "" if state_format is None else f", state_format={state_format}"
+    print(f"\n== training an MLP on scikit-learn digits, batch 1437 (full set), {steps} steps, backend={backend}{states} ==")
     results = {}
     for name in RECIPES:
-        losses, accuracy, elapsed = train(name, steps, backend)
+        losses, accuracy, elapsed = train(name, steps, backend, state_format)
         results[name] = {"losses": losses, "accuracy": accuracy, "seconds": elapsed}
         print(f"  {name:6s} final loss {losses[-1]:.4f}  test accuracy {accuracy * 100:5.1f}%  time {elapsed:6.2f} s")
     try:

@@ -607,7 +607,7 @@ class StateDecl:
     per: str = "element"
     when: tuple[str, bool] | None = None
     keepdim: bool = True  # per row/column: the reduced dimension kept as 1 (torch's Adafactor) or dropped (CAME)
-    quantize: str = "signed"  # in 8 bits (state_format="8bit"): the map ("signed", "unsigned"), or "exact": never
+    quantize: str = "signed"  # in 8 bits (state_format="8bit"): the map ("signed", "unsigned", "square"), or "exact"
 
 
 @dataclass(frozen=True)
@@ -625,7 +625,7 @@ class Requirement:
 
 
 PARAM = "param"
-QUANTIZE_CHOICES = ("signed", "unsigned", "exact")
+QUANTIZE_CHOICES = ("signed", "unsigned", "square", "exact")
 QUANT_SUFFIX = "_absmax"  # an 8-bit state's scales are the state dict's entry <state>_absmax
 _RESERVED = {"w", "g", "t", PARAM, "params", "grad", "step", "backend", "defaults", "layer_adaptation", "tl", "torch"}
 _RESERVED_PREFIXES = ("_", "tmp", "red_", "scratch_")
@@ -797,9 +797,10 @@ class Spec:
         row/column): the state dict's tensor keeps the reduced dimension as 1 (torch.optim.Adafactor's
         ``row_var``) or drops it (came-pytorch's ``exp_avg_sq_row``); the values are the same. ``quantize``: how an
         element-wise state is kept when the optimizer is built with ``state_format="8bit"``: ``"signed"``
-        (default) or ``"unsigned"`` (a state never negative: a second moment) selects the 8-bit map
-        (``optgen.quantization``), ``"exact"`` keeps it in full precision (a state the update cannot afford to
-        round, e.g. a running sum that must stay exact)."""
+        (default), ``"unsigned"`` (a state never negative: torchao's map for Adam's second moment) or
+        ``"square"`` (a mean of squares kept with the precision of its square root: LAMB's second moment) selects
+        the 8-bit map (``optgen.quantization``), ``"exact"`` keeps it in full precision (a state the update cannot
+        afford to round, e.g. a running sum that must stay exact)."""
         self._claim(name, "state")
         if quantize not in QUANTIZE_CHOICES:
             raise SpecError(f"state {name!r}: quantize={quantize!r}; expected one of {QUANTIZE_CHOICES} [{_caller_location()}]")

@@ -15,8 +15,8 @@ from optgen import quantization
 from optgen.catalog import default_plan
 from optgen.specs import BUILTINS
 
-# above MIN_NUMEL (8-bit), an odd size with a partial last block, small ones (full-precision state), empty
-SHAPES = [(96, 70), (5000,), (4096,), (10,), (0,), (257, 33), (3, 1, 4)]
+# above MIN_NUMEL (8-bit; 5000: a partial last block), exactly MIN_NUMEL, small ones (full-precision state), empty
+SHAPES = [(96, 70), (5000,), (4096,), (10,), (0,), (3, 1, 4)]
 
 
 def _params(shapes=SHAPES, dtype=torch.float32, seed=0):
@@ -24,7 +24,7 @@ def _params(shapes=SHAPES, dtype=torch.float32, seed=0):
     return [torch.nn.Parameter(torch.randn(s, generator=gen).to(dtype)) for s in shapes]
 
 
-def _run(cls, backend, steps=6, dtype=torch.float32, shapes=SHAPES, **kwargs):
+def _run(cls, backend, steps=4, dtype=torch.float32, shapes=SHAPES, **kwargs):
     params = _params(shapes, dtype)
     opt = cls(params, backend=backend, **kwargs)
     run_steps(opt, params, make_grads(shapes, steps, dtype=dtype))
@@ -189,7 +189,7 @@ def _train(make_opt, steps=200):
 
 
 # Documented distances (README): after 200 steps of a 3-layer MLP, ||w_8bit - w_fp32|| / ||w_fp32 - w_0||.
-# Measured: AdamW8bit 0.0236 (torchao's AdamW8bit from torch's AdamW: 0.0239), LAMB8bit 0.0305.
+# Measured: AdamW8bit 0.0236 (torchao's AdamW8bit from torch's AdamW: 0.0239), LAMB8bit 0.0345.
 FIDELITY = {"AdamW": 0.03, "LAMB": 0.04}
 
 
@@ -236,18 +236,18 @@ def test_a_bad_gradient_spoils_only_its_block(backend, bad):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_checkpoint_round_trip_is_bitwise(backend):
-    grads = make_grads(SHAPES, 6)
+    grads = make_grads(SHAPES, 4)
     straight = _params()
     opt = optgen.AdamW8bit(straight, backend=backend)
     run_steps(opt, straight, grads)
     resumed = _params()
     first = optgen.AdamW8bit(resumed, backend=backend)
-    run_steps(first, resumed, grads[:3])
+    run_steps(first, resumed, grads[:2])
     saved = first.state_dict()
     assert saved["state"][0]["exp_avg"].dtype == torch.uint8 and "exp_avg_absmax" in saved["state"][0]
     second = optgen.AdamW8bit(resumed, backend=backend)
     second.load_state_dict(saved)
-    run_steps(second, resumed, grads[3:])
+    run_steps(second, resumed, grads[2:])
     assert_bitwise([p.detach() for p in resumed], [p.detach() for p in straight])
     for (index, name), (codes, scales) in _eight_bit(second, resumed).items():
         assert_bitwise(codes, opt.state[straight[index]][name])
@@ -324,8 +324,8 @@ def test_a_state_set_by_hand_in_the_wrong_form_is_refused_before_anything_change
 # -- bf16 stochastic rounding -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_stochastic_rounding_keeps_small_updates(backend):
+@pytest.mark.parametrize("backend", ["torch", "c"])  # Triton: bitwise the same bits (the test below); 1000 steps
+def test_stochastic_rounding_keeps_small_updates(backend):  # in the interpreter would take minutes
     """4096 bf16 weights at 1.0 taking 1000 updates of -1e-4 (1/39 of a bf16 ulp there) end at 0.9 on average."""
     p = torch.nn.Parameter(torch.ones(4096, dtype=torch.bfloat16))
     opt = optgen.SGD([p], lr=1e-4, bf16_stochastic_round=True, backend=backend)

@@ -173,7 +173,8 @@ def _pass_context(plan: Plan, p: Pass, printer, scalar_printer, identity: dict) 
     # bf16 stochastic rounding of the parameter's store: its seed's column in the hyperparameter table
     stochastic = stochastic_round(plan) and "param" in stored
     quantized = [
-        {"buffer": b, "kind": kinds[b], "row": quantization.KINDS.index(kinds[b]), "stored": b in stored}
+        {"buffer": b, "kind": kinds[b], "row": quantization.KINDS.index(kinds[b]), "stored": b in stored,
+         "loaded": b in {ld.buffer for ld in p.loads}}
         for b in quantized_buffers(plan, p)
     ]
     return {

@@ -180,9 +180,10 @@ def vectorization(source: Path, defines: dict[str, int | str] | None = None) -> 
     (a ``where`` on a per-step condition) count as the report says. Raises BuildError for a compiler without
     the reports."""
     chain = toolchain()
-    lines = [n for n, text in enumerate(source.read_text().splitlines(), 1) if "/* element loop" in text]
+    defined = [f"-D{k}={v}" for k, v in sorted((defines or {}).items())]
+    lines = _compiled_marked_lines(chain, source, defined)
     with tempfile.TemporaryDirectory() as tmp:
-        command = [*chain.prefix, *chain.flags, *(f"-D{k}={v}" for k, v in sorted((defines or {}).items())),
+        command = [*chain.prefix, *chain.flags, *defined,
                    "-fopt-info-vec-optimized", "-fopt-info-loop-optimized", str(source), "-o", str(Path(tmp) / "report.so")]  # fmt: skip
         result = _run(command)
     if result.returncode != 0 or "-fopt-info" in result.stderr:
@@ -193,5 +194,24 @@ def vectorization(source: Path, defines: dict[str, int | str] | None = None) -> 
     return {line: bool(found & {line - 1, line, line + 1}) and not unswitched & {line - 1, line, line + 1, line + 2} for line in lines}
 
 
+def _compiled_marked_lines(chain, source: Path, defined: list[str]) -> list[int]:
+    """Lines of ``source`` marked ``/* element loop`` that the preprocessor keeps with these defines (an 8-bit
+    buffer's quantize loop exists only where it is 8-bit): from ``-E -C``'s line markers and kept comments."""
+    result = _run([*chain.prefix, *defined, "-E", "-C", str(source)])
+    if result.returncode != 0:
+        raise BuildError(f"{chain.compiler} could not preprocess {source.name}", [*chain.prefix, "-E", str(source)], result.stderr)
+    lines, line, own = [], 0, False
+    for text in result.stdout.splitlines():
+        marker = _LINE_MARKER.match(text)
+        if marker:
+            line, own = int(marker.group(1)), Path(marker.group(2)).name == source.name
+            continue
+        if own and "/* element loop" in text:
+            lines.append(line)
+        line += 1
+    return lines
+
+
+_LINE_MARKER = __import__("re").compile(r'^# (\d+) "([^"]*)"')
 _REPORT_LINE = __import__("re").compile(r":(\d+):\d+: optimized: loop vectorized")
 _UNSWITCH_LINE = __import__("re").compile(r":(\d+):\d+: optimized: Unswitching loop on condition: if \((\w+) != \2\)")

@@ -42,7 +42,9 @@ TRUST_CLIP = Hyper((Hyper(0.0, doc=_CLIP_DOC), Hyper(math.inf, finite=False, doc
 
 def _lamb_body(spec: Spec, g, lr, beta1, beta2, eps, wd, bias_correction, eps_inside_sqrt, phi_lo=0, phi_hi=math.inf):
     w, t = spec.param, spec.step
-    m, v = spec.state("exp_avg"), spec.state("exp_avg_sq", quantize="unsigned")
+    # in 8 bits its second moment takes the squared map: the trust ratio would hand a layer's step to elements whose
+    # v rounds to 0 under torchao's unsigned map (optgen.quantization)
+    m, v = spec.state("exp_avg"), spec.state("exp_avg_sq", quantize="square")
     m1 = spec.update(m, beta1 * m + (1 - beta1) * g)
     v1 = spec.update(v, beta2 * v + (1 - beta2) * g**2)
     m_hat = where(bias_correction, m1 / (1 - beta1**t), m1)
