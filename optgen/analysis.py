@@ -418,9 +418,10 @@ def _traffic(weigh, leaves, store_buffers) -> Fraction:
 
 
 # A later pass must not re-read an 8-bit state's new value: its codes have lost what the pass that computed it
-# used (an element whose second moment rounds to 0 beside a first moment that does not would step by m/eps;
-# LAMB's trust ratio would be the norm of another update than the one applied). The planner prices such a load
-# out of reach, so what the later pass needs of it is stored as an fp32 scratch value, as exact as in one pass.
+# used (an element whose second moment rounds to 0 beside a first moment that does not would step by m/eps,
+# against the trust ratio LAMB took from the fp32 values). The planner prices such a load out of reach, so what
+# the later pass needs of it is stored instead: a scratch value, itself 8-bit in such a plan (LAMB8bit's update u,
+# rounded once, ~1% of its block's largest; the trust ratio is the norm of u before that rounding).
 _UNREADABLE = Fraction(10**6)
 
 

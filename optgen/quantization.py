@@ -77,6 +77,11 @@ def map_table(device=None) -> torch.Tensor:
     return torch.tensor([MAPS[kind] for kind in KINDS], dtype=torch.float32, device=device)
 
 
+def map_of(kind: str, device=None) -> torch.Tensor:
+    """Map ``kind`` as an fp32 tensor of 256 values."""
+    return torch.tensor(MAPS[kind], dtype=torch.float32, device=device)
+
+
 def quantized(numel: int) -> bool:
     """Whether a state of a tensor of ``numel`` elements is kept in 8 bits (else in full precision)."""
     return numel >= MIN_NUMEL
@@ -110,9 +115,9 @@ def quantize(values: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tenso
     return codes.to(torch.uint8).view(values.shape), scale
 
 
-def dequantize(codes: torch.Tensor, scale: torch.Tensor, kind: str) -> torch.Tensor:
-    """fp32 values of codes and scales (``map[code] * scale``, in fp32)."""
-    table = torch.tensor(MAPS[kind], dtype=torch.float32, device=codes.device)
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, kind) -> torch.Tensor:
+    """fp32 values of codes and scales (``map[code] * scale``, in fp32); ``kind``: a map's name, or its values."""
+    table = kind.to(codes.device, torch.float32) if isinstance(kind, torch.Tensor) else map_of(kind, codes.device)
     flat = table[codes.reshape(-1).long()]
     index = torch.arange(flat.numel(), device=codes.device) // BLOCK
     return (flat * scale[index]).view(codes.shape)

@@ -108,11 +108,14 @@ def master_weights(ir: IR) -> IR:
     return _with_option(ir, "master_weights", updates=tuple(updates), states=states)
 
 
+AMP_SKIP = "found_inf"  # the device scalar whose non-zero value skips the step
+
+
 def amp(ir: IR, unscale: bool) -> IR:
     """GradScaler: unscale by ``grad_scale`` (unless the user already unscaled) and skip on ``found_inf``."""
-    found_inf = DeviceScalarSymbol("found_inf")
+    found_inf = DeviceScalarSymbol(AMP_SKIP)
     ok = sympy.Eq(found_inf, 0)
-    device = ["found_inf"]
+    device = [AMP_SKIP]
     updates = ir.updates
     if unscale:
         scale = DeviceScalarSymbol("grad_scale")

@@ -15,6 +15,7 @@ import torch
 from conftest import TOL, assert_bitwise, assert_close_rel
 
 import optgen
+from optgen import quantization
 from optgen.catalog import variants
 from optgen.specs import BUILTINS
 
@@ -29,7 +30,7 @@ needs_cuda = pytest.mark.skipif(ON_CPU, reason="CUDA only (OPTGEN_TEST_CUDA_ON_C
 
 SHAPES = [(1,), (7,), (65535,), (65536,), (65537,), (3 * 65536 + 5,), (), (0,), (129, 257)]
 if ON_CPU:  # the interpreter: sizes around conftest's 256-element chunk
-    SHAPES = [(1,), (7,), (255,), (257,), (3 * 256 + 5,), (), (0,), (13, 29)]
+    SHAPES = [(1,), (7,), (255,), (257,), (3 * 256 + 5,), (), (0,), (13, 29), (4100,)]  # 4100: 8-bit states
 # factored updates: matrices, a batch of matrices, a vector and a 0-d parameter (the unfactored variant), single
 # rows and columns, rows wider than conftest's 64-element block, a 4-D tensor
 FACTORED_SHAPES = [(7, 13), (3, 4, 6), (5,), (), (1, 9), (9, 1), (33, 17), (3, 700), (2, 3, 1, 5)]
@@ -101,6 +102,14 @@ def assert_same_run(runs, dtype, tol, states=True):
         for i, (p, q) in enumerate(zip(params, expected)):
             assert set(opt.state[p]) == set(oracle.state[q])
             for key, value in oracle.state[q].items():
+                kind = opt._runner.eight_bit_kinds.get(key)
+                if value.dtype == torch.uint8 and kind is not None:
+                    # 8-bit codes: a value on a rounding boundary may take the neighbouring code where the GPU's
+                    # fp32 (FMA) differs in the last bit: compare what they hold, to one code step of the block
+                    scales = (opt.state[p][key + "_absmax"], oracle.state[q][key + "_absmax"])
+                    held = [quantization.dequantize(c, s, kind) for c, s in ((opt.state[p][key], scales[0]), (value, scales[1]))]
+                    assert_close_rel(held[0], held[1], tol=max(tol, 0.02), what=f"[{i}] {key} (8-bit)")
+                    continue
                 assert_close_rel(opt.state[p][key], value, tol=tol, what=f"[{i}] {key}")
 
 

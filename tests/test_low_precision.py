@@ -298,7 +298,7 @@ def test_bad_state_formats_fail_at_construction():
         optgen.AdamW(p, state_format={"exp_avg_sqq": "8bit"})
     with pytest.raises(ValueError, match="Invalid state_format"):
         optgen.AdamW(p, state_format="4bit")
-    with pytest.raises(ValueError, match="complex and integer parameters"):
+    with pytest.raises(ValueError, match="8-bit state .* is for real parameters; a parameter is torch.complex64"):
         optgen.AdamW8bit([torch.nn.Parameter(torch.zeros(5000, dtype=torch.complex64))])
     with pytest.raises(TypeError, match="floating point"):  # every optimizer refuses integer parameters
         optgen.AdamW8bit([torch.zeros(5000, dtype=torch.int32)])
@@ -387,3 +387,85 @@ def test_stochastic_rounding_leaves_other_dtypes_alone():
     assert_bitwise([p.detach() for p in fp32], [p.detach() for p in plain])
     with pytest.raises(ValueError, match="bf16_stochastic_round"):
         optgen.AdamW(fp32, bf16_stochastic_round=1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_complex_parameter_added_later_is_refused(backend):
+    """(The C kernels would walk the real view's 2n floats past an n-element code table.)"""
+    p = torch.nn.Parameter(torch.ones(5000))
+    opt = optgen.AdamW8bit([p], backend=backend)
+    with pytest.raises(ValueError, match="is for real parameters"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.ones(5000, dtype=torch.complex64))]})
+    assert len(opt.param_groups) == 1
+    p.grad = torch.ones(5000)
+    opt.step()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_skipped_step_keeps_codes_and_scales(backend):
+    """GradScaler's skipped step stores the old values again; requantizing them would not give the same codes
+    (the signed map has no -1: a block whose largest value is negative would shrink its scale every skip)."""
+    p = torch.nn.Parameter(torch.randn(256 * 16, generator=torch.Generator().manual_seed(0)))
+    opt = optgen.AdamW8bit([p], backend=backend)
+    p.grad = -torch.rand(p.shape) - 0.5  # negative moments: every block's largest magnitude is negative
+    opt.step()
+    before = {k: v.clone() for k, v in opt.state[p].items()}
+    weights = p.detach().clone()
+    for _ in range(3):  # GradScaler's contract with fused optimizers: it sets these around step()
+        p.grad = torch.randn(p.shape)
+        opt.grad_scale, opt.found_inf = torch.tensor(4.0), torch.tensor(1.0)
+        opt.step()
+        del opt.grad_scale, opt.found_inf
+    assert_bitwise(p.detach(), weights)
+    for key, value in before.items():
+        assert_bitwise(opt.state[p][key], value, key)
+
+
+def test_a_broken_8bit_checkpoint_changes_nothing():
+    params = _params()
+    opt = optgen.AdamW8bit(params, lr=0.5)
+    run_steps(opt, params, make_grads(SHAPES, 1))
+    saved = opt.state_dict()
+    del saved["state"][0]["exp_avg_absmax"]
+    before = {k: v.clone() for k, v in opt.state[params[0]].items()}
+    other = optgen.AdamW8bit(params, lr=0.001)
+    run_steps(other, params, make_grads(SHAPES, 1))
+    other_before = {k: v.clone() for k, v in other.state[params[0]].items()}
+    with pytest.raises(ValueError, match="'exp_avg' holds 8-bit codes; it needs 'exp_avg_absmax'"):
+        other.load_state_dict(saved)
+    assert other.param_groups[0]["lr"] == 0.001
+    for key, value in other_before.items():
+        assert_bitwise(other.state[params[0]][key], value, key)
+    assert before  # (the saving optimizer is untouched too)
+
+
+def test_a_checkpoint_says_which_map_reads_its_codes():
+    """LAMB8bit keeps its second moment with the squared map, AdamW8bit with the unsigned one: a checkpoint carries
+    its maps, so the codes are read with the map that wrote them and quantized again with the loader's."""
+    params = _params()
+    lamb = optgen.LAMB8bit(params)
+    run_steps(lamb, params, make_grads(SHAPES, 2))
+    saved = lamb.state_dict()
+    assert torch.equal(saved["state"][0]["exp_avg_sq_qmap"], torch.tensor(quantization.MAPS["square"]))
+    adamw = optgen.AdamW8bit(params)
+    adamw.load_state_dict(saved)
+    p = params[0]
+    written = quantization.dequantize(lamb.state[p]["exp_avg_sq"], lamb.state[p]["exp_avg_sq_absmax"], "square")
+    read = quantization.dequantize(adamw.state[p]["exp_avg_sq"], adamw.state[p]["exp_avg_sq_absmax"], "unsigned")
+    assert_close_rel(read, written, tol=0.02)
+    assert "exp_avg_sq_qmap" not in adamw.state[p]
+    fp32 = optgen.AdamW(params)
+    fp32.load_state_dict(saved)
+    assert_close_rel(fp32.state[p]["exp_avg_sq"], written, tol=1e-6)
+    run_steps(adamw, params, make_grads(SHAPES, 1))
+
+
+def test_a_dict_names_the_states_it_changes():
+    p = [torch.nn.Parameter(torch.zeros(5000))]
+    opt = optgen.AdamW8bit(p, state_format={"exp_avg": "fp32"})
+    p[0].grad = torch.ones(5000)
+    opt.step()
+    assert opt.state[p[0]]["exp_avg"].dtype == torch.float32 and opt.state[p[0]]["exp_avg_sq"].dtype == torch.uint8
+    opt = optgen.AdamW(p, state_format={"exp_avg_sq": "8bit"})
+    opt.step()
+    assert opt.state[p[0]]["exp_avg"].dtype == torch.float32 and opt.state[p[0]]["exp_avg_sq"].dtype == torch.uint8

@@ -24,7 +24,7 @@ import sympy
 from .. import quantization, settings
 from ..analysis import VARYING, Pass, Plan, SlotSymbol
 from ..spec import ColStateSymbol, HyperSymbol, ParamSymbol, RowStateSymbol, SpecError
-from ..transforms import STOCHASTIC_ROUND
+from ..transforms import AMP_SKIP, STOCHASTIC_ROUND
 from .abi import (
     axes_args,
     axes_layer_states,
@@ -185,6 +185,9 @@ def _pass_context(plan: Plan, p: Pass, printer, scalar_printer, identity: dict) 
         "quantized_stores": [q for q in quantized if q["stored"]],
         "stochastic": stochastic,
         "sr_seed_column": hyper_columns.get("sr_seed"),
+        # GradScaler's skip: a skipped step stores every old value again, but an 8-bit buffer keeps its codes and
+        # scales as they are (requantizing its own dequantized values is not the identity: the signed map has no -1)
+        "skip_scalar": AMP_SKIP if AMP_SKIP in p.device_scalars else None,
         "scalars": [(name, scalar_code(e)) for name, e in p.scalars],
         "casts": _scalar_casts(plan, p),
         # boolean per-step values (a cse'd ``found_inf == 0``): all of them, and those element-wise code reads

@@ -24,11 +24,11 @@ import warnings
 import sympy
 import torch
 
-from .. import settings, transforms
+from .. import quantization, settings, transforms
 from ..analysis import plan as make_plan
 from ..codegen.render import check_names
 from ..ir import lower
-from ..spec import BoolHyperSymbol, HyperSymbol, Spec, SpecError
+from ..spec import QUANT_MAP_SUFFIX, QUANT_SUFFIX, BoolHyperSymbol, HyperSymbol, Spec, SpecError
 from . import backends
 from .steps import STATE_EDITS, States, StepRunner, counts_steps
 
@@ -112,14 +112,6 @@ class GeneratedOptimizer(torch.optim.Optimizer):
             self._config["master"] = False  # the runner reads this dict: no plan was made yet
         super().__init__(params, defaults)
         self.state = States(self.state)
-        if quantized != ():
-            for group in self.param_groups:
-                for p in group["params"]:
-                    if p.is_complex() or not p.is_floating_point():
-                        raise ValueError(
-                            f"state_format='8bit' keeps real floating-point state; a parameter is {p.dtype} (complex and "
-                            f"integer parameters cannot take 8-bit state)"
-                        )
 
     def _configure(self, config: dict) -> None:
         """Everything derived from the constructor's choices: the validation IR and the step runner."""
@@ -270,6 +262,8 @@ class GeneratedOptimizer(torch.optim.Optimizer):
                 raise TypeError(f"{name} can only optimize floating point and complex tensors, got one of dtype {p.dtype}")
             if p.is_complex() and self._config["master"]:
                 raise TypeError(f"{name}: master_weights=True is for bf16/fp16 parameters, not {p.dtype} ones")
+            if p.is_complex() and self._config.get("quantized", ()) != ():
+                raise ValueError(f"{name}: 8-bit state (state_format) is for real parameters; a parameter is {p.dtype}")
         if len({id(p) for p in group["params"]}) != len(group["params"]):
             # torch warned (above) and would update the tensor twice; one launch updates it once
             keep = [i for i, p in enumerate(group["params"]) if all(q is not p for q in group["params"][:i])]
@@ -322,9 +316,15 @@ class GeneratedOptimizer(torch.optim.Optimizer):
     # -- state dicts ---------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        """torch's state dict (every group with torch's option keys), with plain dicts as each parameter's state."""
+        """torch's state dict (every group with torch's option keys), with plain dicts as each parameter's state.
+        An 8-bit state is its codes (``<state>``, uint8), its block scales (``<state>_absmax``) and its map
+        (``<state>_qmap``, 256 fp32 values: a checkpoint says how to read its codes, whatever loads it)."""
         saved = super().state_dict()
         saved["state"] = {k: dict(v) if isinstance(v, dict) else v for k, v in saved["state"].items()}
+        kinds = self._runner.eight_bit_kinds
+        for state in saved["state"].values():
+            for name in [n for n, v in state.items() if n in kinds and isinstance(v, torch.Tensor) and v.dtype == torch.uint8]:
+                state[name + QUANT_MAP_SUFFIX] = torch.tensor(quantization.MAPS[kinds[name]], dtype=torch.float32)
         return saved
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -343,6 +343,9 @@ class GeneratedOptimizer(torch.optim.Optimizer):
             for saved_id, saved in state_dict.get("state", {}).items()
             for key in layer_states & set(saved or ())
         }
+        element_states = {s.name for s in self._spec.states if s.per == "element"}
+        for saved in state_dict.get("state", {}).values():
+            _check_eight_bit_entries(saved or {}, element_states)
         super().load_state_dict(state_dict)
         for group in self.param_groups:
             group.update(forced)
@@ -385,6 +388,24 @@ class GeneratedOptimizer(torch.optim.Optimizer):
         self._runner.invalidate()
 
 
+def _check_eight_bit_entries(saved: dict, element_states: set) -> None:
+    """A checkpoint's 8-bit states whole, before anything is loaded: uint8 codes with their fp32 block scales
+    (one per 256 codes) and, when saved, a map of 256 values."""
+    for name in element_states:
+        codes = saved.get(name)
+        if not (isinstance(codes, torch.Tensor) and codes.dtype == torch.uint8):
+            continue
+        scales, table = saved.get(name + QUANT_SUFFIX), saved.get(name + QUANT_MAP_SUFFIX)
+        blocks = quantization.n_blocks(codes.numel())
+        if not (isinstance(scales, torch.Tensor) and scales.is_floating_point() and scales.numel() == blocks):
+            raise ValueError(
+                f"load_state_dict: state {name!r} holds 8-bit codes; it needs {name + QUANT_SUFFIX!r}, {blocks} "
+                f"floating-point block scales (got {None if scales is None else tuple(getattr(scales, 'shape', ()))})"
+            )
+        if table is not None and not (isinstance(table, torch.Tensor) and table.is_floating_point() and table.numel() == 256):
+            raise ValueError(f"load_state_dict: {name + QUANT_MAP_SUFFIX!r} must be the 256 values of an 8-bit map")
+
+
 def _one_number(key: str, value):
     """A per-layer state from a checkpoint as one fp64 number: a Python number, a 0-d tensor of any real dtype, or
     a tensor whose elements all hold the layer's value (optgen before per-layer states kept one per element)."""
@@ -419,8 +440,9 @@ STATE_FORMATS = ("fp32", "bf16", "8bit")
 def _state_format(spec: Spec, state_format, state_dtype):
     """``state_format``: None (fp32, or ``state_dtype``), ``"fp32"``, ``"bf16"``, ``"8bit"`` (every element-wise
     state the spec does not mark exact in blockwise 8 bits, the others fp32), or a dict ``{state: "8bit" |
-    "fp32"}`` choosing states. Returns (state_dtype, quantized: () none, None all that may be, or a tuple of
-    names); a clear error for anything else, before the optimizer exists."""
+    "fp32"}`` choosing states (those it does not name keep the class's default: 8 bits in AdamW8bit, else fp32;
+    ``"fp32"`` means full precision, ``state_dtype`` if given). Returns (state_dtype, quantized: () none, None
+    all that may be, or a tuple of names); a clear error for anything else, before the optimizer exists."""
     if state_format is None:
         return state_dtype, ()
     named = state_format if isinstance(state_format, dict) else None
@@ -442,7 +464,9 @@ def _state_format(spec: Spec, state_format, state_dtype):
                 raise ValueError(f"state_format: {name!r} is one number per layer, row or column: only element-wise states take 8 bits")
             if fmt == "8bit" and element[name].quantize == "exact":
                 raise ValueError(f"state_format: {spec.name} marks state {name!r} exact (spec.state(..., quantize='exact')): it cannot be kept in 8 bits")
-        quantized = tuple(name for name, fmt in named.items() if fmt == "8bit")
+        unnamed = [s.name for s in element.values() if s.name not in named and s.quantize != "exact"]
+        defaults = unnamed if spec.state_format == "8bit" else []
+        quantized = tuple(name for name, fmt in named.items() if fmt == "8bit") + tuple(defaults)
     else:
         quantized = None
         if not any(s.quantize != "exact" for s in element.values()):

@@ -25,7 +25,7 @@ from ..analysis import plan as make_plan
 from ..analysis import sums_over_rows
 from ..codegen.render import load_module, source_hash
 from ..ir import lower
-from ..spec import QUANT_SUFFIX
+from ..spec import QUANT_MAP_SUFFIX, QUANT_SUFFIX
 from . import backends, distributed
 from .tables import scratch_buffer
 
@@ -135,7 +135,9 @@ class StepRunner:
         """The map of state ``name`` of ``param`` when it is kept in 8 bits (``state_format`` names it and the
         parameter has at least ``quantization.MIN_NUMEL`` elements), else None."""
         kind = self.eight_bit_kinds.get(name)
-        return kind if kind is not None and quantization.quantized(param.numel()) else None
+        if kind is None or param.is_complex() or not quantization.quantized(param.numel()):
+            return None  # (complex parameters are refused when added: this keeps a state made by hand full precision)
+        return kind
 
     def init_state(self, owner, param: torch.Tensor, values: tuple, plan) -> dict:
         """Create the missing state entries (all on the first step; some after loading a checkpoint of another
@@ -213,24 +215,28 @@ class StepRunner:
 
     def convert_formats(self, param: torch.Tensor, state: dict) -> None:
         """A loaded state in the form this optimizer keeps it: full-precision values quantized where it keeps
-        them in 8 bits, 8-bit codes dequantized where it does not (users may switch formats mid-run)."""
-        if distributed.is_dtensor(param) or param.is_complex():
-            return
+        them in 8 bits, 8-bit codes dequantized where it does not, and codes saved with another map (a LAMB8bit
+        checkpoint in an AdamW8bit) read with theirs and quantized with this one's; users may switch formats
+        mid-run. (The entries were checked before anything loaded: optimizer._check_eight_bit_entries.)"""
         kinds = {s.name: s.quantize for s in self.spec.states if s.per == "element"}
         for name in kinds:
+            saved_map = state.pop(name + QUANT_MAP_SUFFIX, None)
             value = state.get(name)
-            if not isinstance(value, torch.Tensor):
+            if not isinstance(value, torch.Tensor) or distributed.is_dtensor(param) or param.is_complex():
                 continue
             want = self.eight_bit(param, name)
-            scales = state.get(name + QUANT_SUFFIX)
-            if want is not None and value.dtype != torch.uint8:
+            if value.dtype == torch.uint8:
+                table = None if saved_map is None else saved_map.to(value.device, torch.float32)
+                own = None if want is None else quantization.map_of(want, value.device)
+                if own is not None and (table is None or torch.equal(table, own)):
+                    continue  # codes this optimizer reads as they are
+                scales = state.pop(name + QUANT_SUFFIX).to(value.device, torch.float32)
+                if table is None:  # saved without its map (an older checkpoint): the spec's own
+                    table = quantization.map_of(kinds[name] if kinds[name] in quantization.KINDS else "signed", value.device)
+                value = quantization.dequantize(value, scales, table)
+                state[name] = value.to(self.state_dtype(param, name))
+            if want is not None:
                 state[name], state[name + QUANT_SUFFIX] = quantization.quantize(value, want)
-            elif want is None and value.dtype == torch.uint8:
-                if not isinstance(scales, torch.Tensor) or kinds[name] == "exact":
-                    raise ValueError(f"load_state_dict: state {name!r} holds 8-bit codes without its scales ({name + QUANT_SUFFIX!r})")
-                values = quantization.dequantize(value, scales.to(value.device, torch.float32), kinds[name])
-                state[name] = values.to(self.state_dtype(param, name))
-                del state[name + QUANT_SUFFIX]
 
     # -- the step ----------------------------------------------------------------------------------------
 

@@ -19,6 +19,7 @@ from ..analysis import sums_over_rows
 from ..codegen.abi import eager_pass_buffers, layer_state_args
 from ..codegen.render import load_module, reduce_step_args, stochastic_round
 from ..spec import QUANT_SUFFIX
+from ..transforms import AMP_SKIP
 from .steps import state_shape
 
 
@@ -184,9 +185,14 @@ class TorchBackend:
             kwargs[f"_{b}"] = quantization.dequantize(buffers[b], buffers[b + QUANT_SUFFIX], kinds[b])
         result = fn(**kwargs)
         stored = {b for b, _ in p.stores}
+        # a skipped step (GradScaler) keeps codes and scales: requantizing dequantized values is not the identity
+        skipped = device_scalars[AMP_SKIP].reshape(()) != 0 if AMP_SKIP in p.device_scalars else None
         for b in eight_bit:
             if b in stored:
                 codes, scales = quantization.quantize(kwargs[f"_{b}"], kinds[b])
+                if skipped is not None:
+                    codes = torch.where(skipped, buffers[b], codes)
+                    scales = torch.where(skipped, buffers[b + QUANT_SUFFIX], scales)
                 buffers[b].copy_(codes)
                 buffers[b + QUANT_SUFFIX].copy_(scales)
         return result
