@@ -91,16 +91,10 @@ def n_blocks(numel: int) -> int:
     return math.ceil(numel / BLOCK)
 
 
-def empty_state(like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Codes and scales of an 8-bit state of ``like``'s shape, all zero (every value reads 0)."""
-    codes = torch.zeros(like.shape, dtype=torch.uint8, device=like.device)
-    return codes, torch.zeros(n_blocks(like.numel()), dtype=torch.float32, device=like.device)
-
-
 def quantize(values: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The reference quantizer (the eager oracle's, and checkpoints' fp32 -> 8-bit): ``values`` (any float
     dtype, any shape) as fp32 ``(codes of its shape, scales [blocks])``; see the module docstring."""
-    table = torch.tensor(MAPS[kind], dtype=torch.float32, device=values.device)
+    table = map_of(kind, values.device)
     flat = values.detach().reshape(-1).to(torch.float32)
     numel = flat.numel()
     padded = torch.nn.functional.pad(flat, (0, n_blocks(numel) * BLOCK - numel)).view(-1, BLOCK)

@@ -132,12 +132,20 @@ def amp(ir: IR, unscale: bool) -> IR:
     )
 
 
+def eight_bit_states(states, names=None) -> tuple[tuple[str, str], ...]:
+    """(state, map) of the ``states`` that 8-bit state covers: element-wise, not marked exact, and among ``names``
+    (None: all of them)."""
+    return tuple(
+        (s.name, s.quantize) for s in states
+        if s.per == "element" and s.quantize != "exact" and (names is None or s.name in names)
+    )
+
+
 def quantize_states(ir: IR, names=None) -> IR:
     """``state_format="8bit"``: the element-wise states ``names`` (None: all that the spec does not mark exact)
     are kept in 8 bits (``optgen.quantization``; the kernels dequantize on load and requantize each block on
     store). A state of this variant not in ``names`` (another variant's, Adafactor's vectors) is skipped."""
-    eligible = {s.name: s.quantize for s in ir.states if s.per == "element" and s.quantize != "exact"}
-    chosen = tuple((name, kind) for name, kind in eligible.items() if names is None or name in names)
+    chosen = eight_bit_states(ir.states, names)
     if not chosen:
         return ir
     return _with_option(ir, "state_8bit", quantized=chosen)

@@ -172,9 +172,9 @@ def _pass_context(plan: Plan, p: Pass, printer, scalar_printer, identity: dict) 
     stored = {b for b, _ in p.stores}
     # bf16 stochastic rounding of the parameter's store: its seed's column in the hyperparameter table
     stochastic = stochastic_round(plan) and "param" in stored
+    loaded = {ld.buffer for ld in p.loads}
     quantized = [
-        {"buffer": b, "kind": kinds[b], "row": quantization.KINDS.index(kinds[b]), "stored": b in stored,
-         "loaded": b in {ld.buffer for ld in p.loads}}
+        {"buffer": b, "kind": kinds[b], "row": quantization.KINDS.index(kinds[b]), "stored": b in stored, "loaded": b in loaded}
         for b in quantized_buffers(plan, p)
     ]
     return {

@@ -464,12 +464,12 @@ def _state_format(spec: Spec, state_format, state_dtype):
                 raise ValueError(f"state_format: {name!r} is one number per layer, row or column: only element-wise states take 8 bits")
             if fmt == "8bit" and element[name].quantize == "exact":
                 raise ValueError(f"state_format: {spec.name} marks state {name!r} exact (spec.state(..., quantize='exact')): it cannot be kept in 8 bits")
-        unnamed = [s.name for s in element.values() if s.name not in named and s.quantize != "exact"]
+        unnamed = [name for name, _ in transforms.eight_bit_states(spec.states) if name not in named]
         defaults = unnamed if spec.state_format == "8bit" else []
         quantized = tuple(name for name, fmt in named.items() if fmt == "8bit") + tuple(defaults)
     else:
         quantized = None
-        if not any(s.quantize != "exact" for s in element.values()):
+        if not transforms.eight_bit_states(spec.states):
             raise ValueError(f"state_format='8bit': {spec.name} has no element-wise state that may be kept in 8 bits")
     if quantized != () and (spec.shape_flags or any(s.per in ("row", "column") for s in spec.states)):
         raise ValueError(

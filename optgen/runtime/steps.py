@@ -45,11 +45,8 @@ class StepRunner:
         self._values: dict[int, tuple] = {}  # id(group) -> (fingerprint, ir, values)
         self._real_views: dict[int, tuple] = {}  # id(complex parameter) -> (parameter, its real view)
         self.generation = 0  # bumped by whatever changes the layout of a step (groups, loaded state)
-        chosen = config.get("quantized", ())
-        self.eight_bit_kinds = {  # states kept in 8 bits (state_format) -> their map
-            s.name: s.quantize for s in spec.states
-            if s.per == "element" and s.quantize != "exact" and (chosen is None or s.name in chosen)
-        }
+        # states kept in 8 bits (state_format) -> their map
+        self.eight_bit_kinds = dict(transforms.eight_bit_states(spec.states, config.get("quantized", ())))
         self.fast = None
 
     # -- variants ------------------------------------------------------------------------------------------
@@ -183,7 +180,7 @@ class StepRunner:
         for decl in ir.states:
             value = state.get(decl.name)
             if isinstance(value, torch.Tensor) and decl.per == "element":
-                self._check_format(param, decl.name, value, state, ir)
+                self._check_format(param, decl.name, value, state)
             expected = state_shape(decl.per, param.shape, decl.keepdim)
             if isinstance(value, torch.Tensor) and value.shape != expected:
                 kind = {"element": "", "layer": "one number per layer, ", "row": "one number per row, ", "column": "one number per column, "}[decl.per]
@@ -194,7 +191,7 @@ class StepRunner:
                     f"state set by hand?)"
                 )
 
-    def _check_format(self, param, name: str, value: torch.Tensor, state, ir) -> None:
+    def _check_format(self, param, name: str, value: torch.Tensor, state) -> None:
         """An element-wise state in the form this optimizer keeps it: 8-bit codes with their scales, or floats
         (``load_state_dict`` converts between them; a state set by hand may not match)."""
         kind = self.eight_bit(param, name)

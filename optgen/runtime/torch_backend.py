@@ -35,6 +35,7 @@ class TorchBackend:
         self.plan = plan
         self.module = load_module(plan, "torch")
         self._hyper_cache: dict = {}
+        self.eight_bit_kinds = dict(plan.quantized)  # 8-bit buffers -> their map
 
     def _hyper_tensors(self, values: tuple, device, dtype) -> dict[str, torch.Tensor]:
         names = [h.name for h in self.plan.ir.hypers]
@@ -59,7 +60,7 @@ class TorchBackend:
 
     def _step_eager(self, items, scratch_of, device_scalars, reducer) -> None:
         plan = self.plan
-        kinds = dict(plan.quantized)
+        kinds = self.eight_bit_kinds
         contexts = []
         for param, grad, state, values in items:
             dtype = compute_dtype(param.dtype)
@@ -179,7 +180,7 @@ class TorchBackend:
         kwargs.update({plan.slots[k].name: reds[plan.slots[k].name] for k in p.consumes})
         # 8-bit states: dequantized to fp32 for the pass, the new values quantized block by block after it (the
         # kernels do the same in registers: the pass's own math reads the new values before rounding)
-        kinds = dict(plan.quantized)
+        kinds = self.eight_bit_kinds
         eight_bit = [b for b in eager_pass_buffers(plan, p) if b in kinds and buffers[b].dtype == torch.uint8]
         for b in eight_bit:
             kwargs[f"_{b}"] = quantization.dequantize(buffers[b], buffers[b + QUANT_SUFFIX], kinds[b])

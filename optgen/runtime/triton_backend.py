@@ -40,16 +40,21 @@ def _tl_dtype(dtype: torch.dtype, what: str = "tensors"):
     if not _TL_DTYPES:
         import triton.language as tl
 
-        _TL_DTYPES.update({torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.uint8: tl.uint8})
-    if dtype not in _TL_DTYPES or (dtype == torch.uint8 and what != "8-bit state"):  # uint8: an 8-bit state's codes
+        _TL_DTYPES.update({torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16})
+    if dtype not in _TL_DTYPES:
         hint = " (use backend='torch' for it)" if what == "state_dtype" else ""
         raise TypeError(f"the Triton backend supports fp32, fp16 and bf16 {what}, not {dtype}{hint}")
     return _TL_DTYPES[dtype]
 
 
 def _state_tl_dtype(dtype: torch.dtype):
-    """A buffer's Triton dtype in the tables: floats, and the uint8 codes of 8-bit states."""
-    return _tl_dtype(dtype, "8-bit state" if dtype == torch.uint8 else "tensors")
+    """A buffer's Triton dtype in the tables: floats, and the uint8 codes of 8-bit states (only here: parameters,
+    gradients and state_dtype are floats, ``_tl_dtype``)."""
+    if dtype == torch.uint8:
+        import triton.language as tl
+
+        return tl.uint8
+    return _tl_dtype(dtype)
 
 
 @dataclass(frozen=True)
