@@ -509,6 +509,38 @@ def test_fast_path_notices_in_place_changes(monkeypatch, change):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("change", ["dtype", "shape", "strides", "device", "requires_grad", "layout"])
+def test_the_metadata_guard_fails_on_every_change_a_fast_step_cannot_take(change):
+    """The fast path's one C++ metadata check (dynamo's private TensorGuards) holds each change the kernels
+    would misread: a torch where it stops doing so fails here, not in a training run."""
+    from optgen.runtime.steps import _metadata_guard
+
+    tensors = [torch.randn(4, 6), torch.randn(300), torch.randn(())]
+    guard = _metadata_guard(tensors)
+    assert guard is not None and guard.check(*tensors) and guard.check(*[t.clone() for t in tensors])
+    changed = {
+        "dtype": lambda t: t.double(),
+        "shape": lambda t: t.reshape(6, 4),
+        "strides": lambda t: t.t().contiguous().t(),
+        "device": lambda t: t.to("meta"),
+        "requires_grad": lambda t: t.clone().requires_grad_(),
+        "layout": lambda t: t.to_sparse(),
+    }[change](tensors[0])
+    assert changed.shape == tensors[0].shape or change == "shape"
+    assert not guard.check(changed, *tensors[1:])
+    assert not guard.check(None, *tensors[1:])  # a parameter without a gradient
+
+
+def test_steps_without_the_metadata_guard_take_the_full_path(monkeypatch):
+    from optgen.runtime import steps
+
+    monkeypatch.setattr(steps, "_metadata_guard", lambda tensors: None)  # a torch without TensorGuards
+    params = make_params([(4, 4), (300,)])
+    opt = optgen.AdamW(params, backend="c")
+    run_steps(opt, params, make_grads([(4, 4), (300,)], 4))
+    assert _c_backend(opt).fast_steps == 0 and opt._runner.fast is None
+
+
 def test_a_gradient_shrunk_in_place_is_refused_not_read_past(monkeypatch):
     params = make_params([(1000,)])
     opt = optgen.AdamW(params, backend="c")
