@@ -1,6 +1,7 @@
 """Run by tests/test_distributed.py: FSDP2-sharded (or DDP) optimizers on gloo, results saved for comparison.
 
-    python tests/dist_worker.py WORLD BACKEND MODE OUT.pt     (MODE: fsdp | fsdp_mixed | hsdp | ddp | fsdp_dcp | reference)
+    python tests/dist_worker.py WORLD BACKEND MODE OUT.pt     (MODE: fsdp | fsdp_mixed | hsdp | ddp | fsdp_dcp | fsdp_8bit | reference |
+    reference_8bit; a reference runs in one process, WORLD its shard count)
 """
 
 import os
@@ -71,6 +72,102 @@ def train(model, opt, data, params_of):
     return [p.detach().clone() for p in params_of(model)]
 
 
+EIGHT_BIT = {"AdamW8bit": dict(lr=1e-2, weight_decay=0.01), "LAMB8bit": dict(lr=1e-2, weight_decay=0.01)}
+
+
+def make_8bit_model(split: bool):
+    """Weights of 8-bit state. Over 2 ranks, the (64, 128) weight's shards hold 4096 elements (whole 256-blocks:
+    the blocks of one process), as the (64, 64) one's (2048); with ``split`` the second is (65, 64): 33 and 32
+    rows (2112 and 2048 elements), the first shard's last block partial, where one process's block 8 straddles
+    the shard boundary. Biases keep fp32 state (below 4096 elements)."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(128, 64), torch.nn.Tanh(), torch.nn.Linear(64, 65 if split else 64))
+
+
+def batches_8bit():
+    generator = torch.Generator().manual_seed(1)
+    return [torch.randn(6, 128, generator=generator) for _ in range(STEPS)]
+
+
+def reference_8bit(backend, world):
+    """Single process. ``whole``: the optimizers over each model's parameters. ``shards``: the split model's
+    parameters' rows cut as FSDP2 cuts them over ``world`` ranks, each piece a parameter of its own with blocks of
+    its own (8-bit from 2048 elements, so that the weights' pieces are 8-bit as their weights are): AdamW8bit
+    sharded must equal it bitwise (element-wise math over the blocks of each shard)."""
+    import optgen
+    from optgen import quantization
+
+    out = {"whole": {}, "shards": {}}
+    for split in (False, True):
+        for name, kwargs in EIGHT_BIT.items():
+            model = make_8bit_model(split)
+            opt = getattr(optgen, name)(model.parameters(), backend=backend, **kwargs)
+            out["whole"][name, split] = train(model, opt, batches_8bit(), lambda m: list(m.parameters()))
+    model = make_8bit_model(True)
+    pieces = [[torch.nn.Parameter(c.detach().clone()) for c in torch.chunk(p, world)] for p in model.parameters()]
+    saved, quantization.MIN_NUMEL = quantization.MIN_NUMEL, 2048
+    try:
+        opt = optgen.AdamW8bit([q for ps in pieces for q in ps], backend=backend, **EIGHT_BIT["AdamW8bit"])
+        for x in batches_8bit():
+            model.zero_grad()
+            model(x).pow(2).mean().backward()
+            for p, ps in zip(model.parameters(), pieces):
+                for q, g in zip(ps, torch.chunk(p.grad, world)):
+                    q.grad = g.clone()
+            opt.step()
+            with torch.no_grad():
+                for p, ps in zip(model.parameters(), pieces):
+                    p.copy_(torch.cat([q.detach() for q in ps]))
+    finally:
+        quantization.MIN_NUMEL = saved
+    out["shards"]["AdamW8bit"] = [p.detach().clone() for p in model.parameters()]
+    return out
+
+
+def fsdp_8bit(rank, world, backend, mesh):
+    """AdamW8bit and LAMB8bit under FSDP2: 3 steps of each model; of the split one, 2 steps, a DCP checkpoint, a
+    fresh optimizer loading it, one more step; each rank's states (placements, global and local shapes, dtype)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.fsdp import fully_shard
+
+    import optgen
+
+    results, resumed, layouts = {}, {}, {}
+    for name, kwargs in EIGHT_BIT.items():
+        cls = getattr(optgen, name)
+        for split in (False, True):
+            model = make_8bit_model(split)
+            fully_shard(model, mesh=mesh)
+            opt = cls(model.parameters(), backend=backend, **kwargs)
+            params = train(model, opt, batches_8bit(), lambda m: list(m.parameters()))
+            results[name, split] = [p.full_tensor() for p in params]
+        layouts[name] = {
+            (i, key): (str(v.placements), tuple(v.shape), tuple(v.to_local().shape), str(v.to_local().dtype))
+            for i, p in enumerate(opt.param_groups[0]["params"]) for key, v in opt.state[p].items() if key != "step"
+        }  # fmt: skip
+        model = make_8bit_model(True)
+        fully_shard(model, mesh=mesh)
+        opt = cls(model.parameters(), backend=backend, **kwargs)
+        data = batches_8bit()
+        train(model, opt, data[:2], lambda m: list(m.parameters()))
+        model_sd, optim_sd = get_state_dict(model, opt)
+        ckpt = os.path.join(tempfile.gettempdir(), f"optgen_8bit_{os.getppid()}_{name}_{backend}")
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=ckpt)
+        model2 = make_8bit_model(True)
+        fully_shard(model2, mesh=mesh)
+        opt2 = cls(model2.parameters(), backend=backend, **kwargs)
+        model_sd2, optim_sd2 = get_state_dict(model2, opt2)
+        state = {"model": model_sd2, "optim": optim_sd2}
+        dcp.load(state, checkpoint_id=ckpt)
+        set_state_dict(model2, opt2, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        params = train(model2, opt2, data[2:], lambda m: list(m.parameters()))
+        resumed[name] = [p.full_tensor() for p in params]
+    gathered = [None] * world
+    dist.all_gather_object(gathered, layouts)
+    return {"results": results, "resumed": resumed, "layouts": gathered}
+
+
 def reference(backend):
     """Single process, plain tensors: what every sharded run must reproduce."""
 
@@ -138,6 +235,15 @@ def worker(rank, world, backend, mode, out_path, port):
         sys.stdout.flush()
         os._exit(0)
 
+    if mode == "fsdp_8bit":
+        out = fsdp_8bit(rank, world, backend, init_device_mesh("cpu", (world,)))
+        if rank == 0:
+            torch.save(out, out_path)
+        dist.barrier()
+        dist.destroy_process_group()
+        sys.stdout.flush()
+        os._exit(0)
+
     results, collectives, column_states = {}, {}, {}
     for name, kwargs in OPTIMIZERS.items():
         model = make_model(name)
@@ -200,6 +306,9 @@ if __name__ == "__main__":
     world, backend, mode, out_path = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
     if mode == "reference":
         torch.save({"results": reference(backend)}, out_path)
+        sys.exit(0)
+    if mode == "reference_8bit":
+        torch.save(reference_8bit(backend, world), out_path)
         sys.exit(0)
     with tempfile.TemporaryDirectory():
         import socket

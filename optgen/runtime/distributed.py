@@ -18,6 +18,8 @@ import math
 import torch
 import torch.distributed as dist
 
+from .. import quantization
+
 try:
     from torch.distributed.tensor import DTensor, Replicate, Shard
 except ImportError:  # torch without DTensor: nothing is ever sharded
@@ -162,6 +164,44 @@ def factored_state(param, local_value: torch.Tensor, per: str, shape: tuple):
         placements = [Replicate() if isinstance(p, Shard) else p for p in placements]
     stride = torch.empty(shape, device="meta").stride()
     return DTensor.from_local(local_value, param.device_mesh, placements, run_check=False, shape=torch.Size(shape), stride=stride)
+
+
+def _shard_ranks(tensor) -> int:
+    """How many ranks share the rows of a DTensor sharded on dim 0 (its shard mesh dimension's size), else 1."""
+    if not is_sharded(tensor):
+        return 1
+    dim = next(i for i, placement in enumerate(tensor.placements) if isinstance(placement, Shard))
+    return tensor.device_mesh.size(dim)
+
+
+def scale_slots(tensor) -> int:
+    """The block scales each rank keeps for an 8-bit state of ``tensor`` (a parameter, or the codes of its
+    state): blocks of 256 of the rank's own shard, none straddling a shard boundary, as many slots on every rank
+    as the largest shard needs (FSDP2 shards dim 0 as ``torch.chunk``: the first ranks hold ``ceil(rows /
+    ranks)`` rows). Not sharded: the tensor's blocks."""
+    ranks = _shard_ranks(tensor)
+    if ranks == 1 or tensor.dim() == 0 or tensor.shape[0] == 0:
+        return quantization.n_blocks(tensor.numel())
+    rows = tensor.shape[0]
+    return quantization.n_blocks(math.ceil(rows / ranks) * (tensor.numel() // rows))
+
+
+def scale_count(tensor) -> int:
+    """The length of the block-scale state of an 8-bit state of ``tensor``: every rank's ``scale_slots``."""
+    return _shard_ranks(tensor) * scale_slots(tensor)
+
+
+def eight_bit_state(param, codes: torch.Tensor, scales: torch.Tensor):
+    """An 8-bit state of the DTensor ``param`` from its local shard's codes and block scales: the codes placed
+    like the parameter; the scales as ``scale_slots`` per shard rank (the rank's blocks, then zeros its kernels
+    never read), so that the scale state is an evenly sharded DTensor (DCP saves and reloads it as it is)."""
+    slots = scale_slots(param)
+    padded = torch.zeros(slots, dtype=torch.float32, device=scales.device)
+    padded[: scales.numel()] = scales
+    codes = DTensor.from_local(codes, param.device_mesh, param.placements, run_check=False, shape=param.shape, stride=param.stride())
+    scales = DTensor.from_local(padded, param.device_mesh, param.placements, run_check=False,
+                                shape=torch.Size([scale_count(param)]), stride=(1,))  # fmt: skip
+    return codes, scales
 
 
 class LocalState(dict):

@@ -29,7 +29,7 @@ from ..analysis import plan as make_plan
 from ..codegen.render import check_names
 from ..ir import lower
 from ..spec import QUANT_MAP_SUFFIX, QUANT_SUFFIX, BoolHyperSymbol, HyperSymbol, Spec, SpecError
-from . import backends
+from . import backends, distributed
 from .steps import STATE_EDITS, States, StepRunner, counts_steps
 
 # torch.optim's implementation options: accepted with torch's defaults and kept in every param group (torch
@@ -396,7 +396,7 @@ def _check_eight_bit_entries(saved: dict, element_states: set) -> None:
         if not (isinstance(codes, torch.Tensor) and codes.dtype == torch.uint8):
             continue
         scales, table = saved.get(name + QUANT_SUFFIX), saved.get(name + QUANT_MAP_SUFFIX)
-        blocks = quantization.n_blocks(codes.numel())
+        blocks = distributed.scale_count(codes)  # (FSDP2: every rank's blocks of its own shard)
         if not (isinstance(scales, torch.Tensor) and scales.is_floating_point() and scales.numel() == blocks):
             raise ValueError(
                 f"load_state_dict: state {name!r} holds 8-bit codes; it needs {name + QUANT_SUFFIX!r}, {blocks} "

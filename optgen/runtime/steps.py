@@ -153,6 +153,12 @@ class StepRunner:
             for decl in missing:
                 dtype = self.state_dtype(param, decl.name)
                 kind = self.eight_bit(param, decl.name)
+                if kind is not None and distributed.is_dtensor(param):  # blocks of the local shard (FSDP2)
+                    local = distributed.local(real)
+                    value = module.initial_state(decl.name, local, local, hypers, torch.float32)
+                    codes, scales = quantization.quantize(value, kind)
+                    state[decl.name], state[decl.name + QUANT_SUFFIX] = distributed.eight_bit_state(param, codes, scales)
+                    continue
                 if kind is not None:  # the initial value, quantized
                     value = module.initial_state(decl.name, param, real, hypers, torch.float32)
                     state[decl.name], state[decl.name + QUANT_SUFFIX] = quantization.quantize(value, kind)
@@ -202,12 +208,13 @@ class StepRunner:
             )
         if kind is not None:
             scales = state.get(name + QUANT_SUFFIX)
+            count = distributed.scale_count(param)  # (FSDP2: every rank's blocks of its own shard)
             if value.dtype != torch.uint8 or not isinstance(scales, torch.Tensor) or scales.dtype != torch.float32 \
-                    or scales.shape != (quantization.n_blocks(param.numel()),):  # fmt: skip
+                    or scales.shape != (count,):  # fmt: skip
                 raise RuntimeError(
                     f"{self.name}: state {name!r} of a parameter of shape {tuple(param.shape)} must be 8-bit: uint8 codes "
-                    f"of its shape and {name + QUANT_SUFFIX!r}, {quantization.n_blocks(param.numel())} fp32 scales (a state "
-                    f"set by hand? load_state_dict converts full-precision state)"
+                    f"of its shape and {name + QUANT_SUFFIX!r}, {count} fp32 scales (a state set by hand? "
+                    f"load_state_dict converts full-precision state{', but not of sharded parameters' if distributed.is_dtensor(param) else ''})"
                 )
 
     def convert_formats(self, param: torch.Tensor, state: dict) -> None:
@@ -325,10 +332,6 @@ class StepRunner:
                         f"the same reduce step reads it; with FSDP2 sharding the rows of a {tuple(p.shape)} parameter, "
                         f"that sum is partial until an all-reduce the step has no room for"
                     )
-            if q.ir.quantized and distributed.is_dtensor(p):
-                raise RuntimeError(
-                    f"{self.name}: 8-bit state (state_format) is not supported yet for sharded (FSDP2/DTensor) parameters"
-                )
             backend = backend_of.setdefault((p.device, id(q)), self.backend_for(p.device, q))
             check = getattr(backend, "check", None)
             if check is not None:

@@ -52,7 +52,7 @@ class ChunkTables:
             self.buffers[name] = [item[2][name] for item in items]
         eight_bit = dict(plan.quantized)
         for name in plan.scratch:
-            self.buffers[name] = [scratch_of(p, name, name in eight_bit and quantization.quantized(p.numel())) for p in params]
+            self.buffers[name] = [scratch_of(item[0], name, name in eight_bit and quantization.quantized(whole_numel(item[0], item[2]))) for item in items]
         if plan.quantized:
             # 8-bit buffers' block scales (a parameter whose state is full precision, below MIN_NUMEL elements, has
             # none: its kernels never read the placeholder) and the maps; chunks start on a block
@@ -63,7 +63,7 @@ class ChunkTables:
             for name in eight_bit:
                 scales = name + QUANT_SUFFIX
                 if name in plan.scratch:
-                    self.buffers[scales] = [scratch_of(p, scales, True) if quantization.quantized(p.numel()) else self._no_scales for p in params]
+                    self.buffers[scales] = [scratch_of(item[0], scales, True) if quantization.quantized(whole_numel(item[0], item[2])) else self._no_scales for item in items]
                 else:
                     self.buffers[scales] = [item[2].get(scales, self._no_scales) for item in items]
         signature = [tuple(self.buffers[name][i].dtype for name in self.buffers) for i in range(len(params))]
@@ -482,6 +482,14 @@ def segment_reduce_values(t: ChunkTables, p, first: int = 0, end: int | None = N
     return {"_partials": t.partials[p.index], "_first_chunk": t.first_chunk[first:end], "_n_chunks": t.n_chunks_of[first:end],
             "_out": t.layer[p.index][first:end], "_global": t.globals[p.index], "_n_segments": end - first,
             "_fold": t.partials[p.index], "_fold_rows": 0}  # fmt: skip
+
+
+def whole_numel(param, state) -> int:
+    """The elements of the whole parameter whose local part is ``param`` (FSDP2: of every rank's shard, from the
+    backend's view of its state): whether its states and scratch are 8-bit is one decision on every rank, as
+    in one process."""
+    shape = getattr(state, "param_shape", None)
+    return param.numel() if shape is None else math.prod(shape)
 
 
 def scratch_buffer(cache: dict, param: torch.Tensor, name: str, eight_bit: bool = False) -> torch.Tensor:

@@ -21,6 +21,7 @@ from ..codegen.render import load_module, reduce_step_args, stochastic_round
 from ..spec import QUANT_SUFFIX
 from ..transforms import AMP_SKIP
 from .steps import state_shape
+from .tables import whole_numel
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -73,7 +74,7 @@ class TorchBackend:
             for decl in plan.ir.states:
                 if decl.per in ("row", "column"):  # the passes broadcast them: the reduced dimension kept as 1
                     buffers[decl.name] = state[decl.name].view(state_shape(decl.per, param.shape))
-            eight_bit = quantization.quantized(param.numel())
+            eight_bit = quantization.quantized(whole_numel(param, state))
             for name in plan.scratch:
                 buffers[name] = scratch_of(param, name, name in kinds and eight_bit)
             for name in kinds:  # 8-bit buffers' scales (full-precision ones, a small tensor's, have none)
@@ -191,11 +192,12 @@ class TorchBackend:
         for b in eight_bit:
             if b in stored:
                 codes, scales = quantization.quantize(kwargs[f"_{b}"], kinds[b])
+                kept = buffers[b + QUANT_SUFFIX][: scales.numel()]  # (FSDP2: the rank's blocks, then padding)
                 if skipped is not None:
                     codes = torch.where(skipped, buffers[b], codes)
-                    scales = torch.where(skipped, buffers[b + QUANT_SUFFIX], scales)
+                    scales = torch.where(skipped, kept, scales)
                 buffers[b].copy_(codes)
-                buffers[b + QUANT_SUFFIX].copy_(scales)
+                kept.copy_(scales)
         return result
 
     def _advance(self, items, device_scalars) -> None:
