@@ -195,7 +195,8 @@ class Plan:
         """Memory an fp32 parameter costs the optimizer between steps (element-wise states and scratch buffers;
         the step count, per-layer states and tables are negligible), not traffic. Adam 8, AMSGrad 12, SGD 4,
         NovoGrad 4, master weights +4; an 8-bit state 1 + 4/256 (Adam's two moments 2.03)."""
-        weigh = buffer_bytes(self.ir)
+        eight_bit = {name for name, _ in self.quantized}
+        weigh = buffer_bytes(self.ir, wide={name for name in self.scratch if name not in eight_bit})
         return as_number(sum((weigh(name) for name in (*self.ir.element_state_names, *self.scratch)), Fraction(0)))
 
     @property
@@ -401,16 +402,27 @@ def as_number(bytes_: Fraction) -> int | float:
     return int(bytes_) if bytes_.denominator == 1 else float(bytes_)
 
 
-def buffer_bytes(ir: IR):
+def buffer_bytes(ir: IR, wide=()):
     """Bytes per element of each buffer: 4 (fp32), an 8-bit state's code and its share of its block's scale
-    (with 8-bit states, scratch buffers are 8-bit too)."""
+    (with 8-bit states, scratch buffers are 8-bit too, but those named in ``wide``: divisors, see ``_divides``)."""
     quantized = {name for name, _ in ir.quantized}
     eight_bit = Fraction(quantization.STATE_BYTES)
 
     def weigh(buffer: str) -> Fraction:
-        return eight_bit if buffer in quantized or (quantized and buffer.startswith("scratch_")) else Fraction(FP32_BYTES)
+        eight = buffer in quantized or (quantized and buffer.startswith("scratch_") and buffer not in wide)
+        return eight_bit if eight else Fraction(FP32_BYTES)
 
     return weigh
+
+
+def _divides(symbol, exprs) -> bool:
+    """Whether ``symbol`` appears in a denominator of ``exprs`` (a negative power of a term holding it). An 8-bit
+    value rounds to 0 below ~1e-7 of its block's largest: a divisor stored so would make the step infinite
+    (Adafactor's max(eps^2, v) did), so such a scratch value is kept in fp32."""
+    return any(
+        isinstance(node, sympy.Pow) and node.exp.is_negative and symbol in node.base.free_symbols
+        for expr in exprs for node in sympy.preorder_traversal(expr)
+    )  # fmt: skip
 
 
 def _traffic(weigh, leaves, store_buffers) -> Fraction:
@@ -456,7 +468,8 @@ def plan(ir: IR) -> Plan:
     # ||w|| alongside the moments, not in a pre-pass of its own, saves reading w twice.
     earliest: dict[int, int] = {}
     slots, write, n_passes, axis_step = _layout(defs, slots_raw, earliest, layer_exprs, axis_defs)
-    weigh, quantized = buffer_bytes(ir), {name for name, _ in ir.quantized}
+    wide: set = set()  # scratch buffers kept in fp32 in a plan with 8-bit states (divisors)
+    weigh, quantized = buffer_bytes(ir, wide), {name for name, _ in ir.quantized}
     best_cost = _cost(defs, slots, write, n_passes, {}, weigh, quantized)
     for k in range(len(slots_raw)):
         if slots[k].reduce_time:
@@ -477,16 +490,20 @@ def plan(ir: IR) -> Plan:
     for j in range(1, n_passes):
         for i in range(j):
             while True:
-                best = _best_scratch(i, j, defs, slots, write, scratch, weigh, quantized)
+                best = _best_scratch(i, j, defs, slots, write, scratch, weigh, quantized, wide)
                 if best is None:
                     break
-                expr, saving = best
+                expr, saving, divisor = best
                 symbol = ScratchSymbol(f"scratch_{len(scratch)}")
                 scratch[expr] = (symbol, i)
-                if saving >= _UNREADABLE:
+                if divisor:
+                    wide.add(symbol.name)
+                if saving >= _UNREADABLE / 2:  # (less the bytes the scratch itself moves)
                     what = f"pass {j} would otherwise re-read 8-bit states' new values"
                 else:
                     what = f"saves {saving} B/param"
+                if divisor:
+                    what += "; fp32: a divisor"
                 notes.append(f"{symbol} = {expr} is stored by pass {i} for pass {j} ({what})")
 
     reduce_items = _reduce_items(ir, slots, axis_defs, axis_step)
@@ -502,8 +519,8 @@ def plan(ir: IR) -> Plan:
             _build_pass(j, n_passes, stores, produces, leaves, slots, ir.step_advance, layer_stores, weigh, *reduce_items.get(j, ((), 0)))
         )
     scratch_names = tuple(s.name for s, _ in scratch.values())
-    # with 8-bit states, the values stored for a later pass are 8-bit too (signed map)
-    quantized = ir.quantized + tuple((name, "signed") for name in scratch_names) if ir.quantized else ()
+    # with 8-bit states, the values stored for a later pass are 8-bit too (signed map), but divisors
+    quantized = ir.quantized + tuple((name, "signed") for name in scratch_names if name not in wide) if ir.quantized else ()
     return Plan(ir=ir, slots=slots, passes=tuple(passes), scratch=scratch_names, notes=tuple(notes), quantized=quantized)
 
 
@@ -675,8 +692,9 @@ def _subexpressions(expr):
             yield node
 
 
-def _best_scratch(i, j, defs, slots, write, scratch, weigh, quantized):
-    """The value computed in pass i whose storing saves the most bytes in pass j, if any saves any."""
+def _best_scratch(i, j, defs, slots, write, scratch, weigh, quantized, wide):
+    """The value computed in pass i whose storing saves the most bytes in pass j, if any saves any: (value,
+    saving, whether pass j divides by it). ``weigh`` prices the scratch buffers named in ``wide`` as fp32."""
     roots_i, produces_i, local_i, _ = _program(i, defs, slots, write, scratch)
     roots_j, produces_j, local_j, leaves_j = _program(j, defs, slots, write, scratch)
     computed_i = set()
@@ -689,12 +707,17 @@ def _best_scratch(i, j, defs, slots, write, scratch, weigh, quantized):
     base = _planning_cost(weigh, quantized, leaves_j, ())
     for expr in sorted(candidates, key=lambda e: (-sympy.count_ops(e), default_sort_key(e))):
         trial = dict(scratch)
-        trial[expr] = (ScratchSymbol(f"scratch_{len(scratch)}"), i)
-        _, _, _, leaves = _program(j, defs, slots, write, trial)
+        symbol = ScratchSymbol(f"scratch_{len(scratch)}")
+        trial[expr] = (symbol, i)
+        roots, produces, local, leaves = _program(j, defs, slots, write, trial)
+        divisor = bool(quantized) and _divides(symbol, [e for _, e in roots + produces] + list(local.values()))
+        if divisor:
+            wide.add(symbol.name)
         # storing costs one write in pass i and one read in pass j (the read is one of ``leaves``)
-        saving = as_number(base - _planning_cost(weigh, quantized, leaves, ()) - weigh("scratch_"))
+        saving = as_number(base - _planning_cost(weigh, quantized, leaves, ()) - weigh(symbol.name))
+        wide.discard(symbol.name)
         if saving > 0 and (best is None or saving > best[1]):
-            best = (expr, saving)
+            best = (expr, saving, divisor)
     return best
 
 

@@ -16,6 +16,11 @@ torchao (Dettmers et al., 2022: an exponent of 0..-6 decades and a shrinking lin
 the unsigned one, means of squares that need it the unsigned one squared (``"square"``, below); the maps are data
 (``MAPS``): a linear map is ``tuple(torch.linspace(-1, 1, 256).tolist())``.
 
+The variants of a spec that reduce over rows or columns (factored: Adafactor, CAME) walk parameters row by row,
+so there a block lies within a row of the last dimension (``row``: its length): blocks of 256 from each row's
+first element, the last of a row shorter, ``rows * ceil(row / 256)`` scales; a 1-D tensor, one row, has the
+flat blocks. (Under FSDP2 no block straddles a shard boundary either: see ``runtime.distributed``.)
+
 Tensors of fewer than ``MIN_NUMEL`` elements keep full-precision state (as bitsandbytes and torchao): their
 scales would cost more than the codes save. A NaN or infinity in a block makes that block's scale NaN (or
 infinite), so the block's values all read NaN afterwards, as fp32 state would spread it through the update; no
@@ -87,19 +92,37 @@ def quantized(numel: int) -> bool:
     return numel >= MIN_NUMEL
 
 
-def n_blocks(numel: int) -> int:
-    return math.ceil(numel / BLOCK)
+def n_blocks(numel: int, row: int | None = None) -> int:
+    """Scales of an 8-bit state of ``numel`` elements: blocks of the flat tensor, or within rows of ``row``."""
+    if row is None or row == 0:
+        return math.ceil(numel / BLOCK)
+    return numel // row * math.ceil(row / BLOCK)
 
 
-def quantize(values: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _blocks_view(flat: torch.Tensor, row: int | None) -> torch.Tensor:
+    """``flat`` zero-padded to whole blocks (of each row, with ``row``), as ``[blocks, BLOCK]``."""
+    if row is None or row == 0:
+        return torch.nn.functional.pad(flat, (0, n_blocks(flat.numel()) * BLOCK - flat.numel())).view(-1, BLOCK)
+    rows = flat.view(-1, row)
+    return torch.nn.functional.pad(rows, (0, math.ceil(row / BLOCK) * BLOCK - row)).reshape(-1, BLOCK)
+
+
+def _unpad(blocks: torch.Tensor, numel: int, row: int | None) -> torch.Tensor:
+    if row is None or row == 0:
+        return blocks.reshape(-1)[:numel]
+    return blocks.reshape(numel // row, math.ceil(row / BLOCK) * BLOCK)[:, :row].reshape(-1)
+
+
+def quantize(values: torch.Tensor, kind: str, row: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The reference quantizer (the eager oracle's, and checkpoints' fp32 -> 8-bit): ``values`` (any float
-    dtype, any shape) as fp32 ``(codes of its shape, scales [blocks])``; see the module docstring."""
+    dtype, any shape) as fp32 ``(codes of its shape, scales [blocks])``; blocks within rows of ``row``
+    elements when given; see the module docstring."""
     table = map_of(kind, values.device)
     flat = values.detach().reshape(-1).to(torch.float32)
     numel = flat.numel()
-    padded = torch.nn.functional.pad(flat, (0, n_blocks(numel) * BLOCK - numel)).view(-1, BLOCK)
+    padded = _blocks_view(flat, row)
     scale = padded.abs().amax(dim=1).clamp(min=MIN_SCALE)  # NaN stays NaN (amax and clamp propagate it)
-    x = (padded / scale[:, None]).reshape(-1)[:numel]
+    x = _unpad(padded / scale[:, None], numel, row)
     codes = torch.where(x >= table[128], 128, 0)
     for step in (64, 32, 16, 8, 4, 2, 1):
         codes = codes + torch.where(x >= table[codes + step], step, 0)
@@ -109,9 +132,23 @@ def quantize(values: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tenso
     return codes.to(torch.uint8).view(values.shape), scale
 
 
-def dequantize(codes: torch.Tensor, scale: torch.Tensor, kind) -> torch.Tensor:
-    """fp32 values of codes and scales (``map[code] * scale``, in fp32); ``kind``: a map's name, or its values."""
+def block_row(shape, factored: bool) -> int | None:
+    """The row length an 8-bit state's blocks lie within: the last dimension's in a factored variant of 2+
+    dimensions (its kernels walk rows), else None (blocks of the flat tensor)."""
+    return int(shape[-1]) if factored and len(shape) >= 2 else None
+
+
+def block_index(numel: int, row: int | None = None, device=None) -> torch.Tensor:
+    """The scale of each element of a tensor of ``numel`` elements (blocks within rows of ``row`` when given)."""
+    index = torch.arange(numel, device=device)
+    if row is None or row == 0:
+        return index // BLOCK
+    return index // row * math.ceil(row / BLOCK) + index % row // BLOCK
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, kind, row: int | None = None) -> torch.Tensor:
+    """fp32 values of codes and scales (``map[code] * scale``, in fp32); ``kind``: a map's name, or its values;
+    blocks within rows of ``row`` elements when given."""
     table = kind.to(codes.device, torch.float32) if isinstance(kind, torch.Tensor) else map_of(kind, codes.device)
     flat = table[codes.reshape(-1).long()]
-    index = torch.arange(flat.numel(), device=codes.device) // BLOCK
-    return (flat * scale[index]).view(codes.shape)
+    return (flat * scale[block_index(flat.numel(), row, codes.device)]).view(codes.shape)

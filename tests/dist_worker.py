@@ -72,7 +72,11 @@ def train(model, opt, data, params_of):
     return [p.detach().clone() for p in params_of(model)]
 
 
-EIGHT_BIT = {"AdamW8bit": dict(lr=1e-2, weight_decay=0.01), "LAMB8bit": dict(lr=1e-2, weight_decay=0.01)}
+EIGHT_BIT = {
+    "AdamW8bit": dict(lr=1e-2, weight_decay=0.01),
+    "LAMB8bit": dict(lr=1e-2, weight_decay=0.01),
+    "CAME": dict(lr=1e-2, weight_decay=0.01, state_format="8bit"),  # blocks within rows: no shard splits one
+}
 
 
 def make_8bit_model(split: bool):

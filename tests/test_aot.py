@@ -50,6 +50,10 @@ def builtin_plans() -> dict:
             shape = {flag.name: value for flag in f().shape_flags}
             ir = transforms.apply(lower(f(), shape, runtime=flags), maximize_="runtime")
             plans[f"{variant_stem(make_plan(ir))}__per_group"] = make_plan(ir)
+    # 8-bit states in the row-tile loops (state_format="8bit" on CAME; not a built-in's default)
+    came = BUILTINS["came"]()
+    ir = transforms.apply(lower(came, {flag.name: True for flag in came.shape_flags}), quantized=None)
+    plans[f"{variant_stem(make_plan(ir))}__8bit"] = make_plan(ir)
     return plans
 
 

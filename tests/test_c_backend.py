@@ -247,6 +247,25 @@ def test_every_element_loop_is_vectorised(name):
             assert loops and all(loops.values()), f"{name} {flags} {defines}: not vectorised: {loops}"
 
 
+def test_factored_8bit_element_loops_are_vectorised():
+    """CAME with 8-bit states (state_format="8bit", not a built-in's default): the row-tile loops' block loops and
+    their quantize loops, with the 8-bit buffers as codes and in full precision (a small tensor's)."""
+    from optgen import transforms
+    from optgen.analysis import plan as make_plan
+
+    came = BUILTINS["came"]()
+    plan = make_plan(transforms.apply(lower(came, {"factored": True}), quantized=None))
+    assert plan.quantized and plan.ir.factored
+    source = source_path(plan, "c")
+    eight_bit = {f"OG_DT_{b}": STORAGE_CODES[torch.uint8] for b, _ in plan.quantized}
+    for defines in ({}, eight_bit, {**eight_bit, "OG_DT_param": STORAGE_CODES[torch.bfloat16]}):
+        try:
+            loops = cbuild.vectorization(source, defines)
+        except cbuild.BuildError:
+            pytest.skip(f"no vectorisation report (it is gcc's) from {cbuild.toolchain().identity}")
+        assert loops and all(loops.values()), f"{defines}: not vectorised: {loops}"
+
+
 def test_the_vectorisation_check_sees_an_unswitched_loop(tmp_path):
     """The control: with a short-circuit NaN test in the max (``||``, as the template had it), gcc unswitches
     Adafactor's element loops on max(eps^2, v)'s loop-invariant operand and leaves the ordinary case scalar,

@@ -99,21 +99,25 @@ def test_unsupported_layouts_are_clear_errors(tmp_path):
 def test_fsdp2_8bit_state_blocks_of_each_shard(tmp_path, backend):
     """8-bit state under FSDP2 (issue #17): blocks of 256 of each rank's own shard, never straddling a shard
     boundary. AdamW8bit equals, bitwise, one process updating each shard as a parameter of its own; where the
-    shards hold whole blocks (the (64, 128) weight) both optimizers equal one process over the whole model
-    (LAMB8bit: its layer norms summed over ranks, 1e-5); the scales are an evenly sharded DTensor (each rank's
-    blocks, then padding); a DCP checkpoint resumes bitwise."""
+    shards hold whole blocks (the (64, 128) and (64, 64) weights) the optimizers equal one process over the whole
+    model (LAMB8bit: its layer norms summed over ranks, 1e-5), and so does CAME always (its blocks lie within rows,
+    which FSDP2 never splits); the scales are an evenly sharded DTensor (each rank's blocks, then padding); a DCP
+    checkpoint resumes bitwise."""
     ref = run_worker(tmp_path, 2, backend, "reference_8bit")
     out = run_worker(tmp_path, 2, backend, "fsdp_8bit")
     for a, e in zip(out["results"]["AdamW8bit", True], ref["shards"]["AdamW8bit"]):
         assert torch.equal(a, e)
-    for name in ("AdamW8bit", "LAMB8bit"):
+    for name in ("AdamW8bit", "LAMB8bit", "CAME"):
         assert_same({name: out["results"][name, False]}, {name: ref["whole"][name, False]})  # the same blocks
-        assert_same({name: out["results"][name, True]}, {name: ref["whole"][name, True]}, tol=0.05)  # others
+        tol = 1e-5 if name == "CAME" else 0.05  # other blocks: near
+        assert_same({name: out["results"][name, True]}, {name: ref["whole"][name, True]}, tol=tol)
         for a, e in zip(out["resumed"][name], out["results"][name, True]):
             assert torch.equal(a, e), name
+        # (65, 64): 33 + 32 rows, flat blocks 9 a rank (2112 elements), row blocks 33 (one a row)
+        slots = 33 if name == "CAME" else 9
         for rank, layouts in enumerate(out["layouts"]):
-            (placements, shape, local_shape, dtype) = layouts[name][(2, "exp_avg_absmax")]  # (65, 64): 33 + 32 rows
-            assert "Shard(dim=0)" in placements and shape == (18,) and local_shape == (9,) and dtype == "torch.float32"
+            (placements, shape, local_shape, dtype) = layouts[name][(2, "exp_avg_absmax")]
+            assert "Shard(dim=0)" in placements and shape == (2 * slots,) and local_shape == (slots,) and dtype == "torch.float32"
             assert layouts[name][(2, "exp_avg")][1:] == ((65, 64), (33 - rank, 64), "torch.uint8")
-            assert layouts[name][(0, "exp_avg_absmax")][1:3] == ((32,), (16,))
+            assert layouts[name][(0, "exp_avg_absmax")][1:3] == (((64,), (32,)) if name == "CAME" else ((32,), (16,)))
             assert layouts[name][(1, "exp_avg")][3] == "torch.float32"  # a bias: below 4096 elements

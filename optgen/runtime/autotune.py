@@ -231,8 +231,8 @@ def tune(plan, items, default, *, device_scalars=None, timer=None, progress=True
     scalars = {k: (torch.zeros_like(v) if k == "found_inf" else v) for k, v in (device_scalars or {}).items()}
     scratch: dict = {}  # the trials' own scratch buffers
 
-    def trial_scratch(p, name, eight_bit=False):
-        return scratch_buffer(scratch, p, name, eight_bit)
+    def trial_scratch(p, name, eight_bit=False, row=None):
+        return scratch_buffer(scratch, p, name, eight_bit, row)
 
     configs = candidates(default)
     times: dict = {}  # config -> seconds (inf: it failed); each config is compiled and timed once

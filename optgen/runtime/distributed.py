@@ -174,33 +174,33 @@ def _shard_ranks(tensor) -> int:
     return tensor.device_mesh.size(dim)
 
 
-def scale_slots(tensor) -> int:
+def scale_slots(tensor, row: int | None = None) -> int:
     """The block scales each rank keeps for an 8-bit state of ``tensor`` (a parameter, or the codes of its
     state): blocks of 256 of the rank's own shard, none straddling a shard boundary, as many slots on every rank
     as the largest shard needs (FSDP2 shards dim 0 as ``torch.chunk``: the first ranks hold ``ceil(rows /
-    ranks)`` rows). Not sharded: the tensor's blocks."""
+    ranks)`` rows). Not sharded: the tensor's blocks. ``row``: blocks within rows (``quantization.block_row``)."""
     ranks = _shard_ranks(tensor)
     if ranks == 1 or tensor.dim() == 0 or tensor.shape[0] == 0:
-        return quantization.n_blocks(tensor.numel())
+        return quantization.n_blocks(tensor.numel(), row)
     rows = tensor.shape[0]
-    return quantization.n_blocks(math.ceil(rows / ranks) * (tensor.numel() // rows))
+    return quantization.n_blocks(math.ceil(rows / ranks) * (tensor.numel() // rows), row)
 
 
-def scale_count(tensor) -> int:
+def scale_count(tensor, row: int | None = None) -> int:
     """The length of the block-scale state of an 8-bit state of ``tensor``: every rank's ``scale_slots``."""
-    return _shard_ranks(tensor) * scale_slots(tensor)
+    return _shard_ranks(tensor) * scale_slots(tensor, row)
 
 
-def eight_bit_state(param, codes: torch.Tensor, scales: torch.Tensor):
+def eight_bit_state(param, codes: torch.Tensor, scales: torch.Tensor, row: int | None = None):
     """An 8-bit state of the DTensor ``param`` from its local shard's codes and block scales: the codes placed
     like the parameter; the scales as ``scale_slots`` per shard rank (the rank's blocks, then zeros its kernels
     never read), so that the scale state is an evenly sharded DTensor (DCP saves and reloads it as it is)."""
-    slots = scale_slots(param)
+    slots = scale_slots(param, row)
     padded = torch.zeros(slots, dtype=torch.float32, device=scales.device)
     padded[: scales.numel()] = scales
     codes = DTensor.from_local(codes, param.device_mesh, param.placements, run_check=False, shape=param.shape, stride=param.stride())
     scales = DTensor.from_local(padded, param.device_mesh, param.placements, run_check=False,
-                                shape=torch.Size([scale_count(param)]), stride=(1,))  # fmt: skip
+                                shape=torch.Size([scale_count(param, row)]), stride=(1,))  # fmt: skip
     return codes, scales
 
 

@@ -345,7 +345,7 @@ class GeneratedOptimizer(torch.optim.Optimizer):
         }
         element_states = {s.name for s in self._spec.states if s.per == "element"}
         for saved in state_dict.get("state", {}).values():
-            _check_eight_bit_entries(saved or {}, element_states)
+            _check_eight_bit_entries(saved or {}, element_states, self._runner.eight_bit_row)
         super().load_state_dict(state_dict)
         for group in self.param_groups:
             group.update(forced)
@@ -388,15 +388,16 @@ class GeneratedOptimizer(torch.optim.Optimizer):
         self._runner.invalidate()
 
 
-def _check_eight_bit_entries(saved: dict, element_states: set) -> None:
+def _check_eight_bit_entries(saved: dict, element_states: set, row_of) -> None:
     """A checkpoint's 8-bit states whole, before anything is loaded: uint8 codes with their fp32 block scales
-    (one per 256 codes) and, when saved, a map of 256 values."""
+    (one per block of 256 codes; ``row_of(shape)``: the row the blocks lie within, or None) and, when saved, a
+    map of 256 values."""
     for name in element_states:
         codes = saved.get(name)
         if not (isinstance(codes, torch.Tensor) and codes.dtype == torch.uint8):
             continue
         scales, table = saved.get(name + QUANT_SUFFIX), saved.get(name + QUANT_MAP_SUFFIX)
-        blocks = distributed.scale_count(codes)  # (FSDP2: every rank's blocks of its own shard)
+        blocks = distributed.scale_count(codes, row_of(codes.shape))  # (FSDP2: every rank's blocks of its shard)
         if not (isinstance(scales, torch.Tensor) and scales.is_floating_point() and scales.numel() == blocks):
             raise ValueError(
                 f"load_state_dict: state {name!r} holds 8-bit codes; it needs {name + QUANT_SUFFIX!r}, {blocks} "
@@ -471,11 +472,6 @@ def _state_format(spec: Spec, state_format, state_dtype):
         quantized = None
         if not transforms.eight_bit_states(spec.states):
             raise ValueError(f"state_format='8bit': {spec.name} has no element-wise state that may be kept in 8 bits")
-    if quantized != () and (spec.shape_flags or any(s.per in ("row", "column") for s in spec.states)):
-        raise ValueError(
-            f"state_format='8bit' is not supported yet for {spec.name}: its update reduces over rows or columns "
-            f"(factored state); use 'fp32' or 'bf16'"
-        )
     return state_dtype, quantized
 
 

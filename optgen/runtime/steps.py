@@ -47,6 +47,7 @@ class StepRunner:
         self.generation = 0  # bumped by whatever changes the layout of a step (groups, loaded state)
         # states kept in 8 bits (state_format) -> their map
         self.eight_bit_kinds = dict(transforms.eight_bit_states(spec.states, config.get("quantized", ())))
+        self._factored = {}  # shape flags -> whether that variant reduces over rows or columns
         self.fast = None
 
     # -- variants ------------------------------------------------------------------------------------------
@@ -136,6 +137,15 @@ class StepRunner:
             return None  # (complex parameters are refused when added: this keeps a state made by hand full precision)
         return kind
 
+    def eight_bit_row(self, shape) -> int | None:
+        """The row length the blocks of an 8-bit state of a tensor of ``shape`` lie within (its variant reduces
+        over rows or columns: the kernels walk rows), else None (``quantization.block_row``)."""
+        key = tuple((f.name, len(shape) >= f.min_ndim) for f in self.spec.shape_flags)
+        factored = self._factored.get(key)
+        if factored is None:
+            factored = self._factored[key] = lower(self.spec, dict(key)).factored
+        return quantization.block_row(shape, factored)
+
     def init_state(self, owner, param: torch.Tensor, values: tuple, plan) -> dict:
         """Create the missing state entries (all on the first step; some after loading a checkpoint of another
         optimizer, e.g. master weights resumed from a torch.optim.AdamW state dict)."""
@@ -153,15 +163,16 @@ class StepRunner:
             for decl in missing:
                 dtype = self.state_dtype(param, decl.name)
                 kind = self.eight_bit(param, decl.name)
+                row = quantization.block_row(param.shape, ir.factored)
                 if kind is not None and distributed.is_dtensor(param):  # blocks of the local shard (FSDP2)
                     local = distributed.local(real)
                     value = module.initial_state(decl.name, local, local, hypers, torch.float32)
-                    codes, scales = quantization.quantize(value, kind)
-                    state[decl.name], state[decl.name + QUANT_SUFFIX] = distributed.eight_bit_state(param, codes, scales)
+                    codes, scales = quantization.quantize(value, kind, row)
+                    state[decl.name], state[decl.name + QUANT_SUFFIX] = distributed.eight_bit_state(param, codes, scales, row)
                     continue
                 if kind is not None:  # the initial value, quantized
                     value = module.initial_state(decl.name, param, real, hypers, torch.float32)
-                    state[decl.name], state[decl.name + QUANT_SUFFIX] = quantization.quantize(value, kind)
+                    state[decl.name], state[decl.name + QUANT_SUFFIX] = quantization.quantize(value, kind, row)
                     continue
                 if decl.per in ("row", "column") and distributed.is_dtensor(param):
                     # made from the local shard, then a DTensor: whole-row states sharded like the parameter
@@ -208,7 +219,7 @@ class StepRunner:
             )
         if kind is not None:
             scales = state.get(name + QUANT_SUFFIX)
-            count = distributed.scale_count(param)  # (FSDP2: every rank's blocks of its own shard)
+            count = distributed.scale_count(param, self.eight_bit_row(param.shape))  # (FSDP2: every rank's blocks of its shard)
             if value.dtype != torch.uint8 or not isinstance(scales, torch.Tensor) or scales.dtype != torch.float32 \
                     or scales.shape != (count,):  # fmt: skip
                 raise RuntimeError(
@@ -229,6 +240,7 @@ class StepRunner:
             if not isinstance(value, torch.Tensor) or distributed.is_dtensor(param) or param.is_complex():
                 continue
             want = self.eight_bit(param, name)
+            row = self.eight_bit_row(param.shape)
             if value.dtype == torch.uint8:
                 table = None if saved_map is None else saved_map.to(value.device, torch.float32)
                 own = None if want is None else quantization.map_of(want, value.device)
@@ -237,10 +249,10 @@ class StepRunner:
                 scales = state.pop(name + QUANT_SUFFIX).to(value.device, torch.float32)
                 if table is None:  # saved without its map (an older checkpoint): the spec's own
                     table = quantization.map_of(kinds[name] if kinds[name] in quantization.KINDS else "signed", value.device)
-                value = quantization.dequantize(value, scales, table)
+                value = quantization.dequantize(value, scales, table, row)
                 state[name] = value.to(self.state_dtype(param, name))
             if want is not None:
-                state[name], state[name + QUANT_SUFFIX] = quantization.quantize(value, want)
+                state[name], state[name + QUANT_SUFFIX] = quantization.quantize(value, want, row)
 
     # -- the step ----------------------------------------------------------------------------------------
 
@@ -395,8 +407,8 @@ class StepRunner:
             cache[param] = view
         return view
 
-    def scratch_of(self, param: torch.Tensor, name: str, eight_bit: bool = False) -> torch.Tensor:
-        return scratch_buffer(self.scratch, param, name, eight_bit)
+    def scratch_of(self, param: torch.Tensor, name: str, eight_bit: bool = False, row: int | None = None) -> torch.Tensor:
+        return scratch_buffer(self.scratch, param, name, eight_bit, row)
 
     def reducer(self, params):
         """The all-reduce of partial tables between passes when parameters are sharded (see distributed)."""

@@ -63,7 +63,8 @@ class ChunkTables:
             for name in eight_bit:
                 scales = name + QUANT_SUFFIX
                 if name in plan.scratch:
-                    self.buffers[scales] = [scratch_of(item[0], scales, True) if quantization.quantized(whole_numel(item[0], item[2])) else self._no_scales for item in items]
+                    self.buffers[scales] = [scratch_of(item[0], scales, True, quantization.block_row(item[0].shape, plan.ir.factored))
+                                            if quantization.quantized(whole_numel(item[0], item[2])) else self._no_scales for item in items]  # fmt: skip
                 else:
                     self.buffers[scales] = [item[2].get(scales, self._no_scales) for item in items]
         signature = [tuple(self.buffers[name][i].dtype for name in self.buffers) for i in range(len(params))]
@@ -492,14 +493,14 @@ def whole_numel(param, state) -> int:
     return param.numel() if shape is None else math.prod(shape)
 
 
-def scratch_buffer(cache: dict, param: torch.Tensor, name: str, eight_bit: bool = False) -> torch.Tensor:
+def scratch_buffer(cache: dict, param: torch.Tensor, name: str, eight_bit: bool = False, row: int | None = None) -> torch.Tensor:
     """The scratch buffer ``name`` of ``param`` (values a pass stores for a later one), kept in ``cache``:
     the compute dtype, made again when the parameter's shape or device changed. ``eight_bit``: 8-bit codes
     (``name``) or their block scales (``name`` ending in ``_absmax``; optgen.quantization)."""
     key = (id(param), name)
     buf = cache.get(key)
     if eight_bit and name.endswith(QUANT_SUFFIX):
-        shape, dtype = (quantization.n_blocks(param.numel()),), torch.float32
+        shape, dtype = (quantization.n_blocks(param.numel(), row),), torch.float32
     else:
         shape, dtype = param.shape, torch.uint8 if eight_bit else torch.promote_types(param.dtype, torch.float32)
     if buf is None or buf.shape != shape or buf.dtype != dtype or buf.device != param.device:

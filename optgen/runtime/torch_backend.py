@@ -80,7 +80,8 @@ class TorchBackend:
             for name in kinds:  # 8-bit buffers' scales (full-precision ones, a small tensor's, have none)
                 if buffers[name].dtype == torch.uint8:
                     scales = name + QUANT_SUFFIX
-                    buffers[scales] = scratch_of(param, scales, True) if name in plan.scratch else state[scales]
+                    row = quantization.block_row(param.shape, plan.ir.factored)
+                    buffers[scales] = scratch_of(param, scales, True, row) if name in plan.scratch else state[scales]
             hypers = self._hyper_tensors(values, param.device, torch.float64)
             if plan.ir.factored:  # a (B, R, C) parameter's row and column lengths (all its rows), as per-step scalars
                 shape = {"n_cols": param.shape[-1], "n_rows": getattr(state, "param_shape", param.shape)[-2]}
@@ -183,15 +184,16 @@ class TorchBackend:
         # kernels do the same in registers: the pass's own math reads the new values before rounding)
         kinds = self.eight_bit_kinds
         eight_bit = [b for b in eager_pass_buffers(plan, p) if b in kinds and buffers[b].dtype == torch.uint8]
+        row = quantization.block_row(buffers["param"].shape, plan.ir.factored)  # (factored: blocks within rows)
         for b in eight_bit:
-            kwargs[f"_{b}"] = quantization.dequantize(buffers[b], buffers[b + QUANT_SUFFIX], kinds[b])
+            kwargs[f"_{b}"] = quantization.dequantize(buffers[b], buffers[b + QUANT_SUFFIX], kinds[b], row)
         result = fn(**kwargs)
         stored = {b for b, _ in p.stores}
         # a skipped step (GradScaler) keeps codes and scales: requantizing dequantized values is not the identity
         skipped = device_scalars[AMP_SKIP].reshape(()) != 0 if AMP_SKIP in p.device_scalars else None
         for b in eight_bit:
             if b in stored:
-                codes, scales = quantization.quantize(kwargs[f"_{b}"], kinds[b])
+                codes, scales = quantization.quantize(kwargs[f"_{b}"], kinds[b], row)
                 kept = buffers[b + QUANT_SUFFIX][: scales.numel()]  # (FSDP2: the rank's blocks, then padding)
                 if skipped is not None:
                     codes = torch.where(skipped, buffers[b], codes)
