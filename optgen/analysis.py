@@ -490,7 +490,7 @@ def plan(ir: IR) -> Plan:
     for j in range(1, n_passes):
         for i in range(j):
             while True:
-                best = _best_scratch(i, j, defs, slots, write, scratch, weigh, quantized, wide)
+                best = _best_scratch(i, j, n_passes, defs, slots, write, scratch, weigh, quantized, wide)
                 if best is None:
                     break
                 expr, saving, divisor = best
@@ -692,9 +692,10 @@ def _subexpressions(expr):
             yield node
 
 
-def _best_scratch(i, j, defs, slots, write, scratch, weigh, quantized, wide):
+def _best_scratch(i, j, n_passes, defs, slots, write, scratch, weigh, quantized, wide):
     """The value computed in pass i whose storing saves the most bytes in pass j, if any saves any: (value,
-    saving, whether pass j divides by it). ``weigh`` prices the scratch buffers named in ``wide`` as fp32."""
+    saving, whether a pass after i divides by it: every later pass reads the stored value in its place).
+    ``weigh`` prices the scratch buffers named in ``wide`` as fp32."""
     roots_i, produces_i, local_i, _ = _program(i, defs, slots, write, scratch)
     roots_j, produces_j, local_j, leaves_j = _program(j, defs, slots, write, scratch)
     computed_i = set()
@@ -709,8 +710,11 @@ def _best_scratch(i, j, defs, slots, write, scratch, weigh, quantized, wide):
         trial = dict(scratch)
         symbol = ScratchSymbol(f"scratch_{len(scratch)}")
         trial[expr] = (symbol, i)
-        roots, produces, local, leaves = _program(j, defs, slots, write, trial)
-        divisor = bool(quantized) and _divides(symbol, [e for _, e in roots + produces] + list(local.values()))
+        _, _, _, leaves = _program(j, defs, slots, write, trial)
+        divisor = bool(quantized) and any(
+            _divides(symbol, [e for _, e in roots + produces] + list(local.values()))
+            for roots, produces, local, _ in (_program(k, defs, slots, write, trial) for k in range(i + 1, n_passes))
+        )  # fmt: skip
         if divisor:
             wide.add(symbol.name)
         # storing costs one write in pass i and one read in pass j (the read is one of ``leaves``)

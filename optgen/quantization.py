@@ -29,12 +29,14 @@ other block is touched.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 
 BLOCK = 256  # elements per scale
 MIN_NUMEL = 4096  # smaller tensors keep full-precision state
+MIN_ROW = 16  # and so do states whose blocks lie within shorter rows (factored variants)
 MIN_SCALE = 1e-12  # a block of zeros keeps a finite scale (no 0/0 when quantizing)
 KINDS = ("signed", "unsigned", "square")  # the map rows of the kernels' [3, 256] map table, in this order
 STATE_BYTES = 1 + 4 / BLOCK  # bytes per element of an 8-bit state: the code and its share of the scale
@@ -77,9 +79,92 @@ MAPS: dict[str, tuple[float, ...]] = {"signed": dynamic_map(True), "unsigned": d
 MAPS["square"] = tuple(x * x for x in MAPS["unsigned"])
 
 
+# The C kernels' quantizer reads tables made from the search below instead of searching: codes are monotone in x,
+# so a code is the number of thresholds T[1..255] at or below x (T[c]: the smallest float whose code is at least
+# c; T[0] = -inf, T[256] = NaN, never reached). A bucket of x -- its sign, binade (SEARCH_E0..127 of the exponent
+# field; below them one bucket, above them, infinities and NaN another) and the top 7 bits of its mantissa -- holds
+# at most one threshold (checked as the tables are made), and its entry counts the thresholds below it: a code is
+# one bucket read and one threshold compare (three times faster than the search's ten dependent reads, measured
+# on AVX-512), the same code for every float, NaN (code 0) included (tested).
+SEARCH_E0 = 79  # 2**-48: below every map's smallest nonzero magnitude (the squared map's: 1.06e-13 = 2**-43.1)
+SEARCH_BINADES = 130 - SEARCH_E0  # the tiny bucket, the binades SEARCH_E0..127, the huge one
+SEARCH_BUCKETS = 2 * SEARCH_BINADES * 128
+SEARCH_STRIDE = 257 + SEARCH_BUCKETS  # a map's thresholds, then its buckets' counts (int32)
+SEARCH_OFFSET = len(KINDS) * 256  # where they start in map_table, after the maps
+
+
 def map_table(device=None) -> torch.Tensor:
-    """The maps as the kernels read them: fp32 ``[len(KINDS), 256]``, rows in ``KINDS`` order."""
-    return torch.tensor([MAPS[kind] for kind in KINDS], dtype=torch.float32, device=device)
+    """The maps as the kernels read them, fp32: ``[len(KINDS) * 256]`` values, a map of 256 per ``KINDS`` entry
+    in order, then each map's search tables (``search_tables``; C's quantizer reads them, Triton's searches)."""
+    return _map_table().to(device)
+
+
+@functools.cache
+def _map_table() -> torch.Tensor:
+    maps = torch.tensor([MAPS[kind] for kind in KINDS], dtype=torch.float32).reshape(-1)
+    tables = [torch.cat([t, buckets.view(torch.float32)]) for t, buckets in map(search_tables, KINDS)]
+    return torch.cat([maps, *tables])
+
+
+def _codes(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """The code of each fp32 value of ``x`` (already divided by its scale): torchao's branchless search and
+    rounding to the nearer neighbour (ties up)."""
+    codes = torch.where(x >= table[128], 128, 0)
+    for step in (64, 32, 16, 8, 4, 2, 1):
+        codes = codes + torch.where(x >= table[codes + step], step, 0)
+    up = (codes + 1).clamp(max=255)
+    down_value = table[codes]
+    return torch.where(x - down_value >= (table[up] - down_value) * 0.5, up, codes)
+
+
+def _ordered(x: torch.Tensor) -> torch.Tensor:
+    """fp32 values as int64 keys in the floats' order (-inf first)."""
+    u = x.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    return torch.where(u >= 2**31, 0xFFFFFFFF - u, u + 2**31)
+
+
+def _unordered(keys: torch.Tensor) -> torch.Tensor:
+    u = torch.where(keys >= 2**31, keys - 2**31, 0xFFFFFFFF - keys)
+    return (u - (u >= 2**31).to(torch.int64) * 2**32).to(torch.int32).view(torch.float32)
+
+
+def search_index(x: torch.Tensor) -> torch.Tensor:
+    """The bucket of each fp32 value of ``x`` (see SEARCH_E0; the C kernels compute the same)."""
+    u = x.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    exponent = (u >> 23) & 0xFF
+    negative = (u >> 31) | torch.isnan(x).to(torch.int64)  # NaN: the bucket of -inf (code 0, as the search)
+    binade = torch.where(exponent < SEARCH_E0, 0, torch.where(exponent > 127, SEARCH_BINADES - 1, exponent - SEARCH_E0 + 1))
+    mantissa = torch.where((exponent < SEARCH_E0) | (exponent > 127), 0, (u >> 16) & 127)
+    return ((negative * SEARCH_BINADES + binade) << 7) | mantissa
+
+
+@functools.cache
+def search_tables(kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Map ``kind``'s thresholds (fp32 [257]) and its buckets' counts of thresholds below them (int32
+    [SEARCH_BUCKETS]): ``code(x) = n + (x >= T[n + 1])``, ``n = counts[search_index(x)]``."""
+    table = map_of(kind)
+    want = torch.arange(1, 256)
+    low, high = _ordered(torch.full((255,), -math.inf)), _ordered(torch.full((255,), math.inf))
+    while bool((high - low > 1).any()):  # bisection over the floats in order: the smallest x of code >= c
+        mid = low + (high - low) // 2
+        above = _codes(_unordered(mid), table) >= want
+        high, low = torch.where(above, mid, high), torch.where(above, low, mid)
+    thresholds = torch.cat([torch.tensor([-math.inf]), _unordered(high), torch.tensor([math.nan])])
+    # each bucket's smallest and largest float
+    negative, binade, mantissa = (torch.arange(n).view(shape) for n, shape in ((2, (2, 1, 1)), (SEARCH_BINADES, (1, -1, 1)), (128, (1, 1, -1))))
+    bits = ((binade - 1 + SEARCH_E0) << 23) | (mantissa << 16)
+    as_float = lambda b: b.to(torch.int32).view(torch.float32)  # noqa: E731
+    small = as_float(torch.where(binade == 0, 0, bits))  # the bucket's magnitudes [small, large)
+    large = as_float(torch.where(binade == 0, SEARCH_E0 << 23, bits + (1 << 16)))
+    huge = binade == SEARCH_BINADES - 1
+    first = torch.where(negative == 0, torch.where(huge, 2.0, small), torch.where(huge, -math.inf, torch.nextafter(-large, torch.tensor(0.0))))
+    last = torch.where(negative == 0, torch.where(huge, math.inf, torch.nextafter(large, torch.tensor(0.0))), torch.where(huge, -2.0, -small))
+    inner = thresholds[1:256]
+    below = torch.searchsorted(inner, first.expand(2, SEARCH_BINADES, 128).reshape(-1), right=True)
+    inside = torch.searchsorted(inner, last.expand(2, SEARCH_BINADES, 128).reshape(-1), right=True) - below
+    if int(inside.max()) > 1:  # a map denser than 128 values a binade: the tables would not find its codes
+        raise ValueError(f"8-bit map {kind!r} has two thresholds within one bucket: too dense for the C quantizer's tables")
+    return thresholds, below.to(torch.int32)
 
 
 def map_of(kind: str, device=None) -> torch.Tensor:
@@ -87,9 +172,11 @@ def map_of(kind: str, device=None) -> torch.Tensor:
     return torch.tensor(MAPS[kind], dtype=torch.float32, device=device)
 
 
-def quantized(numel: int) -> bool:
-    """Whether a state of a tensor of ``numel`` elements is kept in 8 bits (else in full precision)."""
-    return numel >= MIN_NUMEL
+def quantized(numel: int, row: int | None = None) -> bool:
+    """Whether a state of a tensor of ``numel`` elements (blocks within rows of ``row``, when given) is kept in 8
+    bits, else in full precision: small tensors, and rows shorter than ``MIN_ROW`` (a 3x3 convolution's), whose
+    scales would cost more than a quarter of the codes."""
+    return numel >= MIN_NUMEL and (row is None or row >= MIN_ROW)
 
 
 def n_blocks(numel: int, row: int | None = None) -> int:
@@ -123,13 +210,7 @@ def quantize(values: torch.Tensor, kind: str, row: int | None = None) -> tuple[t
     padded = _blocks_view(flat, row)
     scale = padded.abs().amax(dim=1).clamp(min=MIN_SCALE)  # NaN stays NaN (amax and clamp propagate it)
     x = _unpad(padded / scale[:, None], numel, row)
-    codes = torch.where(x >= table[128], 128, 0)
-    for step in (64, 32, 16, 8, 4, 2, 1):
-        codes = codes + torch.where(x >= table[codes + step], step, 0)
-    up = (codes + 1).clamp(max=255)
-    down_value = table[codes]
-    codes = torch.where(x - down_value >= (table[up] - down_value) * 0.5, up, codes)
-    return codes.to(torch.uint8).view(values.shape), scale
+    return _codes(x, table).to(torch.uint8).view(values.shape), scale
 
 
 def block_row(shape, factored: bool) -> int | None:

@@ -628,6 +628,7 @@ PARAM = "param"
 QUANTIZE_CHOICES = ("signed", "unsigned", "square", "exact")
 QUANT_SUFFIX = "_absmax"  # an 8-bit state's scales are the state dict's entry <state>_absmax
 QUANT_MAP_SUFFIX = "_qmap"  # and a saved one's map <state>_qmap
+QUANT_ROW_SUFFIX = "_qrow"  # and the row its blocks lie within, <state>_qrow (0: blocks of the flat tensor)
 _RESERVED = {"w", "g", "t", PARAM, "params", "grad", "step", "backend", "defaults", "layer_adaptation", "tl", "torch"}
 _RESERVED_PREFIXES = ("_", "tmp", "red_", "scratch_")
 # names the generated code or the constructor uses: a spec cannot take them
@@ -683,7 +684,7 @@ class Spec:
             raise SpecError(f"{kind} name must be a Python identifier, got {name!r} [{_caller_location()}]")
         if hasattr(builtins, name):
             raise SpecError(f"{kind} name {name!r} is a Python builtin; choose another name [{_caller_location()}]")
-        if (name in self._symbols or name in _RESERVED or name.endswith(("_new", QUANT_SUFFIX, QUANT_MAP_SUFFIX))
+        if (name in self._symbols or name in _RESERVED or name.endswith(("_new", QUANT_SUFFIX, QUANT_MAP_SUFFIX, QUANT_ROW_SUFFIX))
                 or name.startswith(_RESERVED_PREFIXES)):  # fmt: skip
             raise SpecError(
                 f"{kind} name {name!r} is already used or reserved in spec {self.name} [{_caller_location()}]"

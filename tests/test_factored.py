@@ -512,23 +512,31 @@ def test_sums_over_split_rows_must_not_feed_their_own_reduce_step():
     assert late_matrix_reads(plan(lower(row_col_spec(), {}))) is None
 
 
-@pytest.mark.parametrize("kernels", ["c", "triton"])
-def test_matrices_of_several_storage_dtypes_run_the_eager_passes(kernels):
-    """A factored plan's reduce step compiles its states' dtypes in and runs over one partition: fp32 and bf16
-    matrices in one step go to the eager torch passes (the same results as backend='torch'; no kernel runs)."""
+@pytest.mark.parametrize(("kernels", "other"), [("c", torch.bfloat16), ("triton", torch.bfloat16), ("c", torch.float64)])
+def test_matrices_of_several_storage_dtypes(kernels, other):
+    """A factored plan's reduce step compiles its per-row/column states' dtypes in and runs over every tensor:
+    fp32 and bf16 matrices (their states both fp32) share it, each partition's passes compiled for its own
+    buffers; fp32 and fp64 matrices (fp64 states; C: Triton takes no fp64) go to the eager torch passes (no
+    kernel runs). Both as backend='torch' computes them (the bf16 matrix within two bf16 steps after three steps:
+    Triton's interpreter rounds an element one step off now and then, this matrix alone as much)."""
     shapes = [(6, 5), (4, 3)]
     runs = {}
     for backend in (kernels, "torch"):
         params = make_params(shapes, zero=())
-        params[1].data = params[1].data.to(torch.bfloat16)
+        params[1].data = params[1].data.to(other)
         grads = make_grads(shapes, 3)
         for step in grads:
-            step[1] = step[1].to(torch.bfloat16)
+            step[1] = step[1].to(other)
         opt = optgen.Adafactor(params, lr=1e-2, backend=backend)
         run_steps(opt, params, grads)
         runs[backend] = (params, opt)
     (params, opt), (expected, _) = runs[kernels], runs["torch"]
-    for p, e in zip(params, expected):
-        assert torch.equal(p, e)
     (backend,) = [b for key, b in opt._runner.backends.items() if key[0] == kernels]
-    assert backend.launches == 0
+    if other == torch.float64:
+        assert backend.launches == 0
+        for p, e in zip(params, expected):
+            assert torch.equal(p, e)
+    else:
+        assert backend.launches > 0 and getattr(backend, "_eager_backend", None) is None
+        assert_close_rel(params[0], expected[0])
+        assert_close_rel(params[1], expected[1], tol=2**-6)

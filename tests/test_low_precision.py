@@ -67,6 +67,24 @@ def test_reference_quantizer_equals_torchao(kind):
     assert_bitwise(quantization.dequantize(codes, scales, kind), quant_utils.dequant_with_qmap(codes, qmap, scale))
 
 
+@pytest.mark.parametrize("kind", quantization.KINDS)
+def test_the_c_quantizers_tables_give_the_searchs_codes(kind):
+    """The C kernels' quantizer reads a bucket count and a threshold (quantization.search_tables) instead of
+    searching: the same code for every float -- random bit patterns (every binade, both signs, NaN, infinities),
+    each threshold and the float just below it, the map's values, zeros."""
+    thresholds, counts = quantization.search_tables(kind)
+    table = quantization.map_of(kind)
+    bits = torch.randint(-(2**31), 2**31, (1_000_000,), generator=torch.Generator().manual_seed(0), dtype=torch.int64)
+    x = torch.cat([
+        bits.to(torch.int32).view(torch.float32),
+        thresholds[1:256], torch.nextafter(thresholds[1:256], torch.tensor(-3.0)), table,
+        torch.tensor([0.0, -0.0, 1.0, -1.0, 2.0, -2.0, math.nan, -math.nan, math.inf, -math.inf, 1e-45, -1e-45]),
+        torch.rand(100_000, generator=torch.Generator().manual_seed(1)) * 2 - 1,
+    ])  # fmt: skip
+    below = counts[quantization.search_index(x)].long()
+    assert_bitwise(below + (x >= thresholds[below + 1]).long(), quantization._codes(x, table))
+
+
 def _copy_spec():
     """A state that takes the gradient as it is: the kernels' stored codes are the quantizer's of g."""
     spec = optgen.Spec("CopyGrad")
@@ -478,7 +496,9 @@ def test_a_dict_names_the_states_it_changes():
 # rows of 300: a full and a partial block each (the tests' C chunks of 256 cut them at the block boundary, Triton's
 # tiles are a block wide); rows of 64: a block each; 3-D: whole matrices; (2, 1100): rows cut into several tiles;
 # 1-D: the flat variant, flat blocks
-FACTORED_SHAPES = [(37, 300), (300, 64), (3, 40, 130), (2, 1100), (5000,), (64,)]
+FACTORED_SHAPES = [(37, 300), (300, 64), (3, 40, 130), (2, 1100), (5000,), (64,), (10, 256), (600, 8)]
+# (10, 256): a matrix below 4096 elements, (600, 8): rows shorter than MIN_ROW: fp32 state beside the 8-bit ones
+# (another storage partition of the same kernels: its reduce step shares theirs)
 
 
 def test_row_blocks_are_each_rows_own_blocks():
@@ -511,11 +531,13 @@ def test_factored_kernels_equal_the_oracle(backend, name):
     moment of a (2, 1100) weight: 1 code in 2200 after 4 steps, the same in C and Triton)."""
     expected, start, oracle = _factored_run(name, "torch")
     actual, _, opt = _factored_run(name, backend)
+    for kernels in opt._backends.values():  # every step ran the kernels: none handed to the eager passes
+        assert kernels.name == backend and getattr(kernels, "_eager_backend", None) is None
     for a, e, s, shape in zip(actual, expected, start, FACTORED_SHAPES):
         step = (e - s).abs().max()
         assert (a - e).abs().max() <= 0.01 * step, (shape, float((a - e).abs().max()), float(step))
     states, reference = _eight_bit(opt, actual), _eight_bit(oracle, expected)
-    big = {i for i, s in enumerate(FACTORED_SHAPES) if math.prod(s) >= quantization.MIN_NUMEL}
+    big = {i for i, s in enumerate(FACTORED_SHAPES) if math.prod(s) >= quantization.MIN_NUMEL and s[-1] >= quantization.MIN_ROW}
     assert states.keys() == reference.keys() and {i for i, _ in states} == (big if name == "CAME" else {4})
     for key, (codes, scales) in states.items():
         shape = FACTORED_SHAPES[key[0]]
@@ -564,3 +586,84 @@ def test_came_8bit_stays_near_came():
     travel = (full - start).norm()
     assert ((eight - full).norm() / travel).item() <= 2 * ((half - full).norm() / travel).item()
     assert abs(loss - full_loss) <= 1e-4 * full_loss
+
+
+def test_checkpoints_say_their_block_layout():
+    """An AdamW8bit checkpoint (flat blocks) loads into CAME with 8-bit state (row blocks) read with its own
+    layout, and back: a (2, 2200) state has 18 scales either way, so only the saved layout tells them apart."""
+    p = torch.nn.Parameter(torch.randn(2, 2200, generator=torch.Generator().manual_seed(0)))
+    adamw = optgen.AdamW8bit([p], backend="c")
+    for k in range(2):
+        p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(k)) * torch.linspace(0.01, 10, 4400).view(2, 2200)
+        adamw.step()
+    saved = adamw.state_dict()["state"][0]
+    assert int(saved["exp_avg_qrow"]) == 0
+    values = quantization.dequantize(saved["exp_avg"], saved["exp_avg_absmax"], "signed")
+    came = optgen.CAME([p], state_format="8bit", backend="c")
+    came.load_state_dict({**adamw.state_dict(), "param_groups": [{**came.param_groups[0], "params": [0]}]})
+    state = came.state[p]
+    assert_bitwise((state["exp_avg"], state["exp_avg_absmax"]), quantization.quantize(values, "signed", row=2200))
+    again = came.state_dict()["state"][0]
+    assert int(again["exp_avg_qrow"]) == 2200
+    back = optgen.AdamW8bit([p], backend="c")
+    back.load_state_dict({**came.state_dict(), "param_groups": [{**back.param_groups[0], "params": [0]}]})
+    read = quantization.dequantize(state["exp_avg"], state["exp_avg_absmax"], "signed", row=2200)
+    assert_bitwise((back.state[p]["exp_avg"], back.state[p]["exp_avg_absmax"]), quantization.quantize(read, "signed"))
+    broken = {**again, "exp_avg_qrow": torch.tensor(7)}
+    before = {k: v.clone() for k, v in back.state[p].items()}
+    with pytest.raises(ValueError, match="'exp_avg_qrow' must be 0 .flat blocks. or the codes' last dimension, 2200"):
+        back.load_state_dict({"state": {0: broken}, "param_groups": [{**back.param_groups[0], "params": [0]}]})
+    for key, value in before.items():
+        assert_bitwise(back.state[p][key], value, key)
+
+
+def test_the_block_layout_follows_the_groups_flags():
+    """A spec whose flag decides whether it reduces over rows: the layout is its group's variant's, from the first
+    step on (the state of a variant without row reductions keeps flat blocks)."""
+    spec = optgen.Spec("RowNorm")
+    lr = spec.hyper(lr=1e-3)
+    rownorm = spec.flag(rownorm=True)
+    m = spec.state("exp_avg")
+    m1 = spec.update(m, 0.9 * m + 0.1 * spec.grad)
+    spec.update(spec.param, spec.param - lr * optgen.where(rownorm, m1 / optgen.sqrt(optgen.row_mean(spec.grad**2) + 1e-8), m1))
+    cls = optgen.build(spec)
+    for flag, scales in ((False, 24), (True, 40)):
+        p = torch.nn.Parameter(torch.randn(20, 300))
+        opt = cls([p], state_format="8bit", rownorm=flag, backend="c")
+        for _ in range(3):
+            p.grad = torch.randn(p.shape)
+            opt.step()
+        assert opt.state[p]["exp_avg_absmax"].shape == (scales,)
+        assert int(opt.state_dict()["state"][0]["exp_avg_qrow"]) == (300 if flag else 0)
+
+
+def test_a_value_a_later_pass_divides_by_is_not_stored_in_8bits():
+    """Three passes: sqrt(m^2 + eps) is stored for pass 1 and divided by in pass 2. In 8 bits the small ones
+    round to 0 and the step is infinite; the planner keeps it fp32."""
+    spec = optgen.Spec("ThreePass")
+    lr = spec.hyper(lr=1e-3)
+    m = spec.state("exp_avg")
+    m1 = spec.update(m, 0.9 * m + 0.1 * spec.grad)
+    x = optgen.sqrt(m1**2 + 1e-8)
+    n2 = optgen.norm(optgen.Max(x, optgen.norm(x) / 100))
+    spec.update(spec.param, spec.param - lr * n2 * spec.grad / x / 1000)
+    opt_cls = optgen.build(spec)
+    p = torch.nn.Parameter(torch.randn(4096))
+    opt = opt_cls([p], state_format="8bit", backend="c")
+    plan = opt.plan
+    assert len(plan.passes) == 3 and plan.scratch and not any(name in plan.scratch for name, _ in plan.quantized[1:])
+    p.grad = torch.randn(4096) * torch.cat([torch.full((2000,), 1e-6), torch.ones(2096)])
+    opt.step()
+    assert torch.isfinite(p).all()
+
+
+def test_narrow_rows_keep_full_precision_state():
+    """Blocks within rows shorter than MIN_ROW would cost more than fp32 in scales (a (16384, 1) weight: 5 B an
+    element): such states stay fp32; a row of 16 costs 1.25 B."""
+    params = [torch.nn.Parameter(torch.randn(s)) for s in ((16384, 1), (64, 64, 3, 3), (512, 16))]
+    opt = optgen.CAME(params, state_format="8bit", backend="c")
+    for p in params:
+        p.grad = torch.randn(p.shape)
+    opt.step()
+    assert [opt.state[p]["exp_avg"].dtype for p in params] == [torch.float32, torch.float32, torch.uint8]
+    assert opt.state[params[2]]["exp_avg_absmax"].shape == (512,)

@@ -94,7 +94,7 @@ def pass_args(plan: Plan, p: Pass) -> tuple[KernelArg, ...]:
     quantized = quantized_buffers(plan, p)
     args += [_table(f"_{b}_absmax_addr", "i64", f"[tensors]: data_ptr of each tensor's {b} block scales (8-bit state; unused for others)") for b in quantized]
     if quantized:
-        args.append(_table("_qmap", "fp32", "[maps, 256]: the 8-bit maps in quantization.KINDS order (optgen.quantization)"))
+        args.append(_table("_qmap", "fp32", "[maps * 256 + ...]: the 8-bit maps in quantization.KINDS order, then their search tables (quantization.map_table)"))
     for producer, scope in read_tables(plan, p):
         width = len(plan.passes[producer].produces)
         if scope == "layer":

@@ -396,6 +396,8 @@ def render(plan: Plan, target: str) -> str:
         "bytes_per_param": plan.bytes_per_param,
         "buffers": [*plan.buffers, *plan.ir.factored_state_names],
         "quantized": bool(plan.quantized),
+        # where the C quantizer's tables lie in the map table, and their bucket geometry (optgen.quantization)
+        "qsearch": {name: getattr(quantization, f"SEARCH_{name.upper()}") for name in ("offset", "stride", "e0", "binades")},
         "stochastic": stochastic_round(plan),
         "passes": [_pass_context(plan, p, printer, scalar_printer, spec.identity) for p in plan.passes],
         "states": [_state_context(state, printer) for state in plan.ir.states],

@@ -28,9 +28,9 @@ from .. import quantization, settings, transforms
 from ..analysis import plan as make_plan
 from ..codegen.render import check_names
 from ..ir import lower
-from ..spec import QUANT_MAP_SUFFIX, QUANT_SUFFIX, BoolHyperSymbol, HyperSymbol, Spec, SpecError
+from ..spec import QUANT_MAP_SUFFIX, QUANT_ROW_SUFFIX, QUANT_SUFFIX, BoolHyperSymbol, HyperSymbol, Spec, SpecError
 from . import backends, distributed
-from .steps import STATE_EDITS, States, StepRunner, counts_steps
+from .steps import STATE_EDITS, States, StepRunner, counts_steps, saved_block_row
 
 # torch.optim's implementation options: accepted with torch's defaults and kept in every param group (torch
 # resumes an optgen checkpoint with them). optgen is always multi-tensor and always capturable; ``fused=True``
@@ -317,14 +317,17 @@ class GeneratedOptimizer(torch.optim.Optimizer):
 
     def state_dict(self) -> dict:
         """torch's state dict (every group with torch's option keys), with plain dicts as each parameter's state.
-        An 8-bit state is its codes (``<state>``, uint8), its block scales (``<state>_absmax``) and its map
-        (``<state>_qmap``, 256 fp32 values: a checkpoint says how to read its codes, whatever loads it)."""
+        An 8-bit state is its codes (``<state>``, uint8), its block scales (``<state>_absmax``), its map
+        (``<state>_qmap``, 256 fp32 values) and the row its blocks lie within (``<state>_qrow``, 0: blocks of the
+        flat tensor): a checkpoint says how to read its codes, whatever loads it."""
         saved = super().state_dict()
         saved["state"] = {k: dict(v) if isinstance(v, dict) else v for k, v in saved["state"].items()}
         kinds = self._runner.eight_bit_kinds
-        for state in saved["state"].values():
+        params = [p for group in self.param_groups for p in group["params"]]  # (torch numbers them in this order)
+        for index, state in saved["state"].items():
             for name in [n for n, v in state.items() if n in kinds and isinstance(v, torch.Tensor) and v.dtype == torch.uint8]:
                 state[name + QUANT_MAP_SUFFIX] = torch.tensor(quantization.MAPS[kinds[name]], dtype=torch.float32)
+                state[name + QUANT_ROW_SUFFIX] = torch.tensor(self._runner.block_row(self, params[index]) or 0)
         return saved
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -345,7 +348,7 @@ class GeneratedOptimizer(torch.optim.Optimizer):
         }
         element_states = {s.name for s in self._spec.states if s.per == "element"}
         for saved in state_dict.get("state", {}).values():
-            _check_eight_bit_entries(saved or {}, element_states, self._runner.eight_bit_row)
+            _check_eight_bit_entries(saved or {}, element_states)
         super().load_state_dict(state_dict)
         for group in self.param_groups:
             group.update(forced)
@@ -384,20 +387,29 @@ class GeneratedOptimizer(torch.optim.Optimizer):
                 else:
                     dtype = value.dtype
                 state[key] = value.detach().to(device=param.device, dtype=dtype, copy=True)
-            self._runner.convert_formats(param, state)  # fp32 <-> 8-bit state, as this optimizer keeps it
+            self._runner.convert_formats(self, param, state)  # fp32 <-> 8-bit state, as this optimizer keeps it
         self._runner.invalidate()
 
 
-def _check_eight_bit_entries(saved: dict, element_states: set, row_of) -> None:
+def _check_eight_bit_entries(saved: dict, element_states: set) -> None:
     """A checkpoint's 8-bit states whole, before anything is loaded: uint8 codes with their fp32 block scales
-    (one per block of 256 codes; ``row_of(shape)``: the row the blocks lie within, or None) and, when saved, a
-    map of 256 values."""
+    (one per block of 256 codes, the blocks within rows of its ``<state>_qrow`` when it names one: its last
+    dimension) and, when saved, a map of 256 values."""
     for name in element_states:
         codes = saved.get(name)
         if not (isinstance(codes, torch.Tensor) and codes.dtype == torch.uint8):
             continue
-        scales, table = saved.get(name + QUANT_SUFFIX), saved.get(name + QUANT_MAP_SUFFIX)
-        blocks = distributed.scale_count(codes, row_of(codes.shape))  # (FSDP2: every rank's blocks of its shard)
+        scales, table, row = saved.get(name + QUANT_SUFFIX), saved.get(name + QUANT_MAP_SUFFIX), saved.get(name + QUANT_ROW_SUFFIX)
+        try:
+            row = saved_block_row(row)
+        except (TypeError, ValueError, RuntimeError):
+            row = -1
+        if row is not None and (codes.dim() < 2 or row != codes.shape[-1]):
+            raise ValueError(
+                f"load_state_dict: {name + QUANT_ROW_SUFFIX!r} must be 0 (flat blocks) or the codes' last dimension, "
+                f"{codes.shape[-1] if codes.dim() else None} (got {saved.get(name + QUANT_ROW_SUFFIX)!r})"
+            )
+        blocks = distributed.scale_count(codes, row)  # (FSDP2: every rank's blocks of its shard)
         if not (isinstance(scales, torch.Tensor) and scales.is_floating_point() and scales.numel() == blocks):
             raise ValueError(
                 f"load_state_dict: state {name!r} holds 8-bit codes; it needs {name + QUANT_SUFFIX!r}, {blocks} "

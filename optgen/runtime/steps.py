@@ -25,7 +25,7 @@ from ..analysis import plan as make_plan
 from ..analysis import sums_over_rows
 from ..codegen.render import load_module, source_hash
 from ..ir import lower
-from ..spec import QUANT_MAP_SUFFIX, QUANT_SUFFIX
+from ..spec import QUANT_MAP_SUFFIX, QUANT_ROW_SUFFIX, QUANT_SUFFIX
 from . import backends, distributed
 from .tables import scratch_buffer
 
@@ -47,7 +47,6 @@ class StepRunner:
         self.generation = 0  # bumped by whatever changes the layout of a step (groups, loaded state)
         # states kept in 8 bits (state_format) -> their map
         self.eight_bit_kinds = dict(transforms.eight_bit_states(spec.states, config.get("quantized", ())))
-        self._factored = {}  # shape flags -> whether that variant reduces over rows or columns
         self.fast = None
 
     # -- variants ------------------------------------------------------------------------------------------
@@ -129,22 +128,20 @@ class StepRunner:
         compute = torch.promote_types(param.dtype, torch.float32)
         return compute if name == transforms.MASTER else (self.config["state_dtype"] or compute)
 
-    def eight_bit(self, param: torch.Tensor, name: str) -> str | None:
-        """The map of state ``name`` of ``param`` when it is kept in 8 bits (``state_format`` names it and the
-        parameter has at least ``quantization.MIN_NUMEL`` elements), else None."""
+    def eight_bit(self, param: torch.Tensor, name: str, row: int | None) -> str | None:
+        """The map of state ``name`` of ``param`` when it is kept in 8 bits (``state_format`` names it, the
+        parameter has at least ``quantization.MIN_NUMEL`` elements and ``row``, the row its blocks would lie
+        within, is not too short), else None."""
         kind = self.eight_bit_kinds.get(name)
-        if kind is None or param.is_complex() or not quantization.quantized(param.numel()):
+        if kind is None or param.is_complex() or not quantization.quantized(param.numel(), row):
             return None  # (complex parameters are refused when added: this keeps a state made by hand full precision)
         return kind
 
-    def eight_bit_row(self, shape) -> int | None:
-        """The row length the blocks of an 8-bit state of a tensor of ``shape`` lie within (its variant reduces
-        over rows or columns: the kernels walk rows), else None (``quantization.block_row``)."""
-        key = tuple((f.name, len(shape) >= f.min_ndim) for f in self.spec.shape_flags)
-        factored = self._factored.get(key)
-        if factored is None:
-            factored = self._factored[key] = lower(self.spec, dict(key)).factored
-        return quantization.block_row(shape, factored)
+    def block_row(self, owner, param: torch.Tensor) -> int | None:
+        """The row the blocks of ``param``'s 8-bit states lie within: the last dimension's when the variant its
+        param group runs reduces over rows or columns (its kernels walk rows), else None (``quantization.block_row``)."""
+        plan = self.plan(self.options_key(owner.param_groups, owner.defaults), None, self.shape_key(param))
+        return quantization.block_row(param.shape, plan.ir.factored)
 
     def init_state(self, owner, param: torch.Tensor, values: tuple, plan) -> dict:
         """Create the missing state entries (all on the first step; some after loading a checkpoint of another
@@ -160,10 +157,10 @@ class StepRunner:
             module = _torch_module(plan)
             hypers = dict(zip((h.name for h in ir.hypers), values))  # the group's values for this step
             real = torch.view_as_real(param.detach()) if param.is_complex() else param.detach()
+            row = quantization.block_row(param.shape, ir.factored)
             for decl in missing:
                 dtype = self.state_dtype(param, decl.name)
-                kind = self.eight_bit(param, decl.name)
-                row = quantization.block_row(param.shape, ir.factored)
+                kind = self.eight_bit(param, decl.name, row)
                 if kind is not None and distributed.is_dtensor(param):  # blocks of the local shard (FSDP2)
                     local = distributed.local(real)
                     value = module.initial_state(decl.name, local, local, hypers, torch.float32)
@@ -197,7 +194,7 @@ class StepRunner:
         for decl in ir.states:
             value = state.get(decl.name)
             if isinstance(value, torch.Tensor) and decl.per == "element":
-                self._check_format(param, decl.name, value, state)
+                self._check_format(param, decl.name, value, state, quantization.block_row(param.shape, ir.factored))
             expected = state_shape(decl.per, param.shape, decl.keepdim)
             if isinstance(value, torch.Tensor) and value.shape != expected:
                 kind = {"element": "", "layer": "one number per layer, ", "row": "one number per row, ", "column": "one number per column, "}[decl.per]
@@ -208,10 +205,11 @@ class StepRunner:
                     f"state set by hand?)"
                 )
 
-    def _check_format(self, param, name: str, value: torch.Tensor, state) -> None:
-        """An element-wise state in the form this optimizer keeps it: 8-bit codes with their scales, or floats
-        (``load_state_dict`` converts between them; a state set by hand may not match)."""
-        kind = self.eight_bit(param, name)
+    def _check_format(self, param, name: str, value: torch.Tensor, state, row: int | None) -> None:
+        """An element-wise state in the form this optimizer keeps it: 8-bit codes with their scales (blocks within
+        rows of ``row`` when given), or floats (``load_state_dict`` converts between them; a state set by hand may
+        not match)."""
+        kind = self.eight_bit(param, name, row)
         if kind is None and value.dtype == torch.uint8:
             raise RuntimeError(
                 f"{self.name}: state {name!r} holds 8-bit codes, and this optimizer keeps it in full precision (load "
@@ -219,7 +217,7 @@ class StepRunner:
             )
         if kind is not None:
             scales = state.get(name + QUANT_SUFFIX)
-            count = distributed.scale_count(param, self.eight_bit_row(param.shape))  # (FSDP2: every rank's blocks of its shard)
+            count = distributed.scale_count(param, row)  # (FSDP2: every rank's blocks of its shard)
             if value.dtype != torch.uint8 or not isinstance(scales, torch.Tensor) or scales.dtype != torch.float32 \
                     or scales.shape != (count,):  # fmt: skip
                 raise RuntimeError(
@@ -228,28 +226,30 @@ class StepRunner:
                     f"load_state_dict converts full-precision state{', but not of sharded parameters' if distributed.is_dtensor(param) else ''})"
                 )
 
-    def convert_formats(self, param: torch.Tensor, state: dict) -> None:
+    def convert_formats(self, owner, param: torch.Tensor, state: dict) -> None:
         """A loaded state in the form this optimizer keeps it: full-precision values quantized where it keeps
         them in 8 bits, 8-bit codes dequantized where it does not, and codes saved with another map (a LAMB8bit
-        checkpoint in an AdamW8bit) read with theirs and quantized with this one's; users may switch formats
-        mid-run. (The entries were checked before anything loaded: optimizer._check_eight_bit_entries.)"""
+        checkpoint in an AdamW8bit) or another block layout (an AdamW8bit one in a CAME with 8-bit state) read
+        with theirs and quantized with this one's; users may switch formats mid-run. (The entries were checked
+        before anything loaded: optimizer._check_eight_bit_entries.)"""
         kinds = {s.name: s.quantize for s in self.spec.states if s.per == "element"}
+        row = self.block_row(owner, param)
         for name in kinds:
             saved_map = state.pop(name + QUANT_MAP_SUFFIX, None)
+            saved_row = saved_block_row(state.pop(name + QUANT_ROW_SUFFIX, None))
             value = state.get(name)
             if not isinstance(value, torch.Tensor) or distributed.is_dtensor(param) or param.is_complex():
                 continue
-            want = self.eight_bit(param, name)
-            row = self.eight_bit_row(param.shape)
+            want = self.eight_bit(param, name, row)
             if value.dtype == torch.uint8:
                 table = None if saved_map is None else saved_map.to(value.device, torch.float32)
                 own = None if want is None else quantization.map_of(want, value.device)
-                if own is not None and (table is None or torch.equal(table, own)):
+                if own is not None and (table is None or torch.equal(table, own)) and saved_row == row:
                     continue  # codes this optimizer reads as they are
                 scales = state.pop(name + QUANT_SUFFIX).to(value.device, torch.float32)
                 if table is None:  # saved without its map (an older checkpoint): the spec's own
                     table = quantization.map_of(kinds[name] if kinds[name] in quantization.KINDS else "signed", value.device)
-                value = quantization.dequantize(value, scales, table, row)
+                value = quantization.dequantize(value, scales, table, saved_row)
                 state[name] = value.to(self.state_dtype(param, name))
             if want is not None:
                 state[name], state[name + QUANT_SUFFIX] = quantization.quantize(value, want, row)
@@ -512,6 +512,13 @@ class StepRunner:
             return False
         fast.backend.fast_step(grads, rows)
         return True
+
+
+def saved_block_row(entry) -> int | None:
+    """The block row a checkpoint's 8-bit state was saved with (its ``<state>_qrow``: 0, or none at all in
+    checkpoints from before factored 8-bit states, is blocks of the flat tensor)."""
+    row = 0 if entry is None else int(entry.item() if isinstance(entry, torch.Tensor) else entry)
+    return row or None
 
 
 def late_matrix_reads(plan) -> str | None:

@@ -52,7 +52,8 @@ class ChunkTables:
             self.buffers[name] = [item[2][name] for item in items]
         eight_bit = dict(plan.quantized)
         for name in plan.scratch:
-            self.buffers[name] = [scratch_of(item[0], name, name in eight_bit and quantization.quantized(whole_numel(item[0], item[2]))) for item in items]
+            self.buffers[name] = [scratch_of(item[0], name, name in eight_bit and quantization.quantized(
+                whole_numel(item[0], item[2]), quantization.block_row(item[0].shape, plan.ir.factored))) for item in items]  # fmt: skip
         if plan.quantized:
             # 8-bit buffers' block scales (a parameter whose state is full precision, below MIN_NUMEL elements, has
             # none: its kernels never read the placeholder) and the maps; chunks start on a block
@@ -64,7 +65,7 @@ class ChunkTables:
                 scales = name + QUANT_SUFFIX
                 if name in plan.scratch:
                     self.buffers[scales] = [scratch_of(item[0], scales, True, quantization.block_row(item[0].shape, plan.ir.factored))
-                                            if quantization.quantized(whole_numel(item[0], item[2])) else self._no_scales for item in items]  # fmt: skip
+                                            if self.buffers[name][k].dtype == torch.uint8 else self._no_scales for k, item in enumerate(items)]  # fmt: skip
                 else:
                     self.buffers[scales] = [item[2].get(scales, self._no_scales) for item in items]
         signature = [tuple(self.buffers[name][i].dtype for name in self.buffers) for i in range(len(params))]
@@ -413,10 +414,14 @@ def axes_values(t: ChunkTables, plan, p, device_scalars: dict, phases: int = 3) 
 
 
 def over_partitions(t: ChunkTables, plan) -> bool:
-    """A factored plan over several storage-dtype partitions: its reduce step (one program per tensor, the
-    states' dtypes compiled in) takes one partition, so the kernel backends hand such steps to the eager
-    passes."""
-    return plan.ir.factored and len(t.partitions) > 1
+    """A factored plan whose storage-dtype partitions disagree on the dtypes of its per-row/column states: its
+    reduce step (one program per tensor over every partition, those dtypes compiled in) takes one such, so the
+    kernel backends hand such steps to the eager passes. Partitions that differ in element-wise buffers only (a
+    matrix below 4096 elements keeping fp32 state beside 8-bit ones, bf16 parameters beside fp32) share it."""
+    if not plan.ir.factored or len(t.partitions) < 2:
+        return False
+    axis_dtypes = [{name: partition[2][name] for name in plan.ir.factored_state_names} for partition in t.partitions]
+    return any(dtypes != axis_dtypes[0] for dtypes in axis_dtypes[1:])
 
 
 def split_rows(t: ChunkTables, plan) -> bool:

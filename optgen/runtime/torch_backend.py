@@ -74,7 +74,7 @@ class TorchBackend:
             for decl in plan.ir.states:
                 if decl.per in ("row", "column"):  # the passes broadcast them: the reduced dimension kept as 1
                     buffers[decl.name] = state[decl.name].view(state_shape(decl.per, param.shape))
-            eight_bit = quantization.quantized(whole_numel(param, state))
+            eight_bit = quantization.quantized(whole_numel(param, state), quantization.block_row(param.shape, plan.ir.factored))
             for name in plan.scratch:
                 buffers[name] = scratch_of(param, name, name in kinds and eight_bit)
             for name in kinds:  # 8-bit buffers' scales (full-precision ones, a small tensor's, have none)
