@@ -144,12 +144,13 @@ def search_tables(kind: str) -> tuple[torch.Tensor, torch.Tensor]:
     [SEARCH_BUCKETS]): ``code(x) = n + (x >= T[n + 1])``, ``n = counts[search_index(x)]``."""
     table = map_of(kind)
     want = torch.arange(1, 256)
-    low, high = _ordered(torch.full((255,), -math.inf)), _ordered(torch.full((255,), math.inf))
+    f32 = dict(dtype=torch.float32)  # (whatever the default dtype)
+    low, high = _ordered(torch.full((255,), -math.inf, **f32)), _ordered(torch.full((255,), math.inf, **f32))
     while bool((high - low > 1).any()):  # bisection over the floats in order: the smallest x of code >= c
         mid = low + (high - low) // 2
         above = _codes(_unordered(mid), table) >= want
         high, low = torch.where(above, mid, high), torch.where(above, low, mid)
-    thresholds = torch.cat([torch.tensor([-math.inf]), _unordered(high), torch.tensor([math.nan])])
+    thresholds = torch.cat([torch.tensor([-math.inf], **f32), _unordered(high), torch.tensor([math.nan], **f32)])
     # each bucket's smallest and largest float
     negative, binade, mantissa = (torch.arange(n).view(shape) for n, shape in ((2, (2, 1, 1)), (SEARCH_BINADES, (1, -1, 1)), (128, (1, 1, -1))))
     bits = ((binade - 1 + SEARCH_E0) << 23) | (mantissa << 16)
@@ -157,8 +158,8 @@ def search_tables(kind: str) -> tuple[torch.Tensor, torch.Tensor]:
     small = as_float(torch.where(binade == 0, 0, bits))  # the bucket's magnitudes [small, large)
     large = as_float(torch.where(binade == 0, SEARCH_E0 << 23, bits + (1 << 16)))
     huge = binade == SEARCH_BINADES - 1
-    first = torch.where(negative == 0, torch.where(huge, 2.0, small), torch.where(huge, -math.inf, torch.nextafter(-large, torch.tensor(0.0))))
-    last = torch.where(negative == 0, torch.where(huge, math.inf, torch.nextafter(large, torch.tensor(0.0))), torch.where(huge, -2.0, -small))
+    first = torch.where(negative == 0, torch.where(huge, torch.tensor(2.0, **f32), small), torch.where(huge, torch.tensor(-math.inf, **f32), torch.nextafter(-large, torch.tensor(0.0, **f32))))
+    last = torch.where(negative == 0, torch.where(huge, torch.tensor(math.inf, **f32), torch.nextafter(large, torch.tensor(0.0, **f32))), torch.where(huge, torch.tensor(-2.0, **f32), -small))
     inner = thresholds[1:256]
     below = torch.searchsorted(inner, first.expand(2, SEARCH_BINADES, 128).reshape(-1), right=True)
     inside = torch.searchsorted(inner, last.expand(2, SEARCH_BINADES, 128).reshape(-1), right=True) - below
@@ -215,8 +216,9 @@ def quantize(values: torch.Tensor, kind: str, row: int | None = None) -> tuple[t
 
 def block_row(shape, factored: bool) -> int | None:
     """The row length an 8-bit state's blocks lie within: the last dimension's in a factored variant of 2+
-    dimensions (its kernels walk rows), else None (blocks of the flat tensor)."""
-    return int(shape[-1]) if factored and len(shape) >= 2 else None
+    dimensions (its kernels walk rows), else None: blocks of the flat tensor, which rows of a multiple of 256
+    elements have too (one layout, one name)."""
+    return int(shape[-1]) if factored and len(shape) >= 2 and shape[-1] % BLOCK else None
 
 
 def block_index(numel: int, row: int | None = None, device=None) -> torch.Tensor:

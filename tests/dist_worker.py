@@ -232,6 +232,17 @@ def worker(rank, world, backend, mode, out_path, port):
         except RuntimeError as exc:
             messages["late"] = str(exc)
         messages["late_unchanged"] = bool(torch.equal(split.full_tensor(), before)) and not opt.state
+        # an 8-bit checkpoint of flat blocks into an optimizer keeping row blocks: sharded states are not converted
+        wide = torch.nn.Parameter(distribute_tensor(torch.randn(2 * world, 2200), mesh, [Shard(0)]))
+        wide.grad = distribute_tensor(torch.randn(2 * world, 2200), mesh, [Shard(0)])
+        flat = optgen.AdamW8bit([wide])
+        flat.step()
+        rows = optgen.CAME([wide], state_format="8bit")
+        try:
+            rows.load_state_dict(flat.state_dict())
+        except ValueError as exc:
+            messages["layout"] = str(exc)
+        messages["layout_unchanged"] = not rows.state
         if rank == 0:
             torch.save({"messages": messages}, out_path)
         dist.barrier()

@@ -94,6 +94,7 @@ def test_unsupported_layouts_are_clear_errors(tmp_path):
     assert "sharded on dim 1" in out["dim1"] and out["dim1_unchanged"]
     assert "different meshes" in out["meshes"]
     assert "a later value of the same reduce step reads it" in out["late"] and out["late_unchanged"]
+    assert "of a sharded parameter was saved in another format" in out["layout"] and out["layout_unchanged"]
 
 
 def test_fsdp2_8bit_state_blocks_of_each_shard(tmp_path, backend):

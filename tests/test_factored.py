@@ -512,12 +512,14 @@ def test_sums_over_split_rows_must_not_feed_their_own_reduce_step():
     assert late_matrix_reads(plan(lower(row_col_spec(), {}))) is None
 
 
-@pytest.mark.parametrize(("kernels", "other"), [("c", torch.bfloat16), ("triton", torch.bfloat16), ("c", torch.float64)])
-def test_matrices_of_several_storage_dtypes(kernels, other):
+@pytest.mark.parametrize(("kernels", "other", "state_dtype"),
+                         [("c", torch.bfloat16, None), ("triton", torch.bfloat16, None), ("c", torch.float64, None),
+                          ("c", torch.float64, torch.float64)])  # fmt: skip
+def test_matrices_of_several_storage_dtypes(kernels, other, state_dtype):
     """A factored plan's reduce step compiles its per-row/column states' dtypes in and runs over every tensor:
     fp32 and bf16 matrices (their states both fp32) share it, each partition's passes compiled for its own
-    buffers; fp32 and fp64 matrices (fp64 states; C: Triton takes no fp64) go to the eager torch passes (no
-    kernel runs). Both as backend='torch' computes them (the bf16 matrix within two bf16 steps after three steps:
+    buffers; fp32 and fp64 matrices (fp64 states, or fp64 math beside fp32 with fp64 states for both; C: Triton
+    takes no fp64) go to the eager torch passes (no kernel runs). Both as backend='torch' computes them (the bf16 matrix within two bf16 steps after three steps:
     Triton's interpreter rounds an element one step off now and then, this matrix alone as much)."""
     shapes = [(6, 5), (4, 3)]
     runs = {}
@@ -527,7 +529,7 @@ def test_matrices_of_several_storage_dtypes(kernels, other):
         grads = make_grads(shapes, 3)
         for step in grads:
             step[1] = step[1].to(other)
-        opt = optgen.Adafactor(params, lr=1e-2, backend=backend)
+        opt = optgen.Adafactor(params, lr=1e-2, backend=backend, state_dtype=state_dtype)
         run_steps(opt, params, grads)
         runs[backend] = (params, opt)
     (params, opt), (expected, _) = runs[kernels], runs["torch"]

@@ -635,6 +635,43 @@ def test_the_block_layout_follows_the_groups_flags():
             opt.step()
         assert opt.state[p]["exp_avg_absmax"].shape == (scales,)
         assert int(opt.state_dict()["state"][0]["exp_avg_qrow"]) == (300 if flag else 0)
+    # the flag flipped between steps: codes of the other layout are refused before anything changes; a state
+    # dict round trip converts them
+    opt.param_groups[0]["rownorm"] = False
+    before, weights = {k: v.clone() for k, v in opt.state[p].items()}, p.detach().clone()
+    with pytest.raises(RuntimeError, match="holds 8-bit codes in blocks within rows of 300, and the variant this step runs keeps them in blocks of the flat tensor"):
+        opt.step()
+    assert_bitwise(p.detach(), weights)
+    for key, value in before.items():
+        assert_bitwise(opt.state[p][key], value, key)
+    values = quantization.dequantize(before["exp_avg"], before["exp_avg_absmax"], "signed", row=300)
+    opt.load_state_dict(opt.state_dict())
+    assert_bitwise((opt.state[p]["exp_avg"], opt.state[p]["exp_avg_absmax"]), quantization.quantize(values, "signed"))
+    opt.step()
+
+
+def test_8bit_tables_whatever_the_default_dtype(monkeypatch):
+    """The quantizer's tables are fp32 whatever torch's default dtype (float64 made them twice as long)."""
+    monkeypatch.setattr(quantization, "_map_table", quantization._map_table.__wrapped__)
+    monkeypatch.setattr(quantization, "search_tables", quantization.search_tables.__wrapped__)
+    p = torch.nn.Parameter(torch.randn(8192))
+    expected = torch.nn.Parameter(p.detach().clone())
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        table = quantization.map_table()
+        opt = optgen.AdamW8bit([p], backend="c")
+        p.grad = torch.randn(8192, dtype=torch.float32)
+        opt.step()
+    finally:
+        torch.set_default_dtype(default)
+    assert table.dtype == torch.float32 and table.numel() == quantization.SEARCH_OFFSET + 3 * quantization.SEARCH_STRIDE
+    oracle = optgen.AdamW8bit([expected], backend="torch")
+    expected.grad = p.grad.clone()
+    oracle.step()
+    assert_close_rel(p.detach(), expected.detach())
+    for name in ("exp_avg", "exp_avg_sq"):
+        assert_bitwise(opt.state[p][name], oracle.state[expected][name], name)
 
 
 def test_a_value_a_later_pass_divides_by_is_not_stored_in_8bits():

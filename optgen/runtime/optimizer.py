@@ -323,12 +323,34 @@ class GeneratedOptimizer(torch.optim.Optimizer):
         saved = super().state_dict()
         saved["state"] = {k: dict(v) if isinstance(v, dict) else v for k, v in saved["state"].items()}
         kinds = self._runner.eight_bit_kinds
-        params = [p for group in self.param_groups for p in group["params"]]  # (torch numbers them in this order)
-        for index, state in saved["state"].items():
+        for state in saved["state"].values():
             for name in [n for n, v in state.items() if n in kinds and isinstance(v, torch.Tensor) and v.dtype == torch.uint8]:
                 state[name + QUANT_MAP_SUFFIX] = torch.tensor(quantization.MAPS[kinds[name]], dtype=torch.float32)
-                state[name + QUANT_ROW_SUFFIX] = torch.tensor(self._runner.block_row(self, params[index]) or 0)
         return saved
+
+    def _check_sharded_formats(self, state_dict: dict, element_states: set) -> None:
+        """Sharded (FSDP2) parameters' states load as they were saved (their shards are not converted): an 8-bit
+        state with this optimizer's map and block layout, a full-precision one where it keeps full precision."""
+        saved_ids = [i for g in state_dict.get("param_groups", []) for i in g.get("params", [])]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for saved_id, param in zip(saved_ids, params):
+            saved = state_dict.get("state", {}).get(saved_id) or {}
+            if not distributed.is_dtensor(param):
+                continue
+            row = self._runner.block_row(self, param)
+            for name in element_states & set(saved):
+                codes, want = saved[name], self._runner.eight_bit(param, name, row)
+                eight_bit = isinstance(codes, torch.Tensor) and codes.dtype == torch.uint8
+                saved_map = saved.get(name + QUANT_MAP_SUFFIX)
+                same = eight_bit == (want is not None) and (not eight_bit or (
+                    saved_block_row(saved.get(name + QUANT_ROW_SUFFIX)) == row
+                    and (saved_map is None or torch.equal(saved_map.float().cpu(), torch.tensor(quantization.MAPS[want])))))  # fmt: skip
+                if not same:
+                    raise ValueError(
+                        f"load_state_dict: state {name!r} of a sharded parameter was saved in another format (8-bit "
+                        f"map or block layout, or full precision) than this optimizer keeps; sharded states load as "
+                        f"saved: convert the checkpoint in an unsharded optimizer"
+                    )
 
     def load_state_dict(self, state_dict: dict) -> None:
         """torch's load, with each group's options and hyperparameters checked first (a torch checkpoint's
@@ -349,6 +371,7 @@ class GeneratedOptimizer(torch.optim.Optimizer):
         element_states = {s.name for s in self._spec.states if s.per == "element"}
         for saved in state_dict.get("state", {}).values():
             _check_eight_bit_entries(saved or {}, element_states)
+        self._check_sharded_formats(state_dict, element_states)
         super().load_state_dict(state_dict)
         for group in self.param_groups:
             group.update(forced)

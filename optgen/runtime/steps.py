@@ -166,10 +166,12 @@ class StepRunner:
                     value = module.initial_state(decl.name, local, local, hypers, torch.float32)
                     codes, scales = quantization.quantize(value, kind, row)
                     state[decl.name], state[decl.name + QUANT_SUFFIX] = distributed.eight_bit_state(param, codes, scales, row)
+                    state[decl.name + QUANT_ROW_SUFFIX] = layout_entry(row)
                     continue
                 if kind is not None:  # the initial value, quantized
                     value = module.initial_state(decl.name, param, real, hypers, torch.float32)
                     state[decl.name], state[decl.name + QUANT_SUFFIX] = quantization.quantize(value, kind, row)
+                    state[decl.name + QUANT_ROW_SUFFIX] = layout_entry(row)
                     continue
                 if decl.per in ("row", "column") and distributed.is_dtensor(param):
                     # made from the local shard, then a DTensor: whole-row states sharded like the parameter
@@ -215,6 +217,14 @@ class StepRunner:
                 f"{self.name}: state {name!r} holds 8-bit codes, and this optimizer keeps it in full precision (load "
                 f"an 8-bit checkpoint with load_state_dict: it converts)"
             )
+        if kind is not None and value.dtype == torch.uint8:
+            held = saved_block_row(state.get(name + QUANT_ROW_SUFFIX))
+            if held != row:
+                raise RuntimeError(
+                    f"{self.name}: state {name!r} holds 8-bit codes in {_layout_text(held)}, and the variant this step "
+                    f"runs keeps them in {_layout_text(row)} (a flag that decides whether the update reduces over rows "
+                    f"changed?); convert them with optimizer.load_state_dict(optimizer.state_dict())"
+                )
         if kind is not None:
             scales = state.get(name + QUANT_SUFFIX)
             count = distributed.scale_count(param, row)  # (FSDP2: every rank's blocks of its shard)
@@ -245,6 +255,7 @@ class StepRunner:
                 table = None if saved_map is None else saved_map.to(value.device, torch.float32)
                 own = None if want is None else quantization.map_of(want, value.device)
                 if own is not None and (table is None or torch.equal(table, own)) and saved_row == row:
+                    state[name + QUANT_ROW_SUFFIX] = layout_entry(row)
                     continue  # codes this optimizer reads as they are
                 scales = state.pop(name + QUANT_SUFFIX).to(value.device, torch.float32)
                 if table is None:  # saved without its map (an older checkpoint): the spec's own
@@ -253,6 +264,7 @@ class StepRunner:
                 state[name] = value.to(self.state_dtype(param, name))
             if want is not None:
                 state[name], state[name + QUANT_SUFFIX] = quantization.quantize(value, want, row)
+                state[name + QUANT_ROW_SUFFIX] = layout_entry(row)
 
     # -- the step ----------------------------------------------------------------------------------------
 
@@ -512,6 +524,15 @@ class StepRunner:
             return False
         fast.backend.fast_step(grads, rows)
         return True
+
+
+def layout_entry(row: int | None) -> torch.Tensor:
+    """An 8-bit state's ``<state>_qrow`` entry: the row its blocks lie within, 0 for blocks of the flat tensor."""
+    return torch.tensor(row or 0, dtype=torch.int64)
+
+
+def _layout_text(row: int | None) -> str:
+    return "blocks of the flat tensor" if row is None else f"blocks within rows of {row}"
 
 
 def saved_block_row(entry) -> int | None:

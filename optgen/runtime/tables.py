@@ -416,11 +416,16 @@ def axes_values(t: ChunkTables, plan, p, device_scalars: dict, phases: int = 3) 
 def over_partitions(t: ChunkTables, plan) -> bool:
     """A factored plan whose storage-dtype partitions disagree on the dtypes of its per-row/column states: its
     reduce step (one program per tensor over every partition, those dtypes compiled in) takes one such, so the
-    kernel backends hand such steps to the eager passes. Partitions that differ in element-wise buffers only (a
-    matrix below 4096 elements keeping fp32 state beside 8-bit ones, bf16 parameters beside fp32) share it."""
+    kernel backends hand such steps to the eager passes, as when fp64 parameters (fp64 math) sit beside others.
+    Partitions that differ in element-wise buffers only (a matrix below 4096 elements keeping fp32 state beside
+    8-bit ones, bf16 parameters beside fp32) share it."""
     if not plan.ir.factored or len(t.partitions) < 2:
         return False
-    axis_dtypes = [{name: partition[2][name] for name in plan.ir.factored_state_names} for partition in t.partitions]
+    # (and on the math's precision: the step is compiled for fp64 math with fp64 parameters)
+    axis_dtypes = [
+        ({name: partition[2][name] for name in plan.ir.factored_state_names}, partition[4]["param"] == torch.float64)
+        for partition in t.partitions
+    ]
     return any(dtypes != axis_dtypes[0] for dtypes in axis_dtypes[1:])
 
 
