@@ -148,8 +148,8 @@ def fsdp_8bit(rank, world, backend, mesh):
             results[name, split] = [p.full_tensor() for p in params]
         layouts[name] = {
             (i, key): (str(v.placements), tuple(v.shape), tuple(v.to_local().shape), str(v.to_local().dtype))
-            for i, p in enumerate(opt.param_groups[0]["params"]) for key, v in opt.state[p].items() if key != "step"
-        }  # fmt: skip
+            for i, p in enumerate(opt.param_groups[0]["params"]) for key, v in opt.state[p].items() if hasattr(v, "placements")
+        }  # fmt: skip  (not step, nor an 8-bit state's layout entry: plain tensors)
         model = make_8bit_model(True)
         fully_shard(model, mesh=mesh)
         opt = cls(model.parameters(), backend=backend, **kwargs)
@@ -239,7 +239,7 @@ def worker(rank, world, backend, mode, out_path, port):
         flat.step()
         rows = optgen.CAME([wide], state_format="8bit")
         try:
-            rows.load_state_dict(flat.state_dict())
+            rows.load_state_dict({"state": flat.state_dict()["state"], "param_groups": rows.state_dict()["param_groups"]})
         except ValueError as exc:
             messages["layout"] = str(exc)
         messages["layout_unchanged"] = not rows.state

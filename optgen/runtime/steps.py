@@ -246,10 +246,11 @@ class StepRunner:
         row = self.block_row(owner, param)
         for name in kinds:
             saved_map = state.pop(name + QUANT_MAP_SUFFIX, None)
-            saved_row = saved_block_row(state.pop(name + QUANT_ROW_SUFFIX, None))
+            saved_row = saved_block_row(state.get(name + QUANT_ROW_SUFFIX))  # (sharded: kept as saved, checked before)
             value = state.get(name)
             if not isinstance(value, torch.Tensor) or distributed.is_dtensor(param) or param.is_complex():
                 continue
+            state.pop(name + QUANT_ROW_SUFFIX, None)  # set again below where the state stays 8-bit
             want = self.eight_bit(param, name, row)
             if value.dtype == torch.uint8:
                 table = None if saved_map is None else saved_map.to(value.device, torch.float32)
