@@ -16,6 +16,13 @@ from .spec import SpecError
 from .specs import BUILTINS
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _parse_flags(pairs) -> dict:
     flags = {}
     for pair in pairs or []:
@@ -149,7 +156,7 @@ def cmd_bench(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run
 
-    run(args.out, steps=args.steps, backend=args.backend, state_format=args.state_format)
+    run(args.out, steps=args.steps, backend=args.backend, state_format=args.state_format, seeds=args.seeds)
     return 0
 
 
@@ -224,6 +231,9 @@ def main(argv=None) -> int:
     demo.add_argument("--steps", type=int, default=150)
     demo.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto")
     demo.add_argument("--state-format", choices=("fp32", "bf16", "8bit"), default=None, help="the optimizers' state (default fp32)")
+    demo.add_argument(
+        "--seeds", type=_positive_int, default=1, help="repeat over this many data splits and model inits (seeds 0, 1, ...): mean and lowest accuracy"
+    )
     demo.set_defaults(fn=cmd_demo)
 
     args = parser.parse_args(argv)

@@ -3,6 +3,9 @@
 The data set is scikit-learn's handwritten digits (1,797 8x8 images, shipped inside the package: no
 download). A small MLP is trained at a large batch (the whole training set, 1,437 images, per step) with
 LAMB, LARS, AdamW and SGD; the table reports final test accuracy and time, and a PNG shows the loss curves.
+``seeds`` > 1 repeats each run over that many data splits and model initialisations (seeds 0, 1, ...) and reports
+the mean and the lowest accuracy: one 360-image test set moves by 0.28 points an image, too little to compare two
+runs (8-bit against fp32 state, say) on one seed.
 """
 
 from __future__ import annotations
@@ -48,18 +51,21 @@ def _param_groups(model, weight_decay: float):
     ]
 
 
+# Learning rates that train on every seed: over seeds 0-7 (fp32 state) LAMB at lr 0.02 averaged 94.8% and fell to
+# 87.5% on one; at 0.01 97.4% (lowest 96.1%). SGD at 0.5 diverged on one seed in eight (7.2%); at 0.2 97.3% (96.1%).
 RECIPES = {  # (model, backend, state_format) -> optimizer
-    "LAMB": lambda m, b, f: LAMB(_param_groups(m, 0.01), lr=0.02, backend=b, state_format=f),
+    "LAMB": lambda m, b, f: LAMB(_param_groups(m, 0.01), lr=0.01, backend=b, state_format=f),
     "LARS": lambda m, b, f: LARS(_param_groups(m, 1e-4), lr=1.0, momentum=0.9, trust_coefficient=0.01, backend=b, state_format=f),
     "AdamW": lambda m, b, f: AdamW(m.parameters(), lr=0.01, weight_decay=0.01, backend=b, state_format=f),
-    "SGD": lambda m, b, f: SGD(m.parameters(), lr=0.5, momentum=0.9, backend=b, state_format=f),
+    "SGD": lambda m, b, f: SGD(m.parameters(), lr=0.2, momentum=0.9, backend=b, state_format=f),
 }
 
 
-def train(name: str, steps: int, backend: str, state_format: str | None = None):
-    """``state_format``: the optimizers' (None: fp32; ``"8bit"``: the matrices' states in blockwise 8 bits)."""
-    (x_train, y_train), (x_test, y_test) = _data()
-    model = _model()
+def train(name: str, steps: int, backend: str, state_format: str | None = None, seed: int = 0):
+    """``state_format``: the optimizers' (None: fp32; ``"8bit"``: the matrices' states in blockwise 8 bits);
+    ``seed``: the data split's and the model's."""
+    (x_train, y_train), (x_test, y_test) = _data(seed)
+    model = _model(seed)
     opt = RECIPES[name](model, backend, state_format)
     losses = []
     start = time.perf_counter()
@@ -75,7 +81,9 @@ def train(name: str, steps: int, backend: str, state_format: str | None = None):
     return losses, accuracy, elapsed
 
 
-def run(out_dir: str = "optgen-demo", steps: int = 150, backend: str = "auto", state_format: str | None = None) -> dict:
+def run(
+    out_dir: str = "optgen-demo", steps: int = 150, backend: str = "auto", state_format: str | None = None, seeds: int = 1
+) -> dict:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     lamb_plan = make_plan(lower(BUILTINS["lamb"]()))
@@ -97,11 +105,20 @@ def run(out_dir: str = "optgen-demo", steps: int = 150, backend: str = "auto", s
         os.environ.setdefault("TRITON_INTERPRET", "1")
     states = "" if state_format is None else f", state_format={state_format}"
     print(f"\n== training an MLP on scikit-learn digits, batch 1437 (full set), {steps} steps, backend={backend}{states} ==")
+    if seeds > 1:
+        print(f"   (seeds 0-{seeds - 1}: mean and lowest test accuracy; loss and time of seed 0, curves of seed 0)")
     results = {}
     for name in RECIPES:
-        losses, accuracy, elapsed = train(name, steps, backend, state_format)
-        results[name] = {"losses": losses, "accuracy": accuracy, "seconds": elapsed}
-        print(f"  {name:6s} final loss {losses[-1]:.4f}  test accuracy {accuracy * 100:5.1f}%  time {elapsed:6.2f} s")
+        runs = [train(name, steps, backend, state_format, seed) for seed in range(seeds)]
+        losses, accuracy, elapsed = runs[0]
+        accuracies = [r[1] for r in runs]
+        results[name] = {"losses": losses, "accuracy": accuracy, "seconds": elapsed, "accuracies": accuracies}
+        if seeds > 1:
+            mean = sum(accuracies) / seeds
+            score = f"test accuracy {mean * 100:5.1f}% (lowest {min(accuracies) * 100:.1f}%)"
+        else:
+            score = f"test accuracy {accuracy * 100:5.1f}%"
+        print(f"  {name:6s} final loss {losses[-1]:.4f}  {score}  time {elapsed:6.2f} s")
     try:
         import matplotlib
 

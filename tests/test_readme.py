@@ -93,6 +93,30 @@ def test_gitignore_covers_the_demo_output(monkeypatch):
     assert f"{seen['out']}/" in ignored or f"/{seen['out']}/" in ignored, seen
 
 
+def test_demo_seeds_train_each_split_and_report_mean_and_lowest(monkeypatch, tmp_path, capsys):
+    """``optgen demo --seeds 3`` trains every recipe on seeds 0, 1, 2 (each its own data split and model) and prints
+    their mean and lowest accuracy; ``--seeds 0`` is refused by the parser."""
+    import sys
+
+    from optgen import cli, demo
+
+    calls = []
+
+    def fake_train(name, steps, backend, state_format=None, seed=0):
+        calls.append((name, seed))
+        return [1.0, 0.5], [0.90, 0.80, 0.97][seed], 0.1
+
+    monkeypatch.setattr(demo, "train", fake_train)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # no plot
+    assert cli.main(["demo", "--seeds", "3", "--out", str(tmp_path), "--steps", "2"]) == 0
+    assert calls == [(name, seed) for name in demo.RECIPES for seed in range(3)]
+    out = capsys.readouterr().out
+    assert "test accuracy  89.0% (lowest 80.0%)" in out, out
+    with pytest.raises(SystemExit):
+        cli.main(["demo", "--seeds", "0"])
+    assert "--seeds: must be at least 1" in capsys.readouterr().err
+
+
 # the README's table of the built-ins' plans, by row: the built-in and its shape flag's values (matrices / vectors)
 PLAN_ROWS = {
     "Adam, AdamW": [("adamw", {})],
