@@ -577,8 +577,13 @@ def test_a_state_of_another_shape_is_refused_before_anything_changes(backend):
     opt = optgen.AdamW([a, b], backend=backend)
     a.grad, b.grad = torch.randn(3), torch.randn(1000)
     opt.step()
-    reordered = optgen.AdamW([b, a], backend=backend)
-    reordered.load_state_dict(opt.state_dict())  # the saved states belong to the other order
+    reordered = optgen.AdamW([b, a], lr=0.5, backend=backend)
+    with pytest.raises(ValueError, match=r"state 'exp_avg' of parameter 0 has shape \(3,\), and the parameter has shape \(1000,\)"):
+        reordered.load_state_dict(opt.state_dict())  # the saved states belong to the other order
+    assert not reordered.state and reordered.param_groups[0]["lr"] == 0.5
+    # the same found at the step, for a state dict edited after the load
+    reordered.load_state_dict({**opt.state_dict(), "param_groups": [{**opt.state_dict()["param_groups"][0], "params": [1, 0]}]})
+    reordered.state[b]["exp_avg"] = reordered.state[a]["exp_avg"].clone()
     before = [a.detach().clone(), b.detach().clone()]
     with pytest.raises(RuntimeError, match=r"state 'exp_avg' has shape \(3,\) for a parameter of shape \(1000,\)"):
         reordered.step()

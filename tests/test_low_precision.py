@@ -337,6 +337,149 @@ def test_a_state_set_by_hand_in_the_wrong_form_is_refused_before_anything_change
     assert (p == 1).all() and opt.state[p]["step"] == 0
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_state_the_kernels_cannot_read_is_refused_before_anything_changes(backend):
+    """A state set by hand as a tensor subclass, on the meta device or expanded (elements sharing memory): the C
+    kernels read past such memory (a crash), the torch path failed half-way through the step."""
+
+    class Wrapped(torch.Tensor):
+        pass
+
+    bad_states = {
+        "a tensor subclass": lambda t: t.as_subclass(Wrapped),
+        "on the meta device": lambda t: t.to("meta"),
+        "expanded": lambda t: t.reshape(-1)[:1].expand(t.shape),
+    }
+    whys = {"a tensor subclass": "is a Wrapped", "on the meta device": "is on meta", "expanded": "has elements that share memory"}
+    for what, make_bad in bad_states.items():
+        params = _params()
+        opt = optgen.AdamW8bit(params, backend=backend)
+        run_steps(opt, params, make_grads(SHAPES, 1))
+        state = opt.state[params[3]]  # a (10,) parameter: fp32 state
+        state["exp_avg"] = make_bad(state["exp_avg"].clone())
+        before = {i: {k: v.clone() for k, v in opt.state[p].items() if v.device.type != "meta"} for i, p in enumerate(params)}
+        weights = [p.detach().clone() for p in params]
+        for p, g in zip(params, make_grads(SHAPES, 1, seed=5)[0]):
+            p.grad = g
+        with pytest.raises(RuntimeError, match=f"state 'exp_avg' of a parameter of shape \\(10,\\) {whys[what]}"):
+            opt.step()
+        assert_bitwise([p.detach() for p in params], weights)
+        for i, p in enumerate(params):
+            for key, value in before[i].items():
+                assert_bitwise(opt.state[p][key], value, f"{what}: {key}")
+
+
+def test_torchao_checkpoints_load_in_any_format():
+    """torchao's AdamW8bit keeps its states as tensor subclasses: they load as their codes (AdamW8bit's are
+    torchao's, bitwise: same maps and blocks) or values, and the next steps follow torchao's where both keep a
+    parameter's state in the same format (torchao: 8 bits for multiples of 256 elements only)."""
+    torchao_optim = pytest.importorskip("torchao.optim")
+    shapes = [(64, 128), (5000,), (10,)]  # torchao keeps 8 bits for a multiple of 256 elements only
+    params = _params(shapes)
+    theirs = torchao_optim.AdamW8bit(params, lr=1e-2)
+    run_steps(theirs, params, make_grads(shapes, 3))
+    saved = theirs.state_dict()
+    for backend in BACKENDS:
+        for cls in (optgen.AdamW8bit, optgen.AdamW):
+            mine = [torch.nn.Parameter(p.detach().clone()) for p in params]
+            opt = cls(mine, lr=1e-2, backend=backend)
+            opt.load_state_dict(saved)
+            for p, q in zip(params, mine):
+                for name in ("exp_avg", "exp_avg_sq"):
+                    value, loaded = theirs.state[p][name], opt.state[q][name]
+                    assert type(loaded) is torch.Tensor
+                    values = (value.dequantize() if hasattr(value, "codes") else value).view(p.shape).float()
+                    if loaded.dtype != torch.uint8:
+                        assert_bitwise(loaded, values, name)
+                    elif hasattr(value, "codes"):  # codes of the same map and blocks: as they were
+                        assert_bitwise((loaded, opt.state[q][name + "_absmax"]), (value.codes.view(p.shape), value.scale), name)
+                    else:
+                        kind = "signed" if name == "exp_avg" else "unsigned"
+                        assert_bitwise((loaded, opt.state[q][name + "_absmax"]), quantization.quantize(values, kind), name)
+            grads = make_grads(shapes, 2, seed=9)
+            run_steps(opt, mine, grads)
+            reference = [torch.nn.Parameter(p.detach().clone()) for p in params]
+            again = torchao_optim.AdamW8bit(reference, lr=1e-2)
+            again.load_state_dict(saved)
+            run_steps(again, reference, grads)
+            same = [i for i, p in enumerate(params) if (opt.state[mine[i]]["exp_avg"].dtype == torch.uint8) == hasattr(theirs.state[p]["exp_avg"], "codes")]
+            assert same == ([0, 2] if cls is optgen.AdamW8bit else [1, 2])  # parameters both keep in the same format
+            assert_close_rel([mine[i] for i in same], [reference[i] for i in same], tol=1e-5, what=f"{cls.__name__} {backend}")
+
+
+def test_a_checkpoint_the_optimizer_cannot_read_changes_nothing():
+    """Found at load, before anything changes: another parameter's states (wrong shapes, which the conversion to
+    row blocks failed on half-way), a map not of 256 values in one dimension, scales not one per block in one
+    dimension, a tensor subclass without values, states on the meta device. Scales of another float dtype load
+    as fp32."""
+    shapes = [(37, 300), (5000,)]
+    params = _params(shapes)
+    opt = optgen.CAME(params, state_format="8bit", backend="c")
+    run_steps(opt, params, make_grads(shapes, 1))
+    saved = opt.state_dict()
+
+    class Wrapped(torch.Tensor):
+        pass
+
+    def edited(index, **entries):
+        return {**saved, "state": {**saved["state"], index: {**saved["state"][index], **entries}}}
+
+    swapped = {**saved, "state": {0: saved["state"][1], 1: saved["state"][0]}}
+    exp_avg = saved["state"][0]["exp_avg"]
+    cases = [
+        (swapped, r"state 'exp_avg' of parameter 0 has shape \(5000,\), and the parameter has shape \(37, 300\)"),
+        (edited(0, exp_avg_qmap=saved["state"][0]["exp_avg_qmap"].view(16, 16)), r"'exp_avg_qmap' must be the 256 values of an 8-bit map, one dimension \(got \(16, 16\)\)"),
+        (edited(1, exp_avg_absmax=saved["state"][1]["exp_avg_absmax"].view(-1, 1)), r"'exp_avg_absmax', 20 floating-point block scales in one dimension \(got \(20, 1\)"),
+        (edited(0, exp_avg=exp_avg.float().as_subclass(Wrapped)), r"state 'exp_avg' of parameter 0 is a Wrapped"),
+        (edited(1, exp_avg_sq=torch.empty(5000, device="meta")), r"state 'exp_avg_sq' of parameter 1 is on the meta device"),
+    ]
+    target = optgen.CAME(params, lr=0.5, state_format="8bit", backend="c")
+    run_steps(target, params, make_grads(shapes, 1, seed=3))
+    before = {i: {k: v.clone() for k, v in target.state[p].items()} for i, p in enumerate(params)}
+    for state_dict, message in cases:
+        with pytest.raises(ValueError, match=message):
+            target.load_state_dict(state_dict)
+        assert target.param_groups[0]["lr"] == 0.5
+        for i, p in enumerate(params):
+            assert set(target.state[p]) == set(before[i])
+            for key, value in before[i].items():
+                assert_bitwise(target.state[p][key], value, key)
+    for dtype in (torch.float16, torch.float64):
+        target.load_state_dict(edited(1, exp_avg_absmax=saved["state"][1]["exp_avg_absmax"].to(dtype)))
+        assert target.state[params[1]]["exp_avg_absmax"].dtype == torch.float32
+        run_steps(target, params, make_grads(shapes, 1, seed=4))
+
+
+def test_an_adamw8bit_checkpoint_resumes_in_came():
+    """Switching from AdamW8bit to CAME mid-run: the first moment carries over (in CAME's row blocks); AdamW's
+    per-element second moment of a matrix, which CAME factors, is left out (said in a warning) and CAME's
+    factored moments start afresh; vectors keep theirs (CAME's own per-element exp_avg_sq)."""
+    shapes = [(40, 300), (5000,)]
+    params = _params(shapes)
+    adamw = optgen.AdamW8bit(params, backend="c")
+    run_steps(adamw, params, make_grads(shapes, 2))
+    saved = adamw.state_dict()
+    came = optgen.CAME(params, state_format="8bit", backend="c")
+    with pytest.warns(UserWarning, match=r"parameter 0 \(shape \(40, 300\)\) runs a variant without 'exp_avg_sq'"):
+        came.load_state_dict({**saved, "param_groups": [{**came.param_groups[0], "params": [0, 1]}]})
+    matrix, vector = (came.state[p] for p in params)
+    assert not any(k.startswith("exp_avg_sq") for k in matrix)
+    assert vector["exp_avg_sq"].dtype == torch.uint8
+    values = quantization.dequantize(saved["state"][0]["exp_avg"], saved["state"][0]["exp_avg_absmax"], "signed")
+    assert_bitwise((matrix["exp_avg"], matrix["exp_avg_absmax"]), quantization.quantize(values, "signed", row=300))
+    run_steps(came, params, make_grads(shapes, 2, seed=1))
+    assert "exp_avg_sq_row" in matrix or any("row" in k for k in came.state[params[0]])
+    assert all(torch.isfinite(p).all() for p in params)
+
+
+def test_none_state_format_is_the_classs_default():
+    p = [torch.nn.Parameter(torch.zeros(5000))]
+    p[0].grad = torch.ones(5000)
+    opt = optgen.AdamW8bit(p, state_format=None)
+    opt.step()
+    assert opt.state[p[0]]["exp_avg"].dtype == torch.uint8
+
+
 # -- bf16 stochastic rounding -------------------------------------------------------------------------------------
 
 

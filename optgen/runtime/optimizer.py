@@ -352,6 +352,43 @@ class GeneratedOptimizer(torch.optim.Optimizer):
                         f"saved: convert the checkpoint in an unsharded optimizer"
                     )
 
+    def _check_saved_shapes(self, state_dict: dict, element_states: set) -> None:
+        """Each saved element-wise state has its parameter's shape (codes too): a state dict of other parameters,
+        or of these in another order, is refused before anything loads (converting its formats would fail
+        half-way)."""
+        saved_ids = [i for g in state_dict.get("param_groups", []) for i in g.get("params", [])]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for index, (saved_id, param) in enumerate(zip(saved_ids, params)):
+            saved = state_dict.get("state", {}).get(saved_id) or {}
+            for name in sorted(element_states & set(saved)):
+                value = saved[name]
+                if isinstance(value, torch.Tensor) and value.shape != param.shape:
+                    raise ValueError(
+                        f"load_state_dict: state {name!r} of parameter {index} has shape {tuple(value.shape)}, and the "
+                        f"parameter has shape {tuple(param.shape)} (a state dict of other parameters, or of these in "
+                        f"another order?)"
+                    )
+
+    def _without_other_variants(self, saved: dict, state: dict, param: torch.Tensor, saved_id) -> dict:
+        """A parameter's saved state (and ``state``, its loaded copy) without the states this parameter's variant
+        does not keep (an AdamW checkpoint's ``exp_avg_sq`` of a matrix loaded into CAME or Adafactor, which factor
+        it): the variant's own states start from their initial values, and the load says what it left out."""
+        runner = self._runner
+        kept = runner.plan(runner.options_key(self.param_groups, self.defaults), None, runner.shape_key(param)).ir.state_names
+        other = {d.name for d in self._spec.states if d.when is not None and d.name not in kept}
+        suffixes = (QUANT_SUFFIX, QUANT_MAP_SUFFIX, QUANT_ROW_SUFFIX)
+        dropped = [k for k in saved if k in other or any(k.endswith(x) and k[: -len(x)] in other for x in suffixes)]
+        if not dropped:
+            return saved
+        warnings.warn(
+            f"{type(self).__name__}.load_state_dict: parameter {saved_id} (shape {tuple(param.shape)}) runs a variant "
+            f"without {', '.join(repr(k) for k in dropped if k in other)}: the checkpoint's are left out",
+            stacklevel=3,
+        )
+        for key in dropped:  # (torch's load put them in)
+            state.pop(key, None)
+        return {k: v for k, v in saved.items() if k not in dropped}
+
     def load_state_dict(self, state_dict: dict) -> None:
         """torch's load, with each group's options and hyperparameters checked first (a torch checkpoint's
         ``nesterov``, ``amsgrad`` or ``decoupled_weight_decay`` selects the same algorithm here). Floating state
@@ -359,6 +396,7 @@ class GeneratedOptimizer(torch.optim.Optimizer):
         fp32/fp64 parameters; the fp32 moments and master weights of bf16 parameters stay fp32), the step
         count lives on the parameter's device as fp32 (a torch.optim state dict keeps it on the CPU)."""
         forced = self._spec.torch_forced_on_load
+        state_dict = _plain_states(state_dict)  # another library's quantized states (torchao's) as values
         for i, group in enumerate(state_dict.get("param_groups", [])):  # before anything is loaded
             merged = {**self.defaults, **{k: v for k, v in group.items() if k != "params"}, **forced}
             self._check_group(merged, f"param group {i} of the state dict")
@@ -371,6 +409,7 @@ class GeneratedOptimizer(torch.optim.Optimizer):
         element_states = {s.name for s in self._spec.states if s.per == "element"}
         for saved in state_dict.get("state", {}).values():
             _check_eight_bit_entries(saved or {}, element_states)
+        self._check_saved_shapes(state_dict, element_states)
         self._check_sharded_formats(state_dict, element_states)
         super().load_state_dict(state_dict)
         for group in self.param_groups:
@@ -394,6 +433,7 @@ class GeneratedOptimizer(torch.optim.Optimizer):
                         f"step 1 (bias corrections restart)",
                         stacklevel=2,
                     )
+            saved = self._without_other_variants(saved, state, param, saved_id)
             for key, value in saved.items():
                 if key == "step" and isinstance(value, (int, float)):  # torch < 1.12 saved a Python number
                     value = torch.tensor(float(value))
@@ -407,6 +447,8 @@ class GeneratedOptimizer(torch.optim.Optimizer):
                     dtype = torch.float64  # a per-layer state: one fp64 number
                 elif key in state_names and (value.is_floating_point() or value.is_complex()):
                     dtype = self._runner.state_dtype(param, key)
+                elif key.endswith(QUANT_SUFFIX) and key[: -len(QUANT_SUFFIX)] in element_states:
+                    dtype = torch.float32  # block scales (checked floating above): the kernels read fp32
                 else:
                     dtype = value.dtype
                 state[key] = value.detach().to(device=param.device, dtype=dtype, copy=True)
@@ -433,13 +475,71 @@ def _check_eight_bit_entries(saved: dict, element_states: set) -> None:
                 f"{codes.shape[-1] if codes.dim() else None} (got {saved.get(name + QUANT_ROW_SUFFIX)!r})"
             )
         blocks = distributed.scale_count(codes, row)  # (FSDP2: every rank's blocks of its shard)
-        if not (isinstance(scales, torch.Tensor) and scales.is_floating_point() and scales.numel() == blocks):
+        if not (isinstance(scales, torch.Tensor) and scales.is_floating_point() and scales.shape == (blocks,)):
             raise ValueError(
                 f"load_state_dict: state {name!r} holds 8-bit codes; it needs {name + QUANT_SUFFIX!r}, {blocks} "
-                f"floating-point block scales (got {None if scales is None else tuple(getattr(scales, 'shape', ()))})"
+                f"floating-point block scales in one dimension (got "
+                f"{None if scales is None else tuple(getattr(scales, 'shape', ()))}"
+                f"{f' {scales.dtype}' if isinstance(scales, torch.Tensor) else ''})"
             )
-        if table is not None and not (isinstance(table, torch.Tensor) and table.is_floating_point() and table.numel() == 256):
-            raise ValueError(f"load_state_dict: {name + QUANT_MAP_SUFFIX!r} must be the 256 values of an 8-bit map")
+        if table is not None and not (isinstance(table, torch.Tensor) and table.is_floating_point() and table.shape == (256,)):
+            raise ValueError(
+                f"load_state_dict: {name + QUANT_MAP_SUFFIX!r} must be the 256 values of an 8-bit map, one dimension "
+                f"(got {tuple(table.shape) if isinstance(table, torch.Tensor) else type(table).__name__})"
+            )
+
+
+def _plain_states(state_dict: dict) -> dict:
+    """``state_dict`` with its states as plain tensors, checked before anything loads: a quantized tensor subclass
+    of another library (torchao's 8-bit, 4-bit and FP8 optimizer states) is replaced by its values
+    (``dequantize()``), or, where it holds 8-bit codes of flat blocks of 256, by those codes, their scales and
+    their map (a state kept in 8 bits with the same map and blocks loads as it was); either is then kept in this
+    optimizer's format; a subclass that cannot say its values, or a tensor without any (on the meta device),
+    is refused: the kernels would read memory it does not have."""
+    states = state_dict.get("state") if isinstance(state_dict, dict) else None
+    if not isinstance(states, dict):
+        return state_dict
+    converted = {}
+    for saved_id, saved in states.items():
+        for key, value in (saved.items() if isinstance(saved, dict) else ()):
+            if not isinstance(value, torch.Tensor):
+                continue
+            if value.device.type == "meta":
+                raise ValueError(f"load_state_dict: state {key!r} of parameter {saved_id} is on the meta device: it holds no values")
+            if type(value) in (torch.Tensor, torch.nn.Parameter) or distributed.is_dtensor(value):
+                continue
+            codes = _blockwise_codes(value)
+            if codes is not None:  # kept as the codes they are (requantizing values moves a block's scale)
+                entries = converted.setdefault(saved_id, dict(saved))
+                entries[key], entries[key + QUANT_SUFFIX], entries[key + QUANT_MAP_SUFFIX] = codes
+                continue
+            try:
+                with torch.no_grad():
+                    plain = value.dequantize()
+            except Exception as error:  # noqa: BLE001 - any failure: a subclass this optimizer cannot read
+                plain, why = None, f": {type(error).__name__}: {error}"
+            else:
+                why = f" (it gave a {type(plain).__name__} of shape {tuple(getattr(plain, 'shape', ()))})"
+            if type(plain) is not torch.Tensor or plain.shape != value.shape or not plain.is_floating_point():
+                raise ValueError(
+                    f"load_state_dict: state {key!r} of parameter {saved_id} is a {type(value).__name__}, and its "
+                    f"values could not be read as a plain floating-point tensor of its shape with dequantize(){why}"
+                )
+            converted.setdefault(saved_id, dict(saved))[key] = plain
+    return {**state_dict, "state": {**states, **converted}} if converted else state_dict
+
+
+def _blockwise_codes(value: torch.Tensor):
+    """(codes, scales, map) of a tensor subclass that holds 8-bit codes of flat blocks of 256 elements, with one
+    scale a block and a map of 256 values (torchao's ``OptimState8bit``: ``codes``, ``scale``, ``qmap``), else None."""
+    codes, scales, table = (getattr(value, name, None) for name in ("codes", "scale", "qmap"))
+    if not all(type(t) is torch.Tensor for t in (codes, scales, table)):
+        return None
+    if codes.dtype != torch.uint8 or codes.numel() != value.numel() or not scales.is_floating_point():
+        return None
+    if scales.numel() != quantization.n_blocks(value.numel()) or table.numel() != 256:
+        return None
+    return codes.detach().reshape(value.shape), scales.detach().reshape(-1), table.detach().reshape(-1).float()
 
 
 def _one_number(key: str, value):
@@ -474,11 +574,13 @@ STATE_FORMATS = ("fp32", "bf16", "8bit")
 
 
 def _state_format(spec: Spec, state_format, state_dtype):
-    """``state_format``: None (fp32, or ``state_dtype``), ``"fp32"``, ``"bf16"``, ``"8bit"`` (every element-wise
-    state the spec does not mark exact in blockwise 8 bits, the others fp32), or a dict ``{state: "8bit" |
-    "fp32"}`` choosing states (those it does not name keep the class's default: 8 bits in AdamW8bit, else fp32;
+    """``state_format``: None (the class's default: 8 bits in AdamW8bit, else fp32 or ``state_dtype``), ``"fp32"``,
+    ``"bf16"``, ``"8bit"`` (every element-wise state the spec does not mark exact in blockwise 8 bits, the others
+    fp32), or a dict ``{state: "8bit" | "fp32"}`` choosing states (those it does not name keep the class's default: 8 bits in AdamW8bit, else fp32;
     ``"fp32"`` means full precision, ``state_dtype`` if given). Returns (state_dtype, quantized: () none, None
     all that may be, or a tuple of names); a clear error for anything else, before the optimizer exists."""
+    if state_format is None:  # the class's default, as when not given (AdamW8bit: 8 bits)
+        state_format = spec.state_format
     if state_format is None:
         return state_dtype, ()
     named = state_format if isinstance(state_format, dict) else None

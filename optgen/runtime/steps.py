@@ -193,6 +193,7 @@ class StepRunner:
                     f"{decl.when[0]}={not decl.when[1]}, but its state holds {decl.name!r} of the other one (its shape "
                     f"changed between steps?); clear its state (optimizer.state[param] = {{}}) to start it again"
                 )
+        self._check_readable(param, state, ir)
         for decl in ir.states:
             value = state.get(decl.name)
             if isinstance(value, torch.Tensor) and decl.per == "element":
@@ -206,6 +207,28 @@ class StepRunner:
                     f"shape {tuple(param.shape)}; it must have {kind} (a state dict of other parameters, or a "
                     f"state set by hand?)"
                 )
+
+    def _check_readable(self, param: torch.Tensor, state, ir) -> None:
+        """The state tensors the step reads and writes are plain tensors on the parameter's device, each element
+        its own memory: a tensor subclass (torchao's quantized states: ``load_state_dict`` converts them), a
+        meta or other-device tensor or an expanded one (set by hand) would be read past its memory by the
+        kernels, or fail half-way through the step."""
+        names = [decl.name for decl in ir.states]
+        names += [name + QUANT_SUFFIX for name in names] + [transforms.MASTER]
+        for name in names:
+            value = state.get(name)
+            if not isinstance(value, torch.Tensor):
+                continue
+            local = distributed.local(value) if distributed.is_dtensor(value) else value
+            if type(local) not in (torch.Tensor, torch.nn.Parameter):
+                why = f"is a {type(value).__name__}; the step reads plain tensors (load_state_dict converts a checkpoint's)"
+            elif value.device != param.device:
+                why = f"is on {value.device}, and its parameter on {param.device}"
+            elif overlaps_itself(local):
+                why = f"has elements that share memory (strides {tuple(local.stride())}: expanded?); give it its own (.clone())"
+            else:
+                continue
+            raise RuntimeError(f"{self.name}: state {name!r} of a parameter of shape {tuple(param.shape)} {why}")
 
     def _check_format(self, param, name: str, value: torch.Tensor, state, row: int | None) -> None:
         """An element-wise state in the form this optimizer keeps it: 8-bit codes with their scales (blocks within
@@ -697,6 +720,17 @@ def _memory_span(t: torch.Tensor) -> tuple[int, int]:
     start = t.storage_offset() * size
     extent = sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride())) + 1 if t.numel() else 0
     return start, start + extent * size
+
+
+def overlaps_itself(t: torch.Tensor) -> bool:
+    """Whether two elements of ``t`` may share memory (a stride of 0, as ``expand`` makes, or strides that
+    interleave): each dimension, by increasing stride, must step past everything the smaller ones reach."""
+    reach = 0
+    for stride, size in sorted((abs(s), n) for n, s in zip(t.shape, t.stride()) if n > 1):
+        if stride <= reach:
+            return True
+        reach += (size - 1) * stride
+    return False
 
 
 def check_no_shared_memory(params, name: str) -> None:
