@@ -531,6 +531,7 @@ class HyperDecl:
     finite: bool = True
     none: float | None = None  # the value None stands for (None is refused when this is None)
     default_none: bool = False  # the constructor's default is None (standing for ``none``)
+    integer: bool = False  # only whole numbers (a seed)
 
     @property
     def label(self) -> str:
@@ -559,6 +560,8 @@ class HyperDecl:
             return f"{prefix} (expected a real number)"
         if math.isnan(number) or (self.finite and not math.isfinite(number)):
             return f"{prefix} (must be finite)"
+        if self.integer and not number.is_integer():
+            return f"{prefix} (expected an integer)"
         below = number <= self.lo if self.lo_open else number < self.lo
         above = number >= self.hi if self.hi_open else number > self.hi
         if below or above:

@@ -164,6 +164,7 @@ def stochastic_round(ir: IR) -> IR:
     seed = HyperDecl(
         name="sr_seed", default=0.0, lo=0.0, hi=float(2**32 - 1), lo_open=False, hi_open=False, is_bool=False,
         key="sr_seed", index=None, doc="seed of the stochastic rounding of bf16 parameters (an integer)",
+        integer=True,
     )
     return _with_option(ir, STOCHASTIC_ROUND, hypers=ir.hypers + (seed,))
 

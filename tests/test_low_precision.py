@@ -4,6 +4,7 @@ The kernels (C, Triton in the interpreter) against the eager torch oracle, codes
 quantizer against torchao's; plan figures against the issue's targets; checkpoints across formats; bad input.
 """
 
+import copy
 import math
 
 import pytest
@@ -432,6 +433,9 @@ def test_a_checkpoint_the_optimizer_cannot_read_changes_nothing():
         (edited(1, exp_avg_absmax=saved["state"][1]["exp_avg_absmax"].view(-1, 1)), r"'exp_avg_absmax', 20 floating-point block scales in one dimension \(got \(20, 1\)"),
         (edited(0, exp_avg=exp_avg.float().as_subclass(Wrapped)), r"state 'exp_avg' of parameter 0 is a Wrapped"),
         (edited(1, exp_avg_sq=torch.empty(5000, device="meta")), r"state 'exp_avg_sq' of parameter 1 is on the meta device"),
+        (edited(1, exp_avg=None), r"state 'exp_avg' of parameter 1 is NoneType 'None'; it must be a tensor"),
+        (edited(0, exp_avg_res_row="x"), r"state 'exp_avg_res_row' of parameter 0 is str 'x'; it must be a tensor"),
+        (edited(1, step="3"), r"'step' of parameter 1 must be a number or a 1-element real tensor \(got str '3'\)"),
     ]
     target = optgen.CAME(params, lr=0.5, state_format="8bit", backend="c")
     run_steps(target, params, make_grads(shapes, 1, seed=3))
@@ -470,6 +474,40 @@ def test_an_adamw8bit_checkpoint_resumes_in_came():
     run_steps(came, params, make_grads(shapes, 2, seed=1))
     assert "exp_avg_sq_row" in matrix or any("row" in k for k in came.state[params[0]])
     assert all(torch.isfinite(p).all() for p in params)
+
+
+def test_integer_states_load_as_torch_casts_them():
+    """A checkpoint whose moments are integers (torch.optim casts them to the parameter's dtype): the same here,
+    into fp32 and into 8-bit state; the step then matches torch.optim.AdamW's."""
+    for shape in [(10,), (5000,)]:
+        source = _params([shape])
+        opt = optgen.AdamW(source, backend="c")
+        run_steps(opt, source, make_grads([shape], 1))
+        saved = opt.state_dict()
+        saved = {**saved, "state": {0: {**saved["state"][0], "exp_avg": torch.arange(shape[0]) % 3 - 1}}}
+        reference = [torch.nn.Parameter(source[0].detach().clone())]
+        torch_opt = torch.optim.AdamW(reference)
+        torch_opt.load_state_dict(copy.deepcopy(saved))
+        grads = make_grads([shape], 1, seed=2)
+        run_steps(torch_opt, reference, grads)
+        for cls in (optgen.AdamW, optgen.AdamW8bit):
+            params = [torch.nn.Parameter(source[0].detach().clone())]
+            loaded = cls(params, backend="c")
+            loaded.load_state_dict(copy.deepcopy(saved))
+            assert loaded.state[params[0]]["exp_avg"].dtype == (torch.uint8 if cls is optgen.AdamW8bit and shape[0] >= 4096 else torch.float32)
+            run_steps(loaded, params, grads)
+            if cls is optgen.AdamW:
+                assert_close_rel(params[0], reference[0], what="AdamW from an integer exp_avg")
+
+
+def test_a_resized_parameter_is_named_as_such():
+    param = torch.nn.Parameter(torch.randn(5000))
+    opt = optgen.AdamW8bit([param], backend="c")
+    run_steps(opt, [param], make_grads([(5000,)], 1))
+    param.data = torch.randn(3000)
+    param.grad = torch.randn(3000)
+    with pytest.raises(RuntimeError, match=r"state 'exp_avg' has shape \(5000,\) for a parameter of shape \(3000,\).*resized"):
+        opt.step()
 
 
 def test_none_state_format_is_the_classs_default():
@@ -532,9 +570,12 @@ def test_stochastic_rounding_resumes_bitwise_and_seeds_differ():
     seeded.param_groups[0]["sr_seed"] = 7
     run_steps(seeded, other, grads)
     assert not torch.equal(other[0], straight[0])
-    with pytest.raises(ValueError, match="sr_seed"):
-        seeded.param_groups[0]["sr_seed"] = -1.0
-        seeded.step()
+    for bad in (-1.0, 1.5):  # a fraction would be truncated to another seed's bits
+        with pytest.raises(ValueError, match="sr_seed"):
+            seeded.param_groups[0]["sr_seed"] = bad
+            seeded.step()
+    with pytest.raises(ValueError, match=r"Invalid sr_seed value: 2.5 \(expected an integer\)"):
+        optgen.AdamW([{"params": other, "sr_seed": 2.5}], bf16_stochastic_round=True)
 
 
 def test_stochastic_rounding_leaves_other_dtypes_alone():

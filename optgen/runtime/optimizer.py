@@ -407,7 +407,9 @@ class GeneratedOptimizer(torch.optim.Optimizer):
             for key in layer_states & set(saved or ())
         }
         element_states = {s.name for s in self._spec.states if s.per == "element"}
-        for saved in state_dict.get("state", {}).values():
+        tensor_states = {s.name for s in self._spec.states if s.per != "layer"} | {transforms.MASTER}
+        for saved_id, saved in state_dict.get("state", {}).items():
+            _check_entry_types(saved or {}, saved_id, tensor_states)
             _check_eight_bit_entries(saved or {}, element_states)
         self._check_saved_shapes(state_dict, element_states)
         self._check_sharded_formats(state_dict, element_states)
@@ -445,8 +447,8 @@ class GeneratedOptimizer(torch.optim.Optimizer):
                     dtype = torch.float32
                 elif key in layer_states:
                     dtype = torch.float64  # a per-layer state: one fp64 number
-                elif key in state_names and (value.is_floating_point() or value.is_complex()):
-                    dtype = self._runner.state_dtype(param, key)
+                elif key in state_names and value.dtype != torch.uint8:  # (uint8: 8-bit codes, checked above)
+                    dtype = self._runner.state_dtype(param, key)  # integer values too, cast as torch casts them
                 elif key.endswith(QUANT_SUFFIX) and key[: -len(QUANT_SUFFIX)] in element_states:
                     dtype = torch.float32  # block scales (checked floating above): the kernels read fp32
                 else:
@@ -454,6 +456,26 @@ class GeneratedOptimizer(torch.optim.Optimizer):
                 state[key] = value.detach().to(device=param.device, dtype=dtype, copy=True)
             self._runner.convert_formats(self, param, state)  # fp32 <-> 8-bit state, as this optimizer keeps it
         self._runner.invalidate()
+
+
+def _check_entry_types(saved: dict, saved_id, tensor_states: set) -> None:
+    """A saved parameter's states are tensors and its ``step`` a number or a 1-element tensor, before anything
+    is loaded: None or a string would load and fail at the step."""
+    for key in sorted(tensor_states & set(saved)):
+        if not isinstance(saved[key], torch.Tensor):
+            raise ValueError(
+                f"load_state_dict: state {key!r} of parameter {saved_id} is {type(saved[key]).__name__} "
+                f"{str(saved[key])[:40]!r}; it must be a tensor"
+            )
+    step = saved.get("step")
+    if "step" in saved and not (
+        (isinstance(step, (int, float)) and not isinstance(step, bool))
+        or (isinstance(step, torch.Tensor) and step.numel() == 1 and not step.is_complex() and step.dtype != torch.bool)
+    ):
+        raise ValueError(
+            f"load_state_dict: 'step' of parameter {saved_id} must be a number or a 1-element real tensor "
+            f"(got {type(step).__name__} {str(step)[:40]!r})"
+        )
 
 
 def _check_eight_bit_entries(saved: dict, element_states: set) -> None:

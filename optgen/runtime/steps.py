@@ -196,17 +196,17 @@ class StepRunner:
         self._check_readable(param, state, ir)
         for decl in ir.states:
             value = state.get(decl.name)
-            if isinstance(value, torch.Tensor) and decl.per == "element":
-                self._check_format(param, decl.name, value, state, quantization.block_row(param.shape, ir.factored))
             expected = state_shape(decl.per, param.shape, decl.keepdim)
-            if isinstance(value, torch.Tensor) and value.shape != expected:
+            if isinstance(value, torch.Tensor) and value.shape != expected:  # (before the format: a resized parameter)
                 kind = {"element": "", "layer": "one number per layer, ", "row": "one number per row, ", "column": "one number per column, "}[decl.per]
                 kind += f"shape {tuple(expected)}"
                 raise RuntimeError(
                     f"{self.name}: state {decl.name!r} has shape {tuple(value.shape)} for a parameter of "
-                    f"shape {tuple(param.shape)}; it must have {kind} (a state dict of other parameters, or a "
-                    f"state set by hand?)"
+                    f"shape {tuple(param.shape)}; it must have {kind} (a state dict of other parameters, the "
+                    f"parameter resized, or a state set by hand?)"
                 )
+            if isinstance(value, torch.Tensor) and decl.per == "element":
+                self._check_format(param, decl.name, value, state, quantization.block_row(param.shape, ir.factored))
 
     def _check_readable(self, param: torch.Tensor, state, ir) -> None:
         """The state tensors the step reads and writes are plain tensors on the parameter's device, each element
@@ -246,7 +246,8 @@ class StepRunner:
                 raise RuntimeError(
                     f"{self.name}: state {name!r} holds 8-bit codes in {_layout_text(held)}, and the variant this step "
                     f"runs keeps them in {_layout_text(row)} (a flag that decides whether the update reduces over rows "
-                    f"changed?); convert them with optimizer.load_state_dict(optimizer.state_dict())"
+                    f"changed, or a param group with another value of it was added: groups that disagree run one "
+                    f"variant); convert them with optimizer.load_state_dict(optimizer.state_dict())"
                 )
         if kind is not None:
             scales = state.get(name + QUANT_SUFFIX)
