@@ -328,13 +328,18 @@ class GeneratedOptimizer(torch.optim.Optimizer):
                 state[name + QUANT_MAP_SUFFIX] = torch.tensor(quantization.MAPS[kinds[name]], dtype=torch.float32)
         return saved
 
-    def _check_sharded_formats(self, state_dict: dict, element_states: set) -> None:
-        """Sharded (FSDP2) parameters' states load as they were saved (their shards are not converted): an 8-bit
-        state with this optimizer's map and block layout, a full-precision one where it keeps full precision."""
+    def _paired_states(self, state_dict: dict) -> list[tuple]:
+        """(saved id, parameter, its saved state or {}) for each parameter, in order: torch pairs a state dict's
+        parameters with this optimizer's by position."""
         saved_ids = [i for g in state_dict.get("param_groups", []) for i in g.get("params", [])]
         params = [p for g in self.param_groups for p in g["params"]]
-        for saved_id, param in zip(saved_ids, params):
-            saved = state_dict.get("state", {}).get(saved_id) or {}
+        states = state_dict.get("state", {})
+        return [(saved_id, param, states.get(saved_id) or {}) for saved_id, param in zip(saved_ids, params)]
+
+    def _check_sharded_formats(self, pairs: list[tuple], element_states: set) -> None:
+        """Sharded (FSDP2) parameters' states load as they were saved (their shards are not converted): an 8-bit
+        state with this optimizer's map and block layout, a full-precision one where it keeps full precision."""
+        for _, param, saved in pairs:
             if not distributed.is_dtensor(param):
                 continue
             row = self._runner.block_row(self, param)
@@ -352,14 +357,11 @@ class GeneratedOptimizer(torch.optim.Optimizer):
                         f"saved: convert the checkpoint in an unsharded optimizer"
                     )
 
-    def _check_saved_shapes(self, state_dict: dict, element_states: set) -> None:
+    def _check_saved_shapes(self, pairs: list[tuple], element_states: set) -> None:
         """Each saved element-wise state has its parameter's shape (codes too): a state dict of other parameters,
         or of these in another order, is refused before anything loads (converting its formats would fail
         half-way)."""
-        saved_ids = [i for g in state_dict.get("param_groups", []) for i in g.get("params", [])]
-        params = [p for g in self.param_groups for p in g["params"]]
-        for index, (saved_id, param) in enumerate(zip(saved_ids, params)):
-            saved = state_dict.get("state", {}).get(saved_id) or {}
+        for index, (_, param, saved) in enumerate(pairs):
             for name in sorted(element_states & set(saved)):
                 value = saved[name]
                 if isinstance(value, torch.Tensor) and value.shape != param.shape:
@@ -369,12 +371,12 @@ class GeneratedOptimizer(torch.optim.Optimizer):
                         f"another order?)"
                     )
 
-    def _without_other_variants(self, saved: dict, state: dict, param: torch.Tensor, saved_id) -> dict:
+    def _without_other_variants(self, saved: dict, state: dict, param: torch.Tensor, saved_id, options) -> dict:
         """A parameter's saved state (and ``state``, its loaded copy) without the states this parameter's variant
         does not keep (an AdamW checkpoint's ``exp_avg_sq`` of a matrix loaded into CAME or Adafactor, which factor
         it): the variant's own states start from their initial values, and the load says what it left out."""
         runner = self._runner
-        kept = runner.plan(runner.options_key(self.param_groups, self.defaults), None, runner.shape_key(param)).ir.state_names
+        kept = runner.plan(options, None, runner.shape_key(param)).ir.state_names
         other = {d.name for d in self._spec.states if d.when is not None and d.name not in kept}
         suffixes = (QUANT_SUFFIX, QUANT_MAP_SUFFIX, QUANT_ROW_SUFFIX)
         dropped = [k for k in saved if k in other or any(k.endswith(x) and k[: -len(x)] in other for x in suffixes)]
@@ -411,16 +413,15 @@ class GeneratedOptimizer(torch.optim.Optimizer):
         for saved_id, saved in state_dict.get("state", {}).items():
             _check_entry_types(saved or {}, saved_id, tensor_states)
             _check_eight_bit_entries(saved or {}, element_states)
-        self._check_saved_shapes(state_dict, element_states)
-        self._check_sharded_formats(state_dict, element_states)
+        pairs = self._paired_states(state_dict)
+        self._check_saved_shapes(pairs, element_states)
+        self._check_sharded_formats(pairs, element_states)
         super().load_state_dict(state_dict)
         for group in self.param_groups:
             group.update(forced)
-        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        params = [p for g in self.param_groups for p in g["params"]]
+        options = self._runner.options_key(self.param_groups, self.defaults)  # (the loaded groups' flags)
         state_names = set(self._checks_ir.state_names) | {transforms.MASTER}
-        for saved_id, param in zip(saved_ids, params):
-            saved = state_dict["state"].get(saved_id)
+        for saved_id, param, saved in pairs:
             if not saved:
                 continue
             state = self.state[param]
@@ -435,7 +436,7 @@ class GeneratedOptimizer(torch.optim.Optimizer):
                         f"step 1 (bias corrections restart)",
                         stacklevel=2,
                     )
-            saved = self._without_other_variants(saved, state, param, saved_id)
+            saved = self._without_other_variants(saved, state, param, saved_id, options)
             for key, value in saved.items():
                 if key == "step" and isinstance(value, (int, float)):  # torch < 1.12 saved a Python number
                     value = torch.tensor(float(value))

@@ -219,7 +219,7 @@ class StepRunner:
             value = state.get(name)
             if not isinstance(value, torch.Tensor):
                 continue
-            local = distributed.local(value) if distributed.is_dtensor(value) else value
+            local = distributed.local(value)
             if type(local) not in (torch.Tensor, torch.nn.Parameter):
                 why = f"is a {type(value).__name__}; the step reads plain tensors (load_state_dict converts a checkpoint's)"
             elif value.device != param.device:
