@@ -401,15 +401,16 @@ def test_a_name_reserved_in_c_is_a_spec_error_at_build():
 # -- the fast path (a step with the layout of the last one) ---------------------------------------------------
 
 
-def _fast_path_run(fast: bool, monkeypatch):
+def _fast_path_run(cls, fast: bool, monkeypatch):
     """A training loop that changes, between steps, everything a fast step must notice: new gradient tensors,
     in-place gradients, an lr schedule, a param group added, a parameter without a gradient, a parameter's
-    storage replaced, a state tensor replaced, a state dict loaded. Returns the parameters and fast steps."""
-    monkeypatch.setattr(optgen.LAMB, "_fast_path", fast)
-    shapes = [(6, 5), (300,), (), (0,), (CHUNK + 9,)]
+    storage replaced, a state tensor replaced, a state dict loaded. Returns the parameters and the fast steps of
+    each backend (a factored spec runs one for its matrices and one for its vectors)."""
+    monkeypatch.setattr(cls, "_fast_path", fast)
+    shapes = [(6, 5), (300,), (3, 70), (), (0,), (CHUNK + 9,)]
     params = make_params(shapes)
     extra = torch.nn.Parameter(torch.linspace(-1.0, 1.0, 17))
-    opt = optgen.LAMB([{"params": params[:3]}, {"params": params[3:], "weight_decay": 0.0}], lr=1e-2, backend="c")
+    opt = cls([{"params": params[:4]}, {"params": params[4:], "weight_decay": 0.0}], lr=1e-2, backend="c")
     scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
     grads = make_grads(shapes + [(17,)], 16, seed=4)
 
@@ -428,7 +429,9 @@ def _fast_path_run(fast: bool, monkeypatch):
     step(6)
     params[0].data = params[0].data.clone()  # storage replaced
     step(7)
-    opt.state[params[1]]["exp_avg"] = opt.state[params[1]]["exp_avg"].clone() * 0.5  # a state replaced
+    state = opt.state[params[1]]
+    name = next(k for k in state if k != "step" and state[k].shape == params[1].shape)
+    state[name] = state[name].clone() * 0.5  # a state replaced
     step(8)
     opt.add_param_group({"params": [extra], "lr": 3e-3})
     step(9, with_extra=True)
@@ -436,14 +439,18 @@ def _fast_path_run(fast: bool, monkeypatch):
     opt.load_state_dict(opt.state_dict())
     step(11, with_extra=True)
     step(12, with_extra=True)
-    (backend,) = opt._backends.values()
-    return [p.detach().clone() for p in params + [extra]], backend.fast_steps
+    backends = list(opt._backends.values())
+    assert all(b.name == "c" and b.fallback is None for b in backends)
+    return [p.detach().clone() for p in params + [extra]], [b.fast_steps for b in backends]
 
 
-def test_fast_steps_equal_full_steps_bitwise(monkeypatch):
-    fast, fast_steps = _fast_path_run(True, monkeypatch)
-    full, full_steps = _fast_path_run(False, monkeypatch)
-    assert full_steps == 0 and fast_steps >= 6  # steps right after a change take the full path
+@pytest.mark.parametrize("name", ["LAMB", "Adafactor", "CAME"])
+def test_fast_steps_equal_full_steps_bitwise(monkeypatch, name):
+    cls = getattr(optgen, name)
+    fast, fast_steps = _fast_path_run(cls, True, monkeypatch)
+    full, full_steps = _fast_path_run(cls, False, monkeypatch)
+    assert len(fast_steps) == (1 if name == "LAMB" else 2)  # the factored specs: matrices' and vectors' variants
+    assert set(full_steps) == {0} and min(fast_steps) >= 6  # steps right after a change take the full path
     for a, b in zip(fast, full):
         assert torch.equal(a, b)
 

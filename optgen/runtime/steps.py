@@ -468,15 +468,19 @@ class StepRunner:
 
     def remember_layout(self, owner, collected, by_backend, amp_mode, reducer, plan, options_key) -> None:
         """After a full step: when the next steps can be told apart from this one by a few identity and
-        metadata compares per tensor (one backend with a fast path, every parameter with a gradient, no
-        GradScaler, nothing sharded or complex, plain hyperparameter values), keep what they are compared against."""
+        metadata compares per tensor (backends with a fast path, every parameter with a gradient, no GradScaler,
+        nothing sharded or complex, plain hyperparameter values), keep what they are compared against. A spec
+        with shape flags (Adafactor's matrices and vectors) runs a backend per variant: each takes its
+        parameters' gradients, by their index among all parameters."""
         self.fast = None
-        if amp_mode is not None or reducer is not None or len(by_backend) != 1:
+        if amp_mode is not None or reducer is not None:
             return
-        ((backend, items, _),) = by_backend.values()
-        advance = plan.passes[-1].step_advance
-        if not hasattr(backend, "fast_step") or not advance.is_number or float(advance) != 1.0:
-            return
+        for backend, _, _ in by_backend.values():
+            if not hasattr(backend, "fast_step"):
+                return
+            advance = backend.plan.passes[-1].step_advance
+            if not advance.is_number or float(advance) != 1.0:
+                return
         params = [p for group in owner.param_groups for p in group["params"]]
         if len(params) != len(collected) or any(distributed.is_dtensor(p) or p.is_complex() for p in params):
             return
@@ -490,12 +494,20 @@ class StepRunner:
         if None in guards:
             return
         group_of = [i for i, group in enumerate(owner.param_groups) for _ in group["params"]]
-        if not backend.prepare_fast(group_of, rows):
-            return
-        state_tensors = [v for _, _, state, _ in items for k, v in state.items() if k != "step" and isinstance(v, torch.Tensor)]
+        index_of = {id(p): i for i, p in enumerate(params)}
+        fast_backends = []
+        for backend, items, _ in by_backend.values():
+            indices = [index_of[id(item[0])] for item in items]
+            if not backend.prepare_fast([group_of[i] for i in indices], rows):
+                return
+            fast_backends.append((backend, None if indices == list(range(len(params))) else indices))
+        state_tensors = [
+            v for _, items, _ in by_backend.values() for _, _, state, _ in items
+            for k, v in state.items() if k != "step" and isinstance(v, torch.Tensor)
+        ]  # fmt: skip
         self.fast = FastLayout(
             generation=self.generation,
-            backend=backend,
+            backends=fast_backends,
             plan=plan,
             options_key=options_key,
             param_ids=[id(p) for p in params],
@@ -547,7 +559,8 @@ class StepRunner:
         rows = self.plain_group_rows(owner, fast.plan.ir)
         if rows is None:
             return False
-        fast.backend.fast_step(grads, rows)
+        for backend, indices in fast.backends:
+            backend.fast_step(grads if indices is None else [grads[i] for i in indices], rows)
         return True
 
 
@@ -679,7 +692,7 @@ class FastLayout:
     """What a fast step compares against (see ``StepRunner.fast_step``)."""
 
     generation: int
-    backend: object
+    backends: list  # (backend, the indices of its parameters among all, or None for all of them in order)
     plan: object
     options_key: tuple
     param_ids: list
