@@ -578,10 +578,14 @@ def measure_optimizer(
             _sync(device)
             t.append(time.perf_counter() - t0)
         entry["inner"] = max(1, min(50, math.ceil(target / max(min(t), 1e-6))))
+    counting = steal_jiffies() is not None
+    for entry in live:
+        entry["steal"] = 0  # ticks the hypervisor gave other machines while this row's samples ran
     for r in range(rounds):
         order = live[r % len(live):] + live[: r % len(live)]
         for entry in order:
             opt, inner = entry["opt"], entry["inner"]
+            stolen = steal_jiffies() if counting else None
             if device == "cuda":
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 torch.cuda.synchronize()
@@ -601,6 +605,8 @@ def measure_optimizer(
                 dt = (time.perf_counter() - t0) / inner
                 entry["times"].append(dt)
                 entry["host"].append(dt)
+            if stolen is not None:
+                entry["steal"] += steal_jiffies() - stolen
     bpp = bytes_per_param(cls, dtype)
     for entry in live:
         ts = entry["times"]
@@ -626,6 +632,7 @@ def measure_optimizer(
                 "host_ms": statistics.median(entry["host"]) * 1e3,
                 "path": _path(entry["opt"]),
                 "launch_config": _launch_config(entry["opt"]),
+                "steal_pct": _steal_pct(entry["steal"], sum(entry["times"]) * entry["inner"]) if counting else None,
             }
         )
     _relate(rows)
@@ -689,6 +696,28 @@ def load_average() -> tuple[float, float, float] | None:
     return os.getloadavg() if hasattr(os, "getloadavg") else None
 
 
+def steal_jiffies() -> int | None:
+    """CPU time the hypervisor gave other machines since boot, in clock ticks summed over the CPUs (the steal
+    column of /proc/stat); None off Linux. Load averages cannot see it: a VM's own threads wait while another
+    guest runs on its cores."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    return int(fields[8]) if len(fields) > 8 and fields[0] == "cpu" else None
+
+
+def _steal_pct(jiffies: int, seconds: float) -> float:
+    """Stolen ticks as a share of the CPU time of ``seconds`` of samples on every core."""
+    if seconds <= 0:
+        return 0.0
+    return jiffies / (seconds * os.sysconf("SC_CLK_TCK") * (os.cpu_count() or 1)) * 100
+
+
+STEAL_WARN_PCT = 5.0  # a row whose samples lost more of the CPU to other guests is flagged
+
+
 def own_load(busy_threads: int, seconds: float) -> float:
     """What a run that kept ``busy_threads`` threads runnable for ``seconds`` adds to the 1-minute load average
     at its end: the kernel's average decays with a 60 s time constant, so it approaches the thread count
@@ -699,9 +728,11 @@ def own_load(busy_threads: int, seconds: float) -> float:
 
 def trust_warnings(loads, cores: int | None, rows: list[dict]) -> list[str]:
     """Why a report's step times may not be trusted. ``loads``: ``(when, 1-minute load of other work)`` pairs,
-    the load ``None`` where unknown; ``rows`` with their ``copy_pct``.
+    the load ``None`` where unknown; ``rows`` with their ``copy_pct`` and ``steal_pct``.
 
     Other work above half the cores takes turns with the run's threads, so the samples time the scheduler too.
+    On a VM, time stolen by other guests (the host's own load) is invisible to the load average; a row whose
+    samples lost more than ``STEAL_WARN_PCT`` of the CPU to it is flagged.
     A row above 100% of the copy bandwidth means the copy, measured at the start and the end, is no ceiling
     for these updates: the copy was disturbed, or (on CPU) ``copy_`` pays a write-allocate read that in-place
     updates skip (fused AdamW reached 1.6-2.2x in bench/results). Either way %copy is then no
@@ -713,6 +744,14 @@ def trust_warnings(loads, cores: int | None, rows: list[dict]) -> list[str]:
                 f"1-minute load average of other work {load:.2f} {when}, above half of the {cores} cores: the "
                 "machine was shared, step times and their spread are not trustworthy"
             )
+    stolen = [r for r in rows if (r.get("steal_pct") or 0) > STEAL_WARN_PCT]
+    if stolen:
+        top = max(stolen, key=lambda r: r["steal_pct"])
+        warnings.append(
+            f"{len(stolen)} row(s) lost more than {STEAL_WARN_PCT:.0f}% of the CPU time to other machines on the "
+            f"host while their samples ran (steal time; highest: {top['optimizer']} {top['impl']} on "
+            f"{top['model']}, {top['steal_pct']:.0f}%): their step times include that wait"
+        )
     above = [r for r in rows if r.get("copy_pct", 0) > 100]
     if above:
         top = max(above, key=lambda r: r["copy_pct"])

@@ -357,3 +357,37 @@ def test_the_runs_own_threads_are_not_other_work():
     with_other_work = [(None, [threads + 1.5, 0, 0], own_after_10_min)]
     (warning,) = bench.trust_warnings(bench._load_warning_inputs(with_other_work), threads, [])
     assert "at the end of the run" in warning and "1.50" in warning
+
+
+def test_rows_whose_samples_lost_cpu_to_other_guests_are_flagged(monkeypatch):
+    """Steal time (the hypervisor running other guests on the VM's cores) is invisible to the load average: the
+    rows whose samples it fell in carry it in ``steal_pct`` and one warning names the worst; rows without any
+    have 0, and without /proc/stat every row has None and nothing is flagged."""
+    ticks = {"now": 0}
+    real_step = torch.optim.SGD.step
+
+    def stealing_step(self, *args, **kwargs):  # torch's SGD rows lose 1 s of ticks a step; optgen's none
+        ticks["now"] += 100 * (bench.os.cpu_count() or 1)
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", stealing_step)
+    monkeypatch.setattr(bench, "steal_jiffies", lambda: ticks["now"])
+    report = bench.run(["sgd"], models=["synthetic:1000"], rounds=2, warmup=0, log=lambda line: None, sample_ms=0)
+    rows = {r["impl"]: r for r in report["results"]}
+    assert rows["optgen"]["steal_pct"] == 0 and rows["torch fused"]["steal_pct"] > 100
+    (warning,) = [w for w in report["warnings"] if "steal time" in w]
+    assert warning.startswith("3 row(s) lost more than 5% of the CPU time") and "sgd torch" in warning
+    merged = bench.merge([report])
+    assert [w for w in merged["warnings"] if "steal time" in w] == [warning]
+
+    monkeypatch.setattr(bench, "steal_jiffies", lambda: None)  # not Linux
+    report = bench.run(["sgd"], models=["synthetic:1000"], rounds=1, warmup=0, log=lambda line: None, sample_ms=0)
+    assert all(r["steal_pct"] is None for r in report["results"])
+    assert not any("steal time" in w for w in report["warnings"])
+
+
+def test_steal_ticks_are_read_from_proc_stat():
+    if not bench.os.path.exists("/proc/stat"):
+        pytest.skip("no /proc/stat")
+    first = bench.steal_jiffies()
+    assert isinstance(first, int) and first >= 0 and bench.steal_jiffies() >= first
