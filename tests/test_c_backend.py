@@ -444,8 +444,20 @@ def _fast_path_run(cls, fast: bool, monkeypatch):
     return [p.detach().clone() for p in params + [extra]], [b.fast_steps for b in backends]
 
 
+@pytest.fixture(params=["C", "Python"])
+def host_reads(request, monkeypatch):
+    """The fast step's identity and pointer reads in C (``host_ptrs``), or from Python where that is not built."""
+    from optgen.runtime import host_ptrs
+
+    if request.param == "C":
+        assert host_ptrs.helper() is not None  # a compiler and a torch with the accessor: the C reads must load
+    else:
+        monkeypatch.setattr(host_ptrs, "helper", lambda: None)
+    return request.param
+
+
 @pytest.mark.parametrize("name", ["LAMB", "Adafactor", "CAME"])
-def test_fast_steps_equal_full_steps_bitwise(monkeypatch, name):
+def test_fast_steps_equal_full_steps_bitwise(monkeypatch, name, host_reads):
     cls = getattr(optgen, name)
     fast, fast_steps = _fast_path_run(cls, True, monkeypatch)
     full, full_steps = _fast_path_run(cls, False, monkeypatch)
@@ -492,7 +504,7 @@ def _twin_runs(monkeypatch, cls, change, steps_after=2, **kwargs):
 
 @pytest.mark.parametrize("change", ["grad transposed in place", "grad storage swapped", "state storage swapped",
                                     "parameter moved to another group", "group appended to param_groups"])  # fmt: skip
-def test_fast_path_notices_in_place_changes(monkeypatch, change):
+def test_fast_path_notices_in_place_changes(monkeypatch, change, host_reads):
     def transposed(opt, params):  # the same gradient object, non-contiguous now
         params[0].grad = params[0].grad.clone()
         opt.step()  # a full step, then a fast one over the object to be changed
@@ -533,6 +545,54 @@ def test_fast_path_notices_in_place_changes(monkeypatch, change):
                                                     "state storage swapped": state_swapped}[change])  # fmt: skip
     for a, b in zip(*out):
         assert torch.equal(a, b)
+
+
+def test_host_reads_compare_and_gather_what_python_reads():
+    from optgen.runtime.host_ptrs import PointerTable, helper
+
+    host = helper()
+    base = torch.zeros(40)
+    tensors = [torch.zeros(3), base[5:], base.view(8, 5).t(), torch.zeros(0), torch.zeros(())]
+    ids, ptrs = PointerTable([id(t) for t in tensors]), PointerTable([t.data_ptr() for t in tensors])
+    assert host.same_tensors(tensors, ids, ptrs) and host.same_ptrs(tensors, ptrs)
+    assert not host.same_tensors(tensors[:-1], ids, ptrs) and not host.same_ptrs(tensors[:-1], ptrs)
+    assert not host.same_tensors([*tensors[:-1], torch.zeros(())], ids, ptrs)  # another object, same metadata
+    tensors[1].set_(torch.zeros(35))  # the same object, its storage swapped
+    assert not host.same_tensors(tensors, ids, ptrs) and not host.same_ptrs(tensors, ptrs)
+    table = torch.zeros(len(tensors), dtype=torch.int64)
+    assert host.update_ptrs(tensors, table) and table.tolist() == [t.data_ptr() for t in tensors]
+    assert not host.update_ptrs(tensors, table)  # nothing moved since: reported unchanged
+    with pytest.raises(ValueError, match="4 tensors for a pointer table of 5"):
+        host.update_ptrs(tensors[:4], table)
+    assert table.tolist() == [t.data_ptr() for t in tensors]  # refused before anything was written
+
+
+def test_betas_mutated_in_place_are_read_and_checked(monkeypatch):
+    """A hyperparameter list edited in place keeps its identity: the step must still see (and check) the new
+    values, as torch.optim, which reads the group every step, does."""
+    params = make_params([(6, 5), (300,)])
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt = optgen.AdamW(params, backend="c")
+    ref = torch.optim.AdamW(twins, foreach=False)
+    grads = make_grads([(6, 5), (300,)], 7)
+    for k in range(7):
+        for o in (opt, ref):
+            if k == 2:  # a list where the constructor keeps a tuple
+                o.param_groups[0]["betas"] = [0.8, 0.999]
+            if k == 4:
+                o.param_groups[0]["betas"][0] = 0.5
+        for ps in (params, twins):
+            for p, g in zip(ps, grads[k]):
+                p.grad = g.clone()
+        opt.step()
+        ref.step()
+    for a, b in zip(params, twins):
+        assert_close_rel(a.detach(), b.detach())
+    opt.param_groups[0]["betas"][1] = 1.5
+    before = [p.detach().clone() for p in params]
+    with pytest.raises(ValueError, match="beta"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, params))
 
 
 @pytest.mark.parametrize("change", ["dtype", "shape", "strides", "device", "requires_grad", "layout"])
@@ -611,7 +671,7 @@ def test_a_truncated_cached_object_is_built_again(tmp_path):
     this one must not be truncated under it.)"""
     env, log = _compiler_log_env(tmp_path, tmp_path / "cache")
     subprocess.run([sys.executable, "-c", _WORKER, str(tmp_path / "out0.pt")], env=env, check=True, timeout=300)
-    (obj,) = (tmp_path / "cache" / "c").glob("*.so")
+    (obj,) = (o for o in (tmp_path / "cache" / "c").glob("*.so") if not o.name.startswith("host_ptrs_"))  # the kernels
     obj.write_bytes(obj.read_bytes()[:100])
     subprocess.run([sys.executable, "-c", _WORKER, str(tmp_path / "out1.pt")], env=env, check=True, timeout=300)
     assert len(log.read_text().splitlines()) == 2  # built, then built again

@@ -23,7 +23,7 @@ import torch
 from .. import quantization, settings
 from ..codegen.abi import axes_args, pass_args, reduce_args
 from ..codegen.render import source_path, variant_stem
-from . import backends, cbuild
+from . import backends, cbuild, host_ptrs
 from .tables import (
     ChunkTables,
     Staging,
@@ -207,9 +207,14 @@ class CBackend:
         optimizer): only gradient addresses and hyperparameter rows can differ, each written in place into
         its table, so the cached calls run as they are."""
         t = self._tables
-        ptrs = list(map(torch.Tensor.data_ptr, grads))
-        if ptrs != t.grad_ptrs:
-            t.set_grads(grads, ptrs)
+        host = host_ptrs.helper()
+        if host is not None:  # the table is on the host: its addresses are written in place, in C
+            if host.update_ptrs(grads, t.addr["grad"]):
+                t.grads_written(grads)
+        else:
+            ptrs = list(map(torch.Tensor.data_ptr, grads))
+            if ptrs != t.grad_ptrs:
+                t.set_grads(grads, ptrs)
         t.set_group_rows(rows)
         t.sync_scalars()
         self._run(t, self._kernels_for(t), {}, None)

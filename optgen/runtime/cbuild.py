@@ -151,24 +151,25 @@ def build(source: Path, defines: dict[str, int | str], stem: str, rebuild: bool 
     return target
 
 
-def load_built(source: Path, defines: dict[str, int | str], stem: str) -> ctypes.CDLL:
+def load_built(source: Path, defines: dict[str, int | str], stem: str, python: bool = False) -> ctypes.CDLL:
     """``build`` then ``load``; a cached object that does not load (truncated, foreign) is built again once."""
     path = build(source, defines, stem)
     try:
-        return load(path)
+        return load(path, python)
     except OSError:
         load.cache_clear()
         path = build(source, defines, stem, rebuild=True)
         try:
-            return load(path)
+            return load(path, python)
         except OSError as exc:
             raise BuildError(f"the object built from {source.name} does not load: {exc}") from exc
 
 
 @functools.cache
-def load(path: Path) -> ctypes.CDLL:
-    """A loaded object (once per process; the path names its content)."""
-    return ctypes.CDLL(str(path))
+def load(path: Path, python: bool = False) -> ctypes.CDLL:
+    """A loaded object (once per process; the path names its content). ``python``: its functions use Python's
+    C API, so calls keep the GIL (``ctypes.PyDLL``); kernels release it (``ctypes.CDLL``)."""
+    return (ctypes.PyDLL if python else ctypes.CDLL)(str(path))
 
 
 def vectorization(source: Path, defines: dict[str, int | str] | None = None) -> dict[int, bool]:

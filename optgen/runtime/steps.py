@@ -26,7 +26,7 @@ from ..analysis import sums_over_rows
 from ..codegen.render import load_module, source_hash
 from ..ir import lower
 from ..spec import QUANT_MAP_SUFFIX, QUANT_ROW_SUFFIX, QUANT_SUFFIX
-from . import backends, distributed
+from . import backends, distributed, host_ptrs
 from .tables import scratch_buffer
 
 
@@ -42,7 +42,7 @@ class StepRunner:
         self._plans: dict = {}
         self.backends = _Backends()
         self.scratch: dict[tuple[int, str], torch.Tensor] = {}
-        self._values: dict[int, tuple] = {}  # id(group) -> (fingerprint, ir, values)
+        self._values: dict[int, tuple] = {}  # id(group) -> (fingerprint, ir, values, raw values, all immutable)
         self._real_views: dict[int, tuple] = {}  # id(complex parameter) -> (parameter, its real view)
         self.generation = 0  # bumped by whatever changes the layout of a step (groups, loaded state)
         # states kept in 8 bits (state_format) -> their map
@@ -107,14 +107,18 @@ class StepRunner:
         """The group's values for this step, validated again whenever they changed since the last step: an LR
         scheduler or a user may set any value between steps, and the kernels rely on the declared ranges (e.g.
         a power of a base declared positive). A bad value raises before anything is modified."""
-        fingerprint = tuple(_fingerprint(group.get(key, owner.defaults.get(key))) for key in owner._checked_keys)
+        defaults = owner.defaults
+        raw = [group.get(key, defaults.get(key)) for key in owner._checked_keys]
         cached = self._values.get(id(group))
+        if cached is not None and cached[1] is ir and cached[4] and all(map(operator.is_, raw, cached[3])):
+            return cached[2]  # the very objects of the last step, none of them mutable: the same values
+        fingerprint = tuple(map(_fingerprint, raw))
         if cached is not None and cached[0] == fingerprint and cached[1] is ir:
             return cached[2]
         if cached is None or cached[0] != fingerprint:
             owner._check_group_at_step(group)
-        values = self.group_values(group, owner.defaults, ir)
-        self._values[id(group)] = (fingerprint, ir, values)
+        values = self.group_values(group, defaults, ir)
+        self._values[id(group)] = (fingerprint, ir, values, raw, all(map(_immutable, raw)))
         return values
 
     # -- state -------------------------------------------------------------------------------------------
@@ -505,20 +509,25 @@ class StepRunner:
             v for _, items, _ in by_backend.values() for _, _, state, _ in items
             for k, v in state.items() if k != "step" and isinstance(v, torch.Tensor)
         ]  # fmt: skip
+        param_ids, param_ptrs = [id(p) for p in params], [p.data_ptr() for p in params]
+        state_ptrs = [t.data_ptr() for t in state_tensors]
+        host = host_ptrs.helper()
         self.fast = FastLayout(
             generation=self.generation,
             backends=fast_backends,
             plan=plan,
             options_key=options_key,
-            param_ids=[id(p) for p in params],
+            param_ids=param_ids,
             group_sizes=[len(group["params"]) for group in owner.param_groups],
-            param_ptrs=[p.data_ptr() for p in params],
+            param_ptrs=param_ptrs,
             param_guard=guards[0],
             grad_guard=guards[1],
             state_edits=STATE_EDITS[0],
             states=owner.state,
             state_tensors=state_tensors,
-            state_ptrs=[t.data_ptr() for t in state_tensors],
+            state_ptrs=state_ptrs,
+            host=host,
+            host_tables=None if host is None else tuple(map(host_ptrs.PointerTable, (param_ids, param_ptrs, state_ptrs))),
         )
 
     def plain_group_rows(self, owner, ir) -> list[tuple] | None:
@@ -544,17 +553,23 @@ class StepRunner:
             return False
         params = [p for group in groups for p in group["params"]]
         # Metadata can change without the tensor object changing (``.data = ``, ``set_``): every step checks it
-        # all, per tensor a C++ guard (~35 ns) and a few C-level reads (map over unbound methods: ~40 ns each).
-        if list(map(id, params)) != fast.param_ids:
-            return False
+        # all, per tensor a C++ guard (~35 ns), then identities and data pointers: in C where it is built (a few
+        # ns a tensor), else from Python (a map over unbound methods: ~100 ns a tensor and read).
         grads = list(map(_GRAD, params))  # a missing gradient fails its guard: the full path says what
         if not fast.grad_guard.check(*grads) or not fast.param_guard.check(*params):
-            return False
-        if list(map(torch.Tensor.data_ptr, params)) != fast.param_ptrs:
-            return False
+            return False  # (first: what the C reads below get are tensors)
         if STATE_EDITS[0] != fast.state_edits or owner.state is not fast.states:  # a state entry set or replaced
             return False
-        if list(map(torch.Tensor.data_ptr, fast.state_tensors)) != fast.state_ptrs:  # a state's storage swapped in place
+        host = fast.host
+        if host is not None:
+            ids, param_ptrs, state_ptrs = fast.host_tables
+            if not host.same_tensors(params, ids, param_ptrs) or not host.same_ptrs(fast.state_tensors, state_ptrs):
+                return False
+        elif (
+            list(map(id, params)) != fast.param_ids
+            or list(map(torch.Tensor.data_ptr, params)) != fast.param_ptrs
+            or list(map(torch.Tensor.data_ptr, fast.state_tensors)) != fast.state_ptrs  # a state's storage swapped
+        ):
             return False
         rows = self.plain_group_rows(owner, fast.plan.ir)
         if rows is None:
@@ -704,6 +719,8 @@ class FastLayout:
     states: object
     state_tensors: list
     state_ptrs: list
+    host: object  # host_ptrs.helper(), or None: the lists above are then compared from Python
+    host_tables: tuple | None  # param_ids, param_ptrs, state_ptrs as host_ptrs.PointerTable
 
 
 class _Backends(dict):
@@ -726,6 +743,13 @@ def _fingerprint(value):
     if isinstance(value, (tuple, list)):
         return (type(value).__name__, *(_fingerprint(v) for v in value))
     return (type(value).__name__, value)
+
+
+def _immutable(value) -> bool:
+    """A value that cannot change while it is the same object (a tensor counts: it is compared by identity)."""
+    if isinstance(value, tuple):
+        return all(map(_immutable, value))
+    return value is None or isinstance(value, (bool, int, float, str, torch.Tensor))
 
 
 def _memory_span(t: torch.Tensor) -> tuple[int, int]:

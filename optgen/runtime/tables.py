@@ -255,6 +255,12 @@ class ChunkTables:
         self.grad_ptrs = grad_ptrs
         self._aligned.clear()
 
+    def grads_written(self, grads) -> None:
+        """New gradient tensors whose addresses were written into the (host) table already: the mirrors follow."""
+        self.buffers["grad"] = grads
+        self.grad_ptrs = self.addr_host["grad"] = self.addr["grad"].tolist()
+        self._aligned.clear()
+
     def use_group_rows(self, group_of: list[int], rows: list[tuple]) -> None:
         """One hyperparameter row per param group (``group_of[i]``: the row of tensor i): a step that only
         changes values (an lr schedule) then rewrites the rows in place, in O(groups)."""
