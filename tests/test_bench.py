@@ -1,6 +1,8 @@
 """``optgen bench``: a smoke test (no timing is asserted) and the parameter-set recipes."""
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -391,3 +393,19 @@ def test_steal_ticks_are_read_from_proc_stat():
         pytest.skip("no /proc/stat")
     first = bench.steal_jiffies()
     assert isinstance(first, int) and first >= 0 and bench.steal_jiffies() >= first
+
+
+@pytest.mark.parametrize("script", ["host_time", "host_reads_ab"])
+def test_host_time_scripts_run(script, capsys, monkeypatch):
+    """The host-time scripts of bench/ (their figures are in the README) run, on a few tensors and rounds."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{script}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{script}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.delenv("OPTGEN_HOST_READS_IN_C", raising=False)
+    module.main(["--counts", "3", "--rounds", "4"])
+    out = capsys.readouterr().out
+    assert "3 tensors" in out and "Python" in out
+    assert "OPTGEN_HOST_READS_IN_C" not in os.environ  # the scripts leave the switch as they found it

@@ -452,7 +452,7 @@ def host_reads(request, monkeypatch):
     if request.param == "C":
         assert host_ptrs.helper() is not None  # a compiler and a torch with the accessor: the C reads must load
     else:
-        monkeypatch.setattr(host_ptrs, "helper", lambda: None)
+        monkeypatch.setenv("OPTGEN_HOST_READS_IN_C", "0")
     return request.param
 
 
@@ -565,6 +565,15 @@ def test_host_reads_compare_and_gather_what_python_reads():
     with pytest.raises(ValueError, match="4 tensors for a pointer table of 5"):
         host.update_ptrs(tensors[:4], table)
     assert table.tolist() == [t.data_ptr() for t in tensors]  # refused before anything was written
+
+
+@pytest.mark.parametrize("in_c", ["1", "0"])
+def test_the_switch_chooses_where_fast_steps_read_pointers(monkeypatch, in_c):
+    monkeypatch.setenv("OPTGEN_HOST_READS_IN_C", in_c)
+    params = make_params([(4, 4), (300,)])
+    opt = optgen.AdamW(params, backend="c")
+    run_steps(opt, params, make_grads([(4, 4), (300,)], 4))
+    assert _c_backend(opt).fast_steps == 3 and (opt._runner.fast.host is not None) == (in_c == "1")
 
 
 def test_betas_mutated_in_place_are_read_and_checked(monkeypatch):

@@ -23,7 +23,7 @@ import torch
 from .. import quantization, settings
 from ..codegen.abi import axes_args, pass_args, reduce_args
 from ..codegen.render import source_path, variant_stem
-from . import backends, cbuild, host_ptrs
+from . import backends, cbuild
 from .tables import (
     ChunkTables,
     Staging,
@@ -202,12 +202,12 @@ class CBackend:
         t.use_group_rows(group_of, rows)
         return True
 
-    def fast_step(self, grads: list, rows: list[tuple]) -> None:
+    def fast_step(self, grads: list, rows: list[tuple], host=None) -> None:
         """A step of the layout of the last one (same tensors, storage, dtypes, groups; checked by the
         optimizer): only gradient addresses and hyperparameter rows can differ, each written in place into
-        its table, so the cached calls run as they are."""
+        its table, so the cached calls run as they are. ``host``: ``host_ptrs.helper()``, or None to read the
+        gradients' addresses from Python."""
         t = self._tables
-        host = host_ptrs.helper()
         if host is not None:  # the table is on the host: its addresses are written in place, in C
             if host.update_ptrs(grads, t.addr["grad"]):
                 t.grads_written(grads)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import sympy
 import torch
 
-from .. import quantization, transforms
+from .. import quantization, settings, transforms
 from ..analysis import plan as make_plan
 from ..analysis import sums_over_rows
 from ..codegen.render import load_module, source_hash
@@ -511,7 +511,7 @@ class StepRunner:
         ]  # fmt: skip
         param_ids, param_ptrs = [id(p) for p in params], [p.data_ptr() for p in params]
         state_ptrs = [t.data_ptr() for t in state_tensors]
-        host = host_ptrs.helper()
+        host = host_ptrs.helper() if settings.flag("OPTGEN_HOST_READS_IN_C") else None
         self.fast = FastLayout(
             generation=self.generation,
             backends=fast_backends,
@@ -575,7 +575,7 @@ class StepRunner:
         if rows is None:
             return False
         for backend, indices in fast.backends:
-            backend.fast_step(grads if indices is None else [grads[i] for i in indices], rows)
+            backend.fast_step(grads if indices is None else [grads[i] for i in indices], rows, host)
         return True
 
 
