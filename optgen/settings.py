@@ -54,7 +54,7 @@ SETTINGS: dict[str, Setting] = {
                 "bytes of buffers a block of tensors spans when the C kernels run all passes block by block"),
         # The accessor is private to torch: a switch to do without it, and the benchmark's comparison.
         Setting("OPTGEN_HOST_READS_IN_C", "flag", True,
-                "fast steps compare and gather tensors' identities and data pointers in C (runtime/host_ptrs.c); "
+                "fast steps compare and gather tensors' identities and data pointers in compiled code (runtime/host_ptrs.cpp); "
                 "0: from Python. Read when a step sets up the fast path"),
         Setting("OPTGEN_INSPECT_CHILD", "flag", False,
                 "internal: set by `optgen inspect` on the clean process it starts when TRITON_INTERPRET is set"),

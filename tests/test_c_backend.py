@@ -559,12 +559,138 @@ def test_host_reads_compare_and_gather_what_python_reads():
     assert not host.same_tensors([*tensors[:-1], torch.zeros(())], ids, ptrs)  # another object, same metadata
     tensors[1].set_(torch.zeros(35))  # the same object, its storage swapped
     assert not host.same_tensors(tensors, ids, ptrs) and not host.same_ptrs(tensors, ptrs)
-    table = torch.zeros(len(tensors), dtype=torch.int64)
-    assert host.update_ptrs(tensors, table) and table.tolist() == [t.data_ptr() for t in tensors]
-    assert not host.update_ptrs(tensors, table)  # nothing moved since: reported unchanged
+    table, numel = torch.zeros(len(tensors), dtype=torch.int64), torch.tensor([t.numel() for t in tensors])
+    assert host.update_ptrs(tensors, table, numel) and table.tolist() == [t.data_ptr() for t in tensors]
+    assert not host.update_ptrs(tensors, table, numel)  # nothing moved since: reported unchanged
     with pytest.raises(ValueError, match="4 tensors for a pointer table of 5"):
-        host.update_ptrs(tensors[:4], table)
+        host.update_ptrs(tensors[:4], table, numel)
+    freed = [t.clone() for t in tensors]
+    freed[0].untyped_storage().resize_(0)  # torch reads its data pointer as 0
+    assert host.update_ptrs(freed, table, numel) is None
     assert table.tolist() == [t.data_ptr() for t in tensors]  # refused before anything was written
+    no_storage = [torch.ones(3).to_sparse()]  # torch's accessor throws: read from Python, which raises
+    for read in (lambda: host.same_ptrs(no_storage, PointerTable([0])),
+                 lambda: host.same_tensors(no_storage, PointerTable([id(no_storage[0])]), PointerTable([0])),
+                 lambda: host.update_ptrs(no_storage, torch.zeros(1, dtype=torch.int64), torch.tensor([3]))):  # fmt: skip
+        with pytest.raises(RuntimeError, match="doesn't have storage"):
+            read()
+
+
+def test_without_a_cxx_compiler_fast_steps_read_from_python(monkeypatch, tmp_path):
+    from optgen.runtime import host_ptrs
+
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-c++"))
+    monkeypatch.setenv("OPTGEN_CACHE_DIR", str(tmp_path / "cache"))  # nothing cached: it would have to build
+    for cached in (host_ptrs.helper, cbuild.cxx_toolchain, cbuild.toolchain):
+        cached.cache_clear()
+    try:
+        assert host_ptrs.helper() is None
+        params = make_params([(4, 4), (300,)])
+        opt = optgen.AdamW(params, backend="c")
+        run_steps(opt, params, make_grads([(4, 4), (300,)], 4))
+        assert _c_backend(opt).fast_steps == 3 and opt._runner.fast.host is None
+    finally:
+        for cached in (host_ptrs.helper, cbuild.cxx_toolchain, cbuild.toolchain):
+            cached.cache_clear()
+
+
+def test_threads_building_one_object_at_once_all_get_it(monkeypatch, tmp_path):
+    """Threads of one process building the same object (first steps of optimizers in several threads) each
+    compile to their own temporary name: all get the object (one temporary per process made them collide)."""
+    import threading
+
+    from optgen.runtime import host_ptrs
+
+    monkeypatch.setenv("OPTGEN_CACHE_DIR", str(tmp_path / "cache"))
+    results, errors = [], []
+
+    def build():
+        try:
+            results.append(cbuild.build(host_ptrs.SOURCE, {}, "host_ptrs"))
+        except Exception as exc:  # noqa: BLE001 - collected, asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=build) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors and len(set(results)) == 1 and results[0].is_file()
+    assert not list((tmp_path / "cache" / "c").glob("*.tmp"))
+
+
+def test_a_helper_that_cannot_be_had_leaves_the_reads_in_python(monkeypatch, tmp_path):
+    from optgen.runtime import host_ptrs
+
+    monkeypatch.setattr(host_ptrs, "SOURCE", tmp_path / "missing.cpp")  # e.g. a package installed without it
+    host_ptrs.helper.cache_clear()
+    try:
+        assert host_ptrs.helper() is None
+    finally:
+        host_ptrs.helper.cache_clear()
+
+
+def test_a_state_dict_assigned_by_the_user_takes_the_full_path(monkeypatch):
+    """``opt.state = defaultdict(dict)`` (a reset some training scripts do) does not count its edits: the fast
+    path cannot notice an entry deleted or set there, so such an optimizer steps the full way."""
+    import collections
+
+    params = make_params([(6, 5), (300,)])
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt, ref = optgen.AdamW(params, backend="c"), torch.optim.AdamW(twins, foreach=False)
+    grads = make_grads([(6, 5), (300,)], 8)
+    for k in range(8):
+        if k == 3:
+            for o in (opt, ref):
+                o.state = collections.defaultdict(dict, {q: dict(v) for q, v in o.state.items()})
+        if k == 5:
+            for o, ps in ((opt, params), (ref, twins)):
+                del o.state[ps[1]]  # a restart of that parameter's moments
+        for ps in (params, twins):
+            for p, g in zip(ps, grads[k]):
+                p.grad = g.clone()
+        opt.step()
+        ref.step()
+    for a, b in zip(params, twins):
+        assert_close_rel(a.detach(), b.detach())
+    assert opt._runner.fast is None
+
+
+def test_the_tables_do_not_keep_gradients_alive(host_reads):
+    """After ``zero_grad(set_to_none=True)`` the last gradients are freed (torch.optim's behaviour): the tables
+    hold their addresses, not them, so they do not add a set of gradients to the next backward's peak."""
+    import gc
+    import weakref
+
+    params = make_params([(6, 5), (300,)])
+    opt = optgen.AdamW(params, backend="c")
+    refs = []
+    for g in make_grads([(6, 5), (300,)], 4):
+        for p, gi in zip(params, g):
+            p.grad = gi.clone()
+            refs.append(weakref.ref(p.grad))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    gc.collect()
+    assert _c_backend(opt).fast_steps == 3 and all(r() is None for r in refs)
+
+
+@pytest.mark.parametrize("freed", ["parameter", "gradient", "state"])
+def test_a_tensor_whose_storage_was_freed_is_refused_by_name(freed, host_reads):
+    """A tensor emptied in place (``untyped_storage().resize_(0)``, as FSDP1 does between uses) reads as a null
+    pointer: the kernels would write through it. The step refuses it, before anything is modified."""
+    params = make_params([(300,), (4, 4)])
+    opt = optgen.AdamW(params, backend="c")
+    grads = make_grads([(300,), (4, 4)], 4)
+    run_steps(opt, params, grads[:3])
+    for p, g in zip(params, grads[3]):
+        p.grad = g.clone()
+    {"parameter": params[0], "gradient": params[0].grad, "state": opt.state[params[0]]["exp_avg"]}[freed].untyped_storage().resize_(0)
+    before = params[1].detach().clone(), opt.state[params[1]]["exp_avg"].clone()
+    what = {"parameter": "a parameter", "gradient": "the gradient of a parameter", "state": "the state 'exp_avg' of a parameter"}
+    with pytest.raises(RuntimeError, match=f"AdamW: {what[freed]} of shape \\(300,\\) has no data"):
+        opt.step()
+    assert torch.equal(params[1], before[0]) and torch.equal(opt.state[params[1]]["exp_avg"], before[1])
 
 
 @pytest.mark.parametrize("in_c", ["1", "0"])

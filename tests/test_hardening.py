@@ -149,7 +149,7 @@ class _ShiftedTables:
 
     @property
     def addr(self):
-        size = {name: tensors[0].element_size() for name, tensors in self._tables.buffers.items()}
+        size = {name: dtype.itemsize for name, dtype in zip(self._tables.buffers, self._tables.signature[0])}
         return {name: a - SHIFT * size[name] for name, a in self._tables.addr.items()}
 
 

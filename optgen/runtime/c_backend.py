@@ -202,19 +202,30 @@ class CBackend:
         t.use_group_rows(group_of, rows)
         return True
 
-    def fast_step(self, grads: list, rows: list[tuple], host=None) -> None:
+    def fast_grads(self, grads: list, host=None) -> bool:
         """A step of the layout of the last one (same tensors, storage, dtypes, groups; checked by the
-        optimizer): only gradient addresses and hyperparameter rows can differ, each written in place into
-        its table, so the cached calls run as they are. ``host``: ``host_ptrs.helper()``, or None to read the
-        gradients' addresses from Python."""
+        optimizer), first half: the gradients' addresses, written in place into the table (the cached calls
+        stay valid). False, with nothing written, when a non-empty gradient has no data (its storage freed in
+        place): the full path refuses it by name. ``host``: ``host_ptrs.helper()``, or None to read the
+        addresses from Python."""
         t = self._tables
-        if host is not None:  # the table is on the host: its addresses are written in place, in C
-            if host.update_ptrs(grads, t.addr["grad"]):
-                t.grads_written(grads)
-        else:
-            ptrs = list(map(torch.Tensor.data_ptr, grads))
-            if ptrs != t.grad_ptrs:
-                t.set_grads(grads, ptrs)
+        if host is not None:  # the table is on the host: its addresses are written in place, compiled
+            changed = host.update_ptrs(grads, t.addr["grad"], t.numel)
+            if changed is None:
+                return False
+            if changed:
+                t.grads_written()
+            return True
+        ptrs = list(map(torch.Tensor.data_ptr, grads))
+        if ptrs != t.grad_ptrs:
+            if 0 in ptrs and any(count for ptr, count in zip(ptrs, t.numels) if ptr == 0):
+                return False
+            t.set_grads(ptrs)
+        return True
+
+    def fast_step(self, rows: list[tuple]) -> None:
+        """Second half: the hyperparameter rows written in place, then the cached calls."""
+        t = self._tables
         t.set_group_rows(rows)
         t.sync_scalars()
         self._run(t, self._kernels_for(t), {}, None)

@@ -6,6 +6,8 @@
   loop: 3.5x slower, measured; without ``-ffp-contract=off`` it fuses multiply-adds and the last bits differ
   from torch's separately rounded operations), ``-march=native`` where the compiler takes it, ``-fopenmp``
   where it takes it and links (else the kernels run serially, with a warning).
+* One C++ source, ``runtime/host_ptrs.cpp`` (the fast step's pointer reads, C++ to catch torch's exceptions), is
+  built with ``$CXX`` (else ``c++``) and ``CXX_FLAGS``; without one, the fast step reads from Python.
 * An object is named by a digest of the source, the compiler's identity, the flags and the ``-D`` defines
   (the storage dtypes): ``$OPTGEN_CACHE_DIR/c/<stem>_<digest>.so``. A warm start loads it: no compiler runs.
 * Concurrent processes may build the same object: each compiles to its own temporary file and renames it into
@@ -24,6 +26,7 @@ import shlex
 import shutil
 import subprocess
 import tempfile
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +34,7 @@ from pathlib import Path
 from ..codegen.render import cache_dir
 
 BASE_FLAGS = ("-O3", "-std=c11", "-fPIC", "-shared", "-fno-math-errno", "-ffp-contract=off")
+CXX_FLAGS = ("-O2", "-std=c++17", "-fPIC", "-shared")  # the one C++ source (runtime/host_ptrs.cpp): no element loops
 _PROBE_SOURCE = """
 #include <math.h>
 #include <stdint.h>
@@ -66,6 +70,20 @@ class Toolchain:
 def compiler_command() -> list[str]:
     """``$CC`` split as a shell would (``ccache gcc``, ``gcc -m64``), else ``cc``."""
     return shlex.split(os.environ.get("CC") or "cc")
+
+
+@functools.cache
+def cxx_toolchain() -> Toolchain:
+    """``$CXX`` (split like ``$CC``), else ``c++``, with ``CXX_FLAGS``: for ``runtime/host_ptrs.cpp``, C++ to catch
+    torch's exceptions. Not probed: a compiler that fails says so when the source builds."""
+    command = shlex.split(os.environ.get("CXX") or "c++")
+    path = shutil.which(command[0]) if command else None
+    if path is None:
+        raise BuildError(f"no C++ compiler: {' '.join(command) or '$CXX'!r} is not on PATH (set CXX to one)")
+    prefix = (path, *command[1:])
+    version = _run([*prefix, "--version"])
+    identity = (version.stdout or version.stderr).splitlines()[0].strip() if version.returncode == 0 else path
+    return Toolchain(path, prefix, identity, CXX_FLAGS, False)
 
 
 def _run(command: list[str], cwd: str | None = None) -> subprocess.CompletedProcess:
@@ -120,16 +138,21 @@ def toolchain(command: tuple[str, ...] | None = None) -> Toolchain:
 
 def build(source: Path, defines: dict[str, int | str], stem: str, rebuild: bool = False) -> Path:
     """The shared object of ``source`` compiled with ``-D`` ``defines``: from the cache, or compiled now
-    (``rebuild``: compiled again over a cached object that does not load)."""
-    chain = toolchain()
+    (``rebuild``: compiled again over a cached object that does not load). A ``.cpp`` source is built with
+    ``cxx_toolchain()``, any other with ``toolchain()``."""
+    chain = cxx_toolchain() if source.suffix == ".cpp" else toolchain()
     define_flags = [f"-D{k}={v}" for k, v in sorted(defines.items())]
-    text = source.read_bytes()
+    try:
+        text = source.read_bytes()
+    except OSError as exc:
+        raise BuildError(f"cannot read {source}: {exc}") from exc
     digest = hashlib.sha256(b"\n".join([text, " ".join(chain.prefix).encode(), chain.identity.encode(),
                                         " ".join(chain.flags).encode(), " ".join(define_flags).encode()]))  # fmt: skip
     target = cache_dir() / "c" / f"{stem}_{digest.hexdigest()[:16]}.so"
     if target.is_file() and not rebuild:
         return target
-    tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+    # one temporary name per process and thread: threads of one process may build the same object at once
+    tmp = target.with_name(f"{target.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     command = [*chain.prefix, *chain.flags, *define_flags, str(source), "-o", str(tmp), "-lm"]
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -145,6 +168,8 @@ def build(source: Path, defines: dict[str, int | str], stem: str, rebuild: bool 
         os.replace(tmp, target)
     except OSError as exc:
         raise BuildError(f"cannot build {target.name} in {target.parent}: {exc}", command) from exc
+    except subprocess.TimeoutExpired as exc:
+        raise BuildError(f"the C compiler ran past {exc.timeout} s on {source.name}:\n  {' '.join(command)}", command) from exc
     finally:
         with contextlib.suppress(OSError):  # gone already, or the folder never existed
             tmp.unlink()

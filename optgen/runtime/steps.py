@@ -315,6 +315,15 @@ class StepRunner:
                     )
                 if grad.is_complex() != p.is_complex():
                     raise RuntimeError(f"{self.name}: gradient of dtype {grad.dtype} for a parameter of dtype {p.dtype}")
+                state = owner.state.get(p) or {}
+                for what, t in (("", p), ("gradient", grad), *((f"state {k!r}", v) for k, v in state.items())):
+                    if (isinstance(t, torch.Tensor) and t.numel() and not t.is_meta and not distributed.is_dtensor(t)
+                            and t.data_ptr() == 0):  # fmt: skip
+                        raise RuntimeError(
+                            f"{self.name}: {f'the {what} of ' if what else ''}a parameter of shape {tuple(p.shape)} has "
+                            f"no data (its storage was freed "
+                            f"in place, e.g. untyped_storage().resize_(0)): the kernels cannot read or write it"
+                        )
                 items.append((group, p, grad))
         # the overlap check walks every parameter's strides: only when the parameters or their storage changed
         key = tuple((id(p), p.data_ptr(), p.shape) for _, p, _ in items)
@@ -477,8 +486,8 @@ class StepRunner:
         with shape flags (Adafactor's matrices and vectors) runs a backend per variant: each takes its
         parameters' gradients, by their index among all parameters."""
         self.fast = None
-        if amp_mode is not None or reducer is not None:
-            return
+        if amp_mode is not None or reducer is not None or not isinstance(owner.state, States):
+            return  # (a state dict that does not count its edits: one a user assigned to ``opt.state``)
         for backend, _, _ in by_backend.values():
             if not hasattr(backend, "fast_step"):
                 return
@@ -574,8 +583,11 @@ class StepRunner:
         rows = self.plain_group_rows(owner, fast.plan.ir)
         if rows is None:
             return False
-        for backend, indices in fast.backends:
-            backend.fast_step(grads if indices is None else [grads[i] for i in indices], rows, host)
+        for backend, indices in fast.backends:  # every backend's gradients before any runs: all or none
+            if not backend.fast_grads(grads if indices is None else [grads[i] for i in indices], host):
+                return False
+        for backend, _ in fast.backends:
+            backend.fast_step(rows)
         return True
 
 

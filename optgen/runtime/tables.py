@@ -109,6 +109,9 @@ class ChunkTables:
         self.grad_ptrs = None
         self.signature = signature
         self.addr_host = {name: [t.data_ptr() for t in tensors] for name, tensors in self.buffers.items()}
+        # addresses only from here: held, the gradients would stay alive through the next backward after
+        # zero_grad(set_to_none=True), one extra set of them at the peak (the optimizer holds the rest)
+        self.buffers["grad"] = []
         self.addr = {name: torch.tensor(ptrs, **as_long) for name, ptrs in self.addr_host.items()}
         self._aligned: dict[int, bool] = {}
         self.version = 0  # bumped whenever a table is replaced (launchers cache argument tuples by it)
@@ -213,7 +216,7 @@ class ChunkTables:
         grads = [item[1] for item in items]
         grad_ptrs = [g.data_ptr() for g in grads]
         if grad_ptrs != self.grad_ptrs:
-            self.set_grads(grads, grad_ptrs)
+            self.set_grads(grad_ptrs)
         values = [item[3] for item in items]
         if values == self.values:  # the same tuples (the optimizer keeps one per group while it is unchanged)
             return
@@ -242,10 +245,9 @@ class ChunkTables:
         self.group_rows = None
         self.version += 1
 
-    def set_grads(self, grads, grad_ptrs) -> None:
+    def set_grads(self, grad_ptrs: list[int]) -> None:
         """New gradient tensors: their addresses are written into the existing table (launchers' cached
         argument tuples stay valid)."""
-        self.buffers["grad"] = grads
         if len(grad_ptrs) == self.addr["grad"].numel():
             self.addr["grad"].copy_(torch.tensor(grad_ptrs, dtype=torch.int64), non_blocking=True)
         else:
@@ -255,9 +257,8 @@ class ChunkTables:
         self.grad_ptrs = grad_ptrs
         self._aligned.clear()
 
-    def grads_written(self, grads) -> None:
+    def grads_written(self) -> None:
         """New gradient tensors whose addresses were written into the (host) table already: the mirrors follow."""
-        self.buffers["grad"] = grads
         self.grad_ptrs = self.addr_host["grad"] = self.addr["grad"].tolist()
         self._aligned.clear()
 
