@@ -630,6 +630,21 @@ def test_a_helper_that_cannot_be_had_leaves_the_reads_in_python(monkeypatch, tmp
         host_ptrs.helper.cache_clear()
 
 
+def test_a_tensor_lr_whose_storage_is_swapped_is_read_again():
+    """``lr.set_(...)`` keeps the tensor object: the step must read the new storage, as torch.optim does."""
+    params = make_params([(300,)])
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt = optgen.AdamW(params, lr=torch.tensor(0.01), backend="c")
+    ref = torch.optim.AdamW(twins, lr=torch.tensor(0.01), foreach=False)
+    for k, g in enumerate(make_grads([(300,)], 6)):
+        for o, ps in ((opt, params), (ref, twins)):
+            ps[0].grad = g[0].clone()
+            if k == 3:
+                o.param_groups[0]["lr"].set_(torch.tensor(0.5))
+            o.step()
+    assert_close_rel(params[0].detach(), twins[0].detach())
+
+
 def test_a_state_dict_assigned_by_the_user_takes_the_full_path(monkeypatch):
     """``opt.state = defaultdict(dict)`` (a reset some training scripts do) does not count its edits: the fast
     path cannot notice an entry deleted or set there, so such an optimizer steps the full way."""

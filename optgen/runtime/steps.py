@@ -748,20 +748,20 @@ class _Backends(dict):
 
 
 def _fingerprint(value):
-    """A hyperparameter value as a comparable key: a tensor by identity (comparing tensors by value would read
-    them on the host: a GPU sync per step)."""
+    """A hyperparameter value as a comparable key: a tensor by identity and storage (comparing tensors by value
+    would read them on the host: a GPU sync per step; ``set_`` swaps the storage under the same object)."""
     if isinstance(value, torch.Tensor):
-        return ("tensor", id(value))
+        return ("tensor", id(value), value.data_ptr())
     if isinstance(value, (tuple, list)):
         return (type(value).__name__, *(_fingerprint(v) for v in value))
     return (type(value).__name__, value)
 
 
 def _immutable(value) -> bool:
-    """A value that cannot change while it is the same object (a tensor counts: it is compared by identity)."""
+    """A value that cannot change while it is the same object (not a tensor: ``set_`` swaps its storage)."""
     if isinstance(value, tuple):
         return all(map(_immutable, value))
-    return value is None or isinstance(value, (bool, int, float, str, torch.Tensor))
+    return value is None or isinstance(value, (bool, int, float, str))
 
 
 def _memory_span(t: torch.Tensor) -> tuple[int, int]:
