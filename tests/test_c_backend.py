@@ -630,19 +630,32 @@ def test_a_helper_that_cannot_be_had_leaves_the_reads_in_python(monkeypatch, tmp
         host_ptrs.helper.cache_clear()
 
 
+def _beside_torch_adamw(steps, change, shapes=((6, 5), (300,)), options=dict):
+    """optgen's AdamW (C backend) and torch.optim's (for-loop) over the same parameters and gradients, each
+    given ``change(k, opt, params)`` before its step k and ``options()`` at construction; asserts they end
+    equal, returns optgen's optimizer."""
+    params = make_params(list(shapes))
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt, ref = optgen.AdamW(params, backend="c", **options()), torch.optim.AdamW(twins, foreach=False, **options())
+    for k, grads in enumerate(make_grads(list(shapes), steps)):
+        for o, ps in ((opt, params), (ref, twins)):
+            change(k, o, ps)
+            for p, g in zip(ps, grads):
+                p.grad = g.clone()
+            o.step()
+    for a, b in zip(params, twins):
+        assert_close_rel(a.detach(), b.detach())
+    return opt
+
+
 def test_a_tensor_lr_whose_storage_is_swapped_is_read_again():
     """``lr.set_(...)`` keeps the tensor object: the step must read the new storage, as torch.optim does."""
-    params = make_params([(300,)])
-    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
-    opt = optgen.AdamW(params, lr=torch.tensor(0.01), backend="c")
-    ref = torch.optim.AdamW(twins, lr=torch.tensor(0.01), foreach=False)
-    for k, g in enumerate(make_grads([(300,)], 6)):
-        for o, ps in ((opt, params), (ref, twins)):
-            ps[0].grad = g[0].clone()
-            if k == 3:
-                o.param_groups[0]["lr"].set_(torch.tensor(0.5))
-            o.step()
-    assert_close_rel(params[0].detach(), twins[0].detach())
+
+    def swap(k, opt, params):
+        if k == 3:
+            opt.param_groups[0]["lr"].set_(torch.tensor(0.5))
+
+    _beside_torch_adamw(6, swap, shapes=[(300,)], options=lambda: dict(lr=torch.tensor(0.01)))
 
 
 def test_a_state_dict_assigned_by_the_user_takes_the_full_path(monkeypatch):
@@ -650,25 +663,13 @@ def test_a_state_dict_assigned_by_the_user_takes_the_full_path(monkeypatch):
     path cannot notice an entry deleted or set there, so such an optimizer steps the full way."""
     import collections
 
-    params = make_params([(6, 5), (300,)])
-    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
-    opt, ref = optgen.AdamW(params, backend="c"), torch.optim.AdamW(twins, foreach=False)
-    grads = make_grads([(6, 5), (300,)], 8)
-    for k in range(8):
+    def reset(k, opt, params):
         if k == 3:
-            for o in (opt, ref):
-                o.state = collections.defaultdict(dict, {q: dict(v) for q, v in o.state.items()})
+            opt.state = collections.defaultdict(dict, {q: dict(v) for q, v in opt.state.items()})
         if k == 5:
-            for o, ps in ((opt, params), (ref, twins)):
-                del o.state[ps[1]]  # a restart of that parameter's moments
-        for ps in (params, twins):
-            for p, g in zip(ps, grads[k]):
-                p.grad = g.clone()
-        opt.step()
-        ref.step()
-    for a, b in zip(params, twins):
-        assert_close_rel(a.detach(), b.detach())
-    assert opt._runner.fast is None
+            del opt.state[params[1]]  # a restart of that parameter's moments
+
+    assert _beside_torch_adamw(8, reset)._runner.fast is None
 
 
 def test_the_tables_do_not_keep_gradients_alive(host_reads):
@@ -720,24 +721,15 @@ def test_the_switch_chooses_where_fast_steps_read_pointers(monkeypatch, in_c):
 def test_betas_mutated_in_place_are_read_and_checked(monkeypatch):
     """A hyperparameter list edited in place keeps its identity: the step must still see (and check) the new
     values, as torch.optim, which reads the group every step, does."""
-    params = make_params([(6, 5), (300,)])
-    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
-    opt = optgen.AdamW(params, backend="c")
-    ref = torch.optim.AdamW(twins, foreach=False)
-    grads = make_grads([(6, 5), (300,)], 7)
-    for k in range(7):
-        for o in (opt, ref):
-            if k == 2:  # a list where the constructor keeps a tuple
-                o.param_groups[0]["betas"] = [0.8, 0.999]
-            if k == 4:
-                o.param_groups[0]["betas"][0] = 0.5
-        for ps in (params, twins):
-            for p, g in zip(ps, grads[k]):
-                p.grad = g.clone()
-        opt.step()
-        ref.step()
-    for a, b in zip(params, twins):
-        assert_close_rel(a.detach(), b.detach())
+
+    def edit(k, opt, params):
+        if k == 2:  # a list where the constructor keeps a tuple
+            opt.param_groups[0]["betas"] = [0.8, 0.999]
+        if k == 4:
+            opt.param_groups[0]["betas"][0] = 0.5
+
+    opt = _beside_torch_adamw(7, edit)
+    params = [p for group in opt.param_groups for p in group["params"]]
     opt.param_groups[0]["betas"][1] = 1.5
     before = [p.detach().clone() for p in params]
     with pytest.raises(ValueError, match="beta"):

@@ -76,14 +76,20 @@ def compiler_command() -> list[str]:
 def cxx_toolchain() -> Toolchain:
     """``$CXX`` (split like ``$CC``), else ``c++``, with ``CXX_FLAGS``: for ``runtime/host_ptrs.cpp``, C++ to catch
     torch's exceptions. Not probed: a compiler that fails says so when the source builds."""
-    command = shlex.split(os.environ.get("CXX") or "c++")
+    path, prefix, identity = _resolve(shlex.split(os.environ.get("CXX") or "c++"), "C++", "CXX")
+    return Toolchain(path, prefix, identity, CXX_FLAGS, False)
+
+
+def _resolve(command: list[str], language: str, variable: str) -> tuple[str, tuple[str, ...], str]:
+    """The compiler of ``command`` (its words after the first kept: ``ccache gcc``): its resolved path, the
+    command with that path, and its identity (the first line of ``--version``)."""
     path = shutil.which(command[0]) if command else None
     if path is None:
-        raise BuildError(f"no C++ compiler: {' '.join(command) or '$CXX'!r} is not on PATH (set CXX to one)")
+        raise BuildError(f"no {language} compiler: {' '.join(command) or '$' + variable!r} is not on PATH (set {variable} to one)")
     prefix = (path, *command[1:])
     version = _run([*prefix, "--version"])
     identity = (version.stdout or version.stderr).splitlines()[0].strip() if version.returncode == 0 else path
-    return Toolchain(path, prefix, identity, CXX_FLAGS, False)
+    return path, prefix, identity
 
 
 def _run(command: list[str], cwd: str | None = None) -> subprocess.CompletedProcess:
@@ -93,13 +99,7 @@ def _run(command: list[str], cwd: str | None = None) -> subprocess.CompletedProc
 @functools.cache
 def toolchain(command: tuple[str, ...] | None = None) -> Toolchain:
     """The compiler and the flags it takes, probed once per machine (cached on disk) and per process."""
-    command = list(command or compiler_command())
-    path = shutil.which(command[0]) if command else None
-    if path is None:
-        raise BuildError(f"no C compiler: {' '.join(command) or '$CC'!r} is not on PATH (set CC to one)")
-    prefix = (path, *command[1:])
-    version = _run([*prefix, "--version"])
-    identity = (version.stdout or version.stderr).splitlines()[0].strip() if version.returncode == 0 else path
+    path, prefix, identity = _resolve(list(command or compiler_command()), "C", "CC")
     key = hashlib.sha256(f"{prefix}\n{identity}\n{BASE_FLAGS}".encode()).hexdigest()[:16]
     record = cache_dir() / "c" / f"toolchain_{key}.json"
     try:

@@ -32,21 +32,6 @@ extern "C" {
 
 void og_set_accessor(void *fn) { data_ptr_of = (data_ptr_fn)fn; }
 
-/* 1 when the list `tensors` holds exactly the objects whose addresses (Python's id) are `ids`, in order, and
- * their data pointers are `ptrs`; ids are compared first, so data pointers are read only from those objects. */
-int og_same_tensors(void *tensors, const std::int64_t *ids, const std::int64_t *ptrs, std::int64_t n) {
-    if (PyList_Size(tensors) != n) return 0;
-    for (std::int64_t i = 0; i < n; ++i)
-        if ((std::int64_t)(std::intptr_t)PyList_GetItem(tensors, i) != ids[i]) return 0;
-    try {
-        for (std::int64_t i = 0; i < n; ++i)
-            if (ptr_at(tensors, i) != ptrs[i]) return 0;
-    } catch (...) {
-        return OG_UNREADABLE;
-    }
-    return 1;
-}
-
 /* 1 when the data pointers of the list `tensors` (n of them) are `ptrs`. */
 int og_same_ptrs(void *tensors, const std::int64_t *ptrs, std::int64_t n) {
     if (PyList_Size(tensors) != n) return 0;
@@ -57,6 +42,15 @@ int og_same_ptrs(void *tensors, const std::int64_t *ptrs, std::int64_t n) {
         return OG_UNREADABLE;
     }
     return 1;
+}
+
+/* 1 when the list `tensors` holds exactly the objects whose addresses (Python's id) are `ids`, in order, and
+ * their data pointers are `ptrs`; ids are compared first, so data pointers are read only from those objects. */
+int og_same_tensors(void *tensors, const std::int64_t *ids, const std::int64_t *ptrs, std::int64_t n) {
+    if (PyList_Size(tensors) != n) return 0;
+    for (std::int64_t i = 0; i < n; ++i)
+        if ((std::int64_t)(std::intptr_t)PyList_GetItem(tensors, i) != ids[i]) return 0;
+    return og_same_ptrs(tensors, ptrs, n);
 }
 
 /* Writes the data pointers of the list `tensors` into `ptrs` (n slots), all or none: 1 when any differed, 0
