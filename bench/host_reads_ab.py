@@ -1,4 +1,4 @@
-"""The fast step's reads in C against the same reads from Python (``OPTGEN_HOST_READS_IN_C=0``), A/B:
+"""The fast step's checks and reads in C against the same from Python (``OPTGEN_HOST_READS_IN_C=0``), A/B:
 ``python bench/host_reads_ab.py [--counts 100,1000] [--rounds 300]``.
 
 Two AdamW optimizers over 16-element tensors (a step is nearly all host work), alternating which steps first
@@ -44,7 +44,7 @@ def main(argv=None) -> None:
         for flush in (False, True):
             for new in (False, True):
                 runs = {"C": _make("1", count), "Python": _make("0", count)}
-                assert [opt._runner.fast.host is not None for _, opt in runs.values()] == [True, False]
+                assert [opt._runner.fast.compiled is not None for _, opt in runs.values()] == [True, False]
                 times = {kind: [] for kind in runs}
                 for r in range(args.rounds):
                     for kind in ("C", "Python") if r % 2 else ("Python", "C"):

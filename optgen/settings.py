@@ -52,10 +52,12 @@ SETTINGS: dict[str, Setting] = {
         # block: the later passes re-read the block from cache instead of memory (a huge value: one block).
         Setting("OPTGEN_C_BLOCK_BYTES", "count", 8 << 20,
                 "bytes of buffers a block of tensors spans when the C kernels run all passes block by block"),
-        # The accessor is private to torch: a switch to do without it, and the benchmark's comparison.
+        # The compiled checks read torch's C++ objects (c10::TensorImpl): a switch to do without them, and the
+        # benchmark's comparison.
         Setting("OPTGEN_HOST_READS_IN_C", "flag", True,
-                "fast steps compare and gather tensors' identities and data pointers in compiled code (runtime/host_ptrs.cpp); "
-                "0: from Python. Read when a step sets up the fast path"),
+                "fast steps check tensors' identities, metadata and storage and gather gradients' addresses in "
+                "compiled code (runtime/host_ptrs.cpp, built against torch's headers); 0: from Python (dynamo's "
+                "TensorGuards and Python reads). Read when a step sets up the fast path"),
         Setting("OPTGEN_INSPECT_CHILD", "flag", False,
                 "internal: set by `optgen inspect` on the clean process it starts when TRITON_INTERPRET is set"),
     )

@@ -446,11 +446,11 @@ def _fast_path_run(cls, fast: bool, monkeypatch):
 
 @pytest.fixture(params=["C", "Python"])
 def host_reads(request, monkeypatch):
-    """The fast step's identity and pointer reads in C (``host_ptrs``), or from Python where that is not built."""
+    """The fast step's checks and reads in C (``host_ptrs``), or from Python where that is not built."""
     from optgen.runtime import host_ptrs
 
     if request.param == "C":
-        assert host_ptrs.helper() is not None  # a compiler and a torch with the accessor: the C reads must load
+        assert host_ptrs.helper() is not None  # a C++ compiler and torch's headers: the C reads must load
     else:
         monkeypatch.setenv("OPTGEN_HOST_READS_IN_C", "0")
     return request.param
@@ -547,33 +547,75 @@ def test_fast_path_notices_in_place_changes(monkeypatch, change, host_reads):
         assert torch.equal(a, b)
 
 
-def test_host_reads_compare_and_gather_what_python_reads():
+def _set_data_float64(t):
+    t.data = torch.zeros(t.shape, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("change", [
+    lambda t: t.set_(torch.zeros(t.shape)),  # storage swapped
+    lambda t: t.resize_(t.numel() - 1),  # smaller, in the same storage
+    lambda t: t.as_strided_(t.shape[::-1], (1, t.shape[1])),  # another view of the same storage
+    lambda t: t.requires_grad_(True),
+    _set_data_float64,
+    lambda t: t.unsqueeze_(0),
+], ids=["set_", "resize_", "as_strided_", "requires_grad_", ".data = float64", "unsqueeze_"])  # fmt: skip
+def test_host_reads_see_each_tensor_as_python_does(change):
     from optgen.runtime.host_ptrs import PointerTable, helper
 
     host = helper()
     base = torch.zeros(40)
-    tensors = [torch.zeros(3), base[5:], base.view(8, 5).t(), torch.zeros(0), torch.zeros(())]
-    ids, ptrs = PointerTable([id(t) for t in tensors]), PointerTable([t.data_ptr() for t in tensors])
-    assert host.same_tensors(tensors, ids, ptrs) and host.same_ptrs(tensors, ptrs)
-    assert not host.same_tensors(tensors[:-1], ids, ptrs) and not host.same_ptrs(tensors[:-1], ptrs)
-    assert not host.same_tensors([*tensors[:-1], torch.zeros(())], ids, ptrs)  # another object, same metadata
-    tensors[1].set_(torch.zeros(35))  # the same object, its storage swapped
-    assert not host.same_tensors(tensors, ids, ptrs) and not host.same_ptrs(tensors, ptrs)
-    table, numel = torch.zeros(len(tensors), dtype=torch.int64), torch.tensor([t.numel() for t in tensors])
-    assert host.update_ptrs(tensors, table, numel) and table.tolist() == [t.data_ptr() for t in tensors]
-    assert not host.update_ptrs(tensors, table, numel)  # nothing moved since: reported unchanged
-    with pytest.raises(ValueError, match="4 tensors for a pointer table of 5"):
-        host.update_ptrs(tensors[:4], table, numel)
-    freed = [t.clone() for t in tensors]
-    freed[0].untyped_storage().resize_(0)  # torch reads its data pointer as 0
-    assert host.update_ptrs(freed, table, numel) is None
-    assert table.tolist() == [t.data_ptr() for t in tensors]  # refused before anything was written
-    no_storage = [torch.ones(3).to_sparse()]  # torch's accessor throws: read from Python, which raises
-    for read in (lambda: host.same_ptrs(no_storage, PointerTable([0])),
-                 lambda: host.same_tensors(no_storage, PointerTable([id(no_storage[0])]), PointerTable([0])),
-                 lambda: host.update_ptrs(no_storage, torch.zeros(1, dtype=torch.int64), torch.tensor([3]))):  # fmt: skip
-        with pytest.raises(RuntimeError, match="doesn't have storage"):
-            read()
+    tensors = [torch.zeros(3, 4), base[5:].view(5, 7), base.view(8, 5).t(), torch.zeros(0), torch.zeros(())]
+    impls = PointerTable([t._cdata for t in tensors])
+    records, ptrs = host.seen(impls)
+    assert ptrs.values == [t.data_ptr() for t in tensors] and host.same(impls, records, ptrs)
+    ids = PointerTable([id(t) for t in tensors])
+    assert host.same_objects(tensors, ids, impls) and not host.same_objects(tensors[:-1], ids, impls)
+    assert not host.same_objects([*tensors[:-1], torch.zeros(())], ids, impls)  # another object, the same metadata
+    swapped = torch.zeros(())
+    torch.utils.swap_tensors(tensors[-1], swapped)  # the same object holding another TensorImpl
+    assert not host.same_objects(tensors, ids, impls)
+    for k in range(3):  # the same object changed in place: its record or data pointer differs
+        twins = [t.clone() if i != 2 else t for i, t in enumerate(tensors)]
+        twin_impls = PointerTable([t._cdata for t in twins])
+        records, ptrs = host.seen(twin_impls)
+        change(twins[k])
+        assert not host.same(twin_impls, records, ptrs), k
+    sparse = torch.ones(3).to_sparse()  # no storage: torch's accessor throws
+    sparse_impls = PointerTable([sparse._cdata])
+    assert host.seen(sparse_impls) is None and not host.same(sparse_impls, records, ptrs)
+
+
+def test_host_reads_check_and_gather_gradients():
+    from optgen.runtime.host_ptrs import NO_DATA, PointerTable, helper
+
+    host = helper()
+    params = [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2, 2)), torch.nn.Parameter(torch.zeros(0))]
+    for p in params:
+        p.grad = torch.ones_like(p)
+    impls = PointerTable([p._cdata for p in params])
+    records, ptrs = host.seen(impls, grads=True)
+    assert ptrs.values == [p.grad.data_ptr() for p in params]
+    table, scratch = torch.zeros(3, dtype=torch.int64), torch.zeros(3, dtype=torch.int64)
+    assert host.grads(impls, records, table, scratch) == 1 and table.tolist() == ptrs.values
+    assert host.grads(impls, records, table, scratch) == 0  # nothing moved since
+    for p in params:  # new gradients (zero_grad(set_to_none=True), backward): written
+        p.grad = torch.full_like(p, 2.0)
+    assert host.grads(impls, records, table, scratch) == 1 and table.tolist() == [p.grad.data_ptr() for p in params]
+    written = table.tolist()
+    params[1].grad = torch.ones(2, 2).t()  # the same shape, other strides: refused, nothing written
+    assert host.grads(impls, records, table, scratch) == -1 and table.tolist() == written
+    params[1].grad = None
+    assert host.grads(impls, records, table, scratch) == -1 and host.seen(impls, grads=True) is None
+    params[1].grad = torch.ones(2, 2)
+    params[0].grad.untyped_storage().resize_(0)  # storage freed in place: torch reads its data pointer as 0
+    assert host.grads(impls, records, table, scratch) == NO_DATA and table.tolist() == written
+    flat = torch.ones(7)
+    params[0].grad = flat[4:]
+    assert host.grads(impls, records, table, scratch) == 1
+    flat.untyped_storage().resize_(0)  # a view of a freed flat buffer: torch reads its data pointer as 16, not 0
+    assert params[0].grad.data_ptr() == 16 and host.grads(impls, records, table, scratch) == NO_DATA
+    with pytest.raises(ValueError, match="int64 tables of 2 and 3 for 3 parameters"):
+        host.grads(impls, records, table[:2], scratch)
 
 
 def test_without_a_cxx_compiler_fast_steps_read_from_python(monkeypatch, tmp_path):
@@ -588,7 +630,7 @@ def test_without_a_cxx_compiler_fast_steps_read_from_python(monkeypatch, tmp_pat
         params = make_params([(4, 4), (300,)])
         opt = optgen.AdamW(params, backend="c")
         run_steps(opt, params, make_grads([(4, 4), (300,)], 4))
-        assert _c_backend(opt).fast_steps == 3 and opt._runner.fast.host is None
+        assert _c_backend(opt).fast_steps == 3 and opt._runner.fast.compiled is None
     finally:
         for cached in (host_ptrs.helper, cbuild.cxx_toolchain, cbuild.toolchain):
             cached.cache_clear()
@@ -606,7 +648,7 @@ def test_threads_building_one_object_at_once_all_get_it(monkeypatch, tmp_path):
 
     def build():
         try:
-            results.append(cbuild.build(host_ptrs.SOURCE, {}, "host_ptrs"))
+            results.append(cbuild.build(host_ptrs.SOURCE, {}, "host_ptrs", extra=host_ptrs.torch_flags()))
         except Exception as exc:  # noqa: BLE001 - collected, asserted below
             errors.append(exc)
 
@@ -691,31 +733,73 @@ def test_the_tables_do_not_keep_gradients_alive(host_reads):
     assert _c_backend(opt).fast_steps == 3 and all(r() is None for r in refs)
 
 
-@pytest.mark.parametrize("freed", ["parameter", "gradient", "state"])
+@pytest.mark.parametrize("freed", ["parameter", "gradient", "gradient view", "state"])
 def test_a_tensor_whose_storage_was_freed_is_refused_by_name(freed, host_reads):
     """A tensor emptied in place (``untyped_storage().resize_(0)``, as FSDP1 does between uses) reads as a null
-    pointer: the kernels would write through it. The step refuses it, before anything is modified."""
+    pointer, a view of one (a gradient in a freed flat buffer) as its offset: the kernels would write through
+    it. The step refuses it, before anything is modified."""
     params = make_params([(300,), (4, 4)])
     opt = optgen.AdamW(params, backend="c")
     grads = make_grads([(300,), (4, 4)], 4)
-    run_steps(opt, params, grads[:3])
+    flat = torch.zeros(316)
+    for k in range(3):
+        if freed == "gradient view":  # DDP's gradient_as_bucket_view: gradients are views of one buffer
+            flat[16:].copy_(grads[k][0])
+            grads[k][0] = flat[16:]
+        run_steps(opt, params, grads[k : k + 1])
     for p, g in zip(params, grads[3]):
         p.grad = g.clone()
-    {"parameter": params[0], "gradient": params[0].grad, "state": opt.state[params[0]]["exp_avg"]}[freed].untyped_storage().resize_(0)
+    if freed == "gradient view":
+        flat[16:].copy_(grads[3][0])
+        params[0].grad = flat[16:]
+    {"parameter": params[0], "gradient": params[0].grad, "gradient view": flat,
+     "state": opt.state[params[0]]["exp_avg"]}[freed].untyped_storage().resize_(0)  # fmt: skip
     before = params[1].detach().clone(), opt.state[params[1]]["exp_avg"].clone()
-    what = {"parameter": "a parameter", "gradient": "the gradient of a parameter", "state": "the state 'exp_avg' of a parameter"}
+    what = {"parameter": "a parameter", "gradient": "the gradient of a parameter", "gradient view": "the gradient of a parameter",
+            "state": "the state 'exp_avg' of a parameter"}  # fmt: skip
     with pytest.raises(RuntimeError, match=f"AdamW: {what[freed]} of shape \\(300,\\) has no data"):
         opt.step()
     assert torch.equal(params[1], before[0]) and torch.equal(opt.state[params[1]]["exp_avg"], before[1])
 
 
+@pytest.mark.parametrize("swapped", ["parameter", "parameter, the other dropped", "state"])
+def test_tensors_swapped_under_their_objects_are_seen(monkeypatch, swapped, host_reads):
+    """``torch.utils.swap_tensors`` (and module conversions with ``swap_module_params_on_conversion``) give an
+    object another TensorImpl: the fast step must see it, and never read through the old one, which may be
+    freed (found by the review of the compiled checks: a use-after-free, and stale updates)."""
+    kept = []
+
+    def change(opt, params):
+        target = opt.state[params[1]]["exp_avg"] if swapped == "state" else params[1]
+        other = torch.full_like(target, 0.25)
+        torch.utils.swap_tensors(target, torch.nn.Parameter(other) if swapped != "state" else other)
+        if not swapped.endswith("dropped"):
+            kept.append(other)
+
+    out = _twin_runs(monkeypatch, optgen.AdamW, change)
+    for a, b in zip(*out):
+        assert torch.equal(a, b)
+
+
+def test_parameters_of_a_tensor_subclass_are_checked_from_python():
+    """A subclass may override ``.grad`` (``__torch_function__``); the compiled checks read it from C++."""
+
+    class Subclass(torch.nn.Parameter):
+        pass
+
+    params = [Subclass(torch.randn(4, 4)), torch.nn.Parameter(torch.randn(300))]
+    opt = optgen.AdamW(params, backend="c")
+    run_steps(opt, params, make_grads([(4, 4), (300,)], 4))
+    assert _c_backend(opt).fast_steps == 3 and opt._runner.fast.compiled is None
+
+
 @pytest.mark.parametrize("in_c", ["1", "0"])
-def test_the_switch_chooses_where_fast_steps_read_pointers(monkeypatch, in_c):
+def test_the_switch_chooses_where_fast_steps_check_and_read(monkeypatch, in_c):
     monkeypatch.setenv("OPTGEN_HOST_READS_IN_C", in_c)
     params = make_params([(4, 4), (300,)])
     opt = optgen.AdamW(params, backend="c")
     run_steps(opt, params, make_grads([(4, 4), (300,)], 4))
-    assert _c_backend(opt).fast_steps == 3 and (opt._runner.fast.host is not None) == (in_c == "1")
+    assert _c_backend(opt).fast_steps == 3 and (opt._runner.fast.compiled is not None) == (in_c == "1")
 
 
 def test_betas_mutated_in_place_are_read_and_checked(monkeypatch):
@@ -763,6 +847,7 @@ def test_steps_without_the_metadata_guard_take_the_full_path(monkeypatch):
     from optgen.runtime import steps
 
     monkeypatch.setattr(steps, "_metadata_guard", lambda tensors: None)  # a torch without TensorGuards
+    monkeypatch.setenv("OPTGEN_HOST_READS_IN_C", "0")  # (the compiled checks do not use them)
     params = make_params([(4, 4), (300,)])
     opt = optgen.AdamW(params, backend="c")
     run_steps(opt, params, make_grads([(4, 4), (300,)], 4))

@@ -29,6 +29,7 @@ from .tables import (
     Staging,
     axes_values,
     boundary_all_reduce,
+    lacks_data,
     matrix_all_reduce,
     over_partitions,
     pass_values,
@@ -202,25 +203,28 @@ class CBackend:
         t.use_group_rows(group_of, rows)
         return True
 
-    def fast_grads(self, grads: list, host=None) -> bool:
+    def fast_grads(self, grads: list) -> bool:
         """A step of the layout of the last one (same tensors, storage, dtypes, groups; checked by the
         optimizer), first half: the gradients' addresses, written in place into the table (the cached calls
         stay valid). False, with nothing written, when a non-empty gradient has no data (its storage freed in
-        place): the full path refuses it by name. ``host``: ``host_ptrs.helper()``, or None to read the
-        addresses from Python."""
+        place): the full path refuses it by name."""
         t = self._tables
-        if host is not None:  # the table is on the host: its addresses are written in place, compiled
-            changed = host.update_ptrs(grads, t.addr["grad"], t.numel)
-            if changed is None:
-                return False
-            if changed:
-                t.grads_written()
-            return True
         ptrs = list(map(torch.Tensor.data_ptr, grads))
         if ptrs != t.grad_ptrs:
-            if 0 in ptrs and any(count for ptr, count in zip(ptrs, t.numels) if ptr == 0):
+            if any(map(lacks_data, grads)):
                 return False
             t.set_grads(ptrs)
+        return True
+
+    def fast_grads_written(self, write) -> bool:
+        """``fast_grads`` with the addresses read and written by ``write(table, numel)`` (compiled:
+        ``host_ptrs.Layout.grads_writer``), which checks the gradients too: False when it refused them."""
+        t = self._tables
+        changed = write(t.addr["grad"])
+        if changed is None:
+            return False
+        if changed:
+            t.grads_written()
         return True
 
     def fast_step(self, rows: list[tuple]) -> None:

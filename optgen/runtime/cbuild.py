@@ -6,10 +6,11 @@
   loop: 3.5x slower, measured; without ``-ffp-contract=off`` it fuses multiply-adds and the last bits differ
   from torch's separately rounded operations), ``-march=native`` where the compiler takes it, ``-fopenmp``
   where it takes it and links (else the kernels run serially, with a warning).
-* One C++ source, ``runtime/host_ptrs.cpp`` (the fast step's pointer reads, C++ to catch torch's exceptions), is
-  built with ``$CXX`` (else ``c++``) and ``CXX_FLAGS``; without one, the fast step reads from Python.
+* One C++ source, ``runtime/host_ptrs.cpp`` (the fast step's checks and reads through torch's C++ objects), is
+  built with ``$CXX`` (else ``c++``), ``CXX_FLAGS`` and torch's headers and libc10 (``host_ptrs.torch_flags``);
+  without one, the fast step reads from Python.
 * An object is named by a digest of the source, the compiler's identity, the flags and the ``-D`` defines
-  (the storage dtypes): ``$OPTGEN_CACHE_DIR/c/<stem>_<digest>.so``. A warm start loads it: no compiler runs.
+  (the storage dtypes; for the C++ helper also torch's paths and version): ``$OPTGEN_CACHE_DIR/c/<stem>_<digest>.so``. A warm start loads it: no compiler runs.
 * Concurrent processes may build the same object: each compiles to its own temporary file and renames it into
   place (``os.replace`` is atomic), so a reader sees a whole object or none.
 """
@@ -74,8 +75,8 @@ def compiler_command() -> list[str]:
 
 @functools.cache
 def cxx_toolchain() -> Toolchain:
-    """``$CXX`` (split like ``$CC``), else ``c++``, with ``CXX_FLAGS``: for ``runtime/host_ptrs.cpp``, C++ to catch
-    torch's exceptions. Not probed: a compiler that fails says so when the source builds."""
+    """``$CXX`` (split like ``$CC``), else ``c++``, with ``CXX_FLAGS``: for ``runtime/host_ptrs.cpp``, which uses
+    torch's C++ objects. Not probed: a compiler that fails says so when the source builds."""
     path, prefix, identity = _resolve(shlex.split(os.environ.get("CXX") or "c++"), "C++", "CXX")
     return Toolchain(path, prefix, identity, CXX_FLAGS, False)
 
@@ -136,10 +137,11 @@ def toolchain(command: tuple[str, ...] | None = None) -> Toolchain:
     return chain
 
 
-def build(source: Path, defines: dict[str, int | str], stem: str, rebuild: bool = False) -> Path:
+def build(source: Path, defines: dict[str, int | str], stem: str, rebuild: bool = False, extra: tuple[str, ...] = ()) -> Path:
     """The shared object of ``source`` compiled with ``-D`` ``defines``: from the cache, or compiled now
     (``rebuild``: compiled again over a cached object that does not load). A ``.cpp`` source is built with
-    ``cxx_toolchain()``, any other with ``toolchain()``."""
+    ``cxx_toolchain()``, any other with ``toolchain()``. ``extra``: flags after the source (include and library
+    paths, libraries), part of the object's key like the defines."""
     chain = cxx_toolchain() if source.suffix == ".cpp" else toolchain()
     define_flags = [f"-D{k}={v}" for k, v in sorted(defines.items())]
     try:
@@ -147,13 +149,14 @@ def build(source: Path, defines: dict[str, int | str], stem: str, rebuild: bool 
     except OSError as exc:
         raise BuildError(f"cannot read {source}: {exc}") from exc
     digest = hashlib.sha256(b"\n".join([text, " ".join(chain.prefix).encode(), chain.identity.encode(),
-                                        " ".join(chain.flags).encode(), " ".join(define_flags).encode()]))  # fmt: skip
+                                        " ".join(chain.flags).encode(), " ".join(define_flags).encode(),
+                                        " ".join(extra).encode()]))  # fmt: skip
     target = cache_dir() / "c" / f"{stem}_{digest.hexdigest()[:16]}.so"
     if target.is_file() and not rebuild:
         return target
     # one temporary name per process and thread: threads of one process may build the same object at once
     tmp = target.with_name(f"{target.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    command = [*chain.prefix, *chain.flags, *define_flags, str(source), "-o", str(tmp), "-lm"]
+    command = [*chain.prefix, *chain.flags, *define_flags, str(source), "-o", str(tmp), *extra, "-lm"]
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         result = _run(command)
@@ -176,14 +179,14 @@ def build(source: Path, defines: dict[str, int | str], stem: str, rebuild: bool 
     return target
 
 
-def load_built(source: Path, defines: dict[str, int | str], stem: str, python: bool = False) -> ctypes.CDLL:
+def load_built(source: Path, defines: dict[str, int | str], stem: str, python: bool = False, extra: tuple[str, ...] = ()) -> ctypes.CDLL:
     """``build`` then ``load``; a cached object that does not load (truncated, foreign) is built again once."""
-    path = build(source, defines, stem)
+    path = build(source, defines, stem, extra=extra)
     try:
         return load(path, python)
     except OSError:
         load.cache_clear()
-        path = build(source, defines, stem, rebuild=True)
+        path = build(source, defines, stem, rebuild=True, extra=extra)
         try:
             return load(path, python)
         except OSError as exc:

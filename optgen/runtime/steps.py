@@ -27,7 +27,7 @@ from ..codegen.render import load_module, source_hash
 from ..ir import lower
 from ..spec import QUANT_MAP_SUFFIX, QUANT_ROW_SUFFIX, QUANT_SUFFIX
 from . import backends, distributed, host_ptrs
-from .tables import scratch_buffer
+from .tables import lacks_data, scratch_buffer
 
 
 class StepRunner:
@@ -317,8 +317,7 @@ class StepRunner:
                     raise RuntimeError(f"{self.name}: gradient of dtype {grad.dtype} for a parameter of dtype {p.dtype}")
                 state = owner.state.get(p) or {}
                 for what, t in (("", p), ("gradient", grad), *((f"state {k!r}", v) for k, v in state.items())):
-                    if (isinstance(t, torch.Tensor) and t.numel() and not t.is_meta and not distributed.is_dtensor(t)
-                            and t.data_ptr() == 0):  # fmt: skip
+                    if isinstance(t, torch.Tensor) and not t.is_meta and not distributed.is_dtensor(t) and lacks_data(t):
                         raise RuntimeError(
                             f"{self.name}: {f'the {what} of ' if what else ''}a parameter of shape {tuple(p.shape)} has "
                             f"no data (its storage was freed "
@@ -501,10 +500,7 @@ class StepRunner:
         if rows is None:
             return
         grads = [g for _, _, g in collected]
-        if not all(g.is_contiguous() for g in grads):  # the guard below holds strides as they are: contiguous ones
-            return
-        guards = _metadata_guard(params), _metadata_guard(grads)
-        if None in guards:
+        if not all(g.is_contiguous() for g in grads):  # the checks below hold strides as they are: contiguous ones
             return
         group_of = [i for i, group in enumerate(owner.param_groups) for _ in group["params"]]
         index_of = {id(p): i for i, p in enumerate(params)}
@@ -518,25 +514,27 @@ class StepRunner:
             v for _, items, _ in by_backend.values() for _, _, state, _ in items
             for k, v in state.items() if k != "step" and isinstance(v, torch.Tensor)
         ]  # fmt: skip
-        param_ids, param_ptrs = [id(p) for p in params], [p.data_ptr() for p in params]
-        state_ptrs = [t.data_ptr() for t in state_tensors]
         host = host_ptrs.helper() if settings.flag("OPTGEN_HOST_READS_IN_C") else None
+        compiled = None if host is None else host.layout(params, [indices for _, indices in fast_backends], state_tensors)
+        guards = (None, None) if compiled is not None else (_metadata_guard(params), _metadata_guard(grads))
+        if compiled is None and None in guards:
+            return
         self.fast = FastLayout(
             generation=self.generation,
             backends=fast_backends,
             plan=plan,
             options_key=options_key,
-            param_ids=param_ids,
             group_sizes=[len(group["params"]) for group in owner.param_groups],
-            param_ptrs=param_ptrs,
-            param_guard=guards[0],
-            grad_guard=guards[1],
             state_edits=STATE_EDITS[0],
             states=owner.state,
+            compiled=compiled,
+            grad_writers=None if compiled is None else [compiled.grads_writer(k) for k in range(len(fast_backends))],
+            param_guard=guards[0],
+            grad_guard=guards[1],
+            param_ids=[id(p) for p in params],
+            param_ptrs=[p.data_ptr() for p in params],
             state_tensors=state_tensors,
-            state_ptrs=state_ptrs,
-            host=host,
-            host_tables=None if host is None else tuple(map(host_ptrs.PointerTable, (param_ids, param_ptrs, state_ptrs))),
+            state_ptrs=[t.data_ptr() for t in state_tensors],
         )
 
     def plain_group_rows(self, owner, ir) -> list[tuple] | None:
@@ -561,31 +559,37 @@ class StepRunner:
         if self.options_key(groups, owner.defaults) != fast.options_key:  # a group's flag changed: another variant
             return False
         params = [p for group in groups for p in group["params"]]
-        # Metadata can change without the tensor object changing (``.data = ``, ``set_``): every step checks it
-        # all, per tensor a C++ guard (~35 ns), then identities and data pointers: in C where it is built (a few
-        # ns a tensor), else from Python (a map over unbound methods: ~100 ns a tensor and read).
-        grads = list(map(_GRAD, params))  # a missing gradient fails its guard: the full path says what
-        if not fast.grad_guard.check(*grads) or not fast.param_guard.check(*params):
-            return False  # (first: what the C reads below get are tensors)
         if STATE_EDITS[0] != fast.state_edits or owner.state is not fast.states:  # a state entry set or replaced
             return False
-        host = fast.host
-        if host is not None:
-            ids, param_ptrs, state_ptrs = fast.host_tables
-            if not host.same_tensors(params, ids, param_ptrs) or not host.same_ptrs(fast.state_tensors, state_ptrs):
+        # Metadata can change without the tensor object changing (``.data =``, ``set_``): every step checks it
+        # all, and identities and data pointers; in C where it is built (~10 ns a tensor, gradients read and
+        # checked there too), else from Python (a ``.grad`` read, a C++ guard and a pointer read: ~250 ns).
+        compiled = fast.compiled
+        if compiled is not None:
+            if not compiled.same(params):
                 return False
-        elif (
-            list(map(id, params)) != fast.param_ids
-            or list(map(torch.Tensor.data_ptr, params)) != fast.param_ptrs
-            or list(map(torch.Tensor.data_ptr, fast.state_tensors)) != fast.state_ptrs  # a state's storage swapped
-        ):
-            return False
-        rows = self.plain_group_rows(owner, fast.plan.ir)
-        if rows is None:
-            return False
-        for backend, indices in fast.backends:  # every backend's gradients before any runs: all or none
-            if not backend.fast_grads(grads if indices is None else [grads[i] for i in indices], host):
+            rows = self.plain_group_rows(owner, fast.plan.ir)
+            if rows is None:
                 return False
+            for (backend, _), write in zip(fast.backends, fast.grad_writers):  # all gradients before any runs
+                if not backend.fast_grads_written(write):
+                    return False
+        else:
+            grads = list(map(_GRAD, params))  # a missing gradient fails its guard: the full path says what
+            if not fast.grad_guard.check(*grads) or not fast.param_guard.check(*params):
+                return False
+            if (
+                list(map(id, params)) != fast.param_ids
+                or list(map(torch.Tensor.data_ptr, params)) != fast.param_ptrs
+                or list(map(torch.Tensor.data_ptr, fast.state_tensors)) != fast.state_ptrs  # a state's storage swapped
+            ):
+                return False
+            rows = self.plain_group_rows(owner, fast.plan.ir)
+            if rows is None:
+                return False
+            for backend, indices in fast.backends:  # every backend's gradients before any runs: all or none
+                if not backend.fast_grads(grads if indices is None else [grads[i] for i in indices]):
+                    return False
         for backend, _ in fast.backends:
             backend.fast_step(rows)
         return True
@@ -646,10 +650,11 @@ _GRAD = operator.attrgetter("grad")
 
 
 def _metadata_guard(tensors: list):
-    """A check, in one C++ call, that each of ``tensors`` still has its dtype, device, layout (dispatch keys),
-    ``requires_grad``, sizes and strides: dynamo's ``TensorGuards`` (``guard.check(*tensors)``; ~35 ns a tensor
-    where reading the same from Python takes ~250). Not its storage: data pointers are compared apart. None where
-    this torch lacks it or builds it otherwise (its module is private): steps then take the full path."""
+    """For fast steps that check from Python (no compiled helper, ``host_ptrs``): a check, in one C++ call, that
+    each of ``tensors`` still has its dtype, device, layout (dispatch keys), ``requires_grad``, sizes and strides:
+    dynamo's ``TensorGuards`` (``guard.check(*tensors)``; ~35 ns a tensor where reading the same from Python takes
+    ~250). Not its storage: data pointers are compared apart. None where this torch lacks it or builds it
+    otherwise (its module is private): those steps then take the full path."""
     try:
         from torch._C._dynamo.guards import TensorGuards
 
@@ -722,17 +727,17 @@ class FastLayout:
     backends: list  # (backend, the indices of its parameters among all, or None for all of them in order)
     plan: object
     options_key: tuple
-    param_ids: list
     group_sizes: list
-    param_ptrs: list
-    param_guard: object  # _metadata_guard of the parameters
-    grad_guard: object  # and of their gradients
     state_edits: int
     states: object
+    compiled: object  # host_ptrs.Layout: the checks and reads in C; or None, and the ones below from Python
+    grad_writers: list | None  # compiled: per backend, its gradients' addresses into its table
+    param_guard: object  # _metadata_guard of the parameters
+    grad_guard: object  # and of their gradients
+    param_ids: list
+    param_ptrs: list
     state_tensors: list
     state_ptrs: list
-    host: object  # host_ptrs.helper(), or None: the lists above are then compared from Python
-    host_tables: tuple | None  # param_ids, param_ptrs, state_ptrs as host_ptrs.PointerTable
 
 
 class _Backends(dict):

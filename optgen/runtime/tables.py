@@ -34,6 +34,13 @@ from ..spec import QUANT_SUFFIX
 CHUNK_GEOMETRY = ("_chunk_row", "_chunk_col", "_chunk_nrows", "_chunk_ncols", "_chunk_mat", "_chunk_rowpart", "_chunk_colpart")
 
 
+
+def lacks_data(t: torch.Tensor) -> bool:
+    """A non-empty tensor whose storage was freed in place (``untyped_storage().resize_(0)``): torch reads its
+    data pointer as the null pointer plus its offset (a view of a freed flat buffer: not 0)."""
+    return t.numel() != 0 and t.data_ptr() == t.storage_offset() * t.element_size()
+
+
 class ChunkTables:
     """Everything the launches of one step need, for one fixed set of tensors. ``storage(dtype)`` maps a
     buffer's torch dtype to the backend's own name for it (a Triton dtype, a C code) and raises a clear
@@ -196,6 +203,8 @@ class ChunkTables:
         """All buffers of the partition's tensors start on 16 bytes (torch's allocations do; views may not)."""
         if partition not in self._aligned:
             members = self.partitions[partition][3]
+            if "grad" not in self.addr_host:  # written in place by a fast step (grads_written)
+                self.addr_host["grad"] = self.addr["grad"].tolist()
             ptrs = [self.addr_host[name][i] for name in self.buffers for i in members]
             self._aligned[partition] = all(ptr % 16 == 0 for ptr in ptrs)
         return self._aligned[partition]
@@ -258,8 +267,10 @@ class ChunkTables:
         self._aligned.clear()
 
     def grads_written(self) -> None:
-        """New gradient tensors whose addresses were written into the (host) table already: the mirrors follow."""
-        self.grad_ptrs = self.addr_host["grad"] = self.addr["grad"].tolist()
+        """New gradient tensors whose addresses were written into the (host) table already: the mirrors are read
+        from it when next needed (an O(tensors) read a fast step does not pay)."""
+        self.grad_ptrs = None  # compared by the full path: unequal to any list, so it writes the table again
+        self.addr_host.pop("grad", None)
         self._aligned.clear()
 
     def use_group_rows(self, group_of: list[int], rows: list[tuple]) -> None:
