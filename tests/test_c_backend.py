@@ -66,6 +66,34 @@ def test_every_builtin_variant_equals_the_torch_oracle(name):
                 assert_close_rel(opt.state[p][key], value, torch.float32, what=f"{name} {flags} state {key}")
 
 
+@pytest.mark.parametrize("name", ["adamw", "lamb", "lars"])
+def test_per_step_values_follow_each_chunks_group_and_step(monkeypatch, name):
+    """The kernels compute a group's per-step values (bias corrections) once per run of chunks of one group and
+    step count: interleaved groups of other hyperparameters, and parameters of one group at other step counts
+    (one skipped on some steps), must each get their own, as the oracle computes them per parameter."""
+    monkeypatch.setenv("OPTGEN_C_CHUNK", "8")  # several chunks per tensor: runs of chunks, threads' shares
+    shapes = [(5, 7), (13,), (3, 3), (20,)]
+    outs = {}
+    for backend in ("c", "torch"):
+        params = make_params(shapes, seed=3)
+        groups = [{"params": [params[0], params[2]], "lr": 0.01},
+                  {"params": [params[1]], "lr": 0.003, "weight_decay": 0.1},
+                  {"params": [params[3]], "lr": 0.02}]  # fmt: skip
+        opt = CLASSES[name](groups, backend=backend, **EXTRA.get(name, {}))
+        grads = make_grads(shapes, 8, seed=4)
+        for k, step_grads in enumerate(grads):
+            if k % 3 == 1:
+                step_grads[2] = None  # params[2] skips: its step count falls behind params[0]'s, in the same group
+            if k == 5:
+                step_grads[0] = None
+            run_steps(opt, params, [step_grads])
+        outs[backend] = [p.detach().clone() for p in params]
+        if backend == "c":
+            _c_backend(opt)
+    for got, want in zip(outs["c"], outs["torch"]):
+        assert_close_rel(got, want, torch.float32, tol=TOL[torch.float32], what=name)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize("name", ["adamw", "lamb", "nvlamb", "lion"])
 def test_low_and_double_precision_parameters(name, dtype):

@@ -189,7 +189,10 @@ def _pass_context(plan: Plan, p: Pass, printer, scalar_printer, identity: dict) 
         # scales as they are (requantizing its own dequantized values is not the identity: the signed map has no -1)
         "skip_scalar": AMP_SKIP if AMP_SKIP in p.device_scalars else None,
         "scalars": [(name, scalar_code(e)) for name, e in p.scalars],
+        "group_scalars": _group_scalars(p, [r["name"] for r in global_reads]),
         "casts": _scalar_casts(plan, p),
+        # the casts of values the C kernels compute once per group and step (hyperparameters, group scalars)
+        "group_casts": [n for n in _scalar_casts(plan, p) if n in {*p.hypers, *_group_scalars(p, [r["name"] for r in global_reads])}],
         # boolean per-step values (a cse'd ``found_inf == 0``): all of them, and those element-wise code reads
         "bool_scalars": [n for n, e in p.scalars if isinstance(e, sympy.logic.boolalg.Boolean)],
         "bool_casts": [n for n in _element_reads(p) if n in {m for m, e in p.scalars if isinstance(e, sympy.logic.boolalg.Boolean)}],
@@ -347,6 +350,20 @@ def _element_reads(p: Pass) -> set[str]:
     """Names that element-wise code (values, stores, reduction contributions) reads."""
     elementwise_exprs = [e for _, e in p.elementwise] + [e for _, e in p.stores] + [e for _, e in p.produces]
     return {s.name for e in elementwise_exprs for s in e.free_symbols}
+
+
+def _group_scalars(p: Pass, global_names: list[str]) -> list[str]:
+    """The per-step scalars of ``p`` that depend only on the step count, the group's hyperparameters and values
+    fixed for the whole call (global reductions, device scalars), in order: the C kernels compute them once per
+    run of chunks of one group and step (the bias corrections' ``pow`` per chunk was most of a small tensor's
+    time), not per chunk."""
+    known = {"t", *p.hypers, *p.device_scalars, *global_names}
+    found = []
+    for name, e in p.scalars:
+        if {s.name for s in e.free_symbols} <= known:
+            known.add(name)
+            found.append(name)
+    return found
 
 
 def _scalar_casts(plan: Plan, p: Pass) -> list[str]:
