@@ -49,6 +49,9 @@ def main(argv=None) -> None:
                 for r in range(args.rounds):
                     for kind in ("C", "Python") if r % 2 else ("Python", "C"):
                         params, opt = runs[kind]
+                        # set before every step: another optimizer's state edit sends a step the full way, which
+                        # sets the fast path up again and reads the switch then
+                        os.environ["OPTGEN_HOST_READS_IN_C"] = "1" if kind == "C" else "0"
                         if new:
                             for p in params:
                                 p.grad = torch.randn(ELEMENTS)
@@ -57,6 +60,8 @@ def main(argv=None) -> None:
                         start = time.perf_counter()
                         opt.step()
                         times[kind].append(time.perf_counter() - start)
+                os.environ.pop("OPTGEN_HOST_READS_IN_C")
+                assert [opt._runner.fast.compiled is not None for _, opt in runs.values()] == [True, False]
                 c, py = (statistics.median(times[k]) * 1e6 for k in ("C", "Python"))
                 print(f"{count:5d} tensors  {'flushed' if flush else 'warm':7s}  {'new' if new else 'kept':4s} grads  "
                       f"C reads {c:8.1f}   Python reads {py:8.1f}   Python / C {py / c:4.2f}")  # fmt: skip
