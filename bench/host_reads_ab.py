@@ -2,8 +2,10 @@
 ``python bench/host_reads_ab.py [--counts 100,1000] [--rounds 300]``.
 
 Two AdamW optimizers over 16-element tensors (a step is nearly all host work), alternating which steps first
-each round, medians in microseconds. Four cases: gradients kept or new before every step, caches warm or
-flushed (16 MB written before every step, as a forward and backward pass would leave them)."""
+each round, medians in microseconds. Four cases: gradients kept or new before every step, and no flush (the
+step right after the other optimizer's) or flushed (``--flush-mb`` written before every step, more than the
+last-level cache, as a forward and backward pass would leave it). One untimed round first: making the second
+optimizer edits state, which sends the first one's next step the full way."""
 
 from __future__ import annotations
 
@@ -37,8 +39,9 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--counts", default="100,1000")
     parser.add_argument("--rounds", type=int, default=300)
+    parser.add_argument("--flush-mb", type=int, default=96)
     args = parser.parse_args(argv)
-    junk = torch.randn(4 << 20)
+    junk = torch.empty(args.flush_mb << 18)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; medians in us per step")
     for count in (int(c) for c in args.counts.split(",")):
         for flush in (False, True):
@@ -46,7 +49,7 @@ def main(argv=None) -> None:
                 runs = {"C": _make("1", count), "Python": _make("0", count)}
                 assert [opt._runner.fast.compiled is not None for _, opt in runs.values()] == [True, False]
                 times = {kind: [] for kind in runs}
-                for r in range(args.rounds):
+                for r in range(-1, args.rounds):
                     for kind in ("C", "Python") if r % 2 else ("Python", "C"):
                         params, opt = runs[kind]
                         # set before every step: another optimizer's state edit sends a step the full way, which
@@ -56,14 +59,15 @@ def main(argv=None) -> None:
                             for p in params:
                                 p.grad = torch.randn(ELEMENTS)
                         if flush:
-                            junk.add_(1.0)
+                            junk.fill_(float(r))
                         start = time.perf_counter()
                         opt.step()
-                        times[kind].append(time.perf_counter() - start)
+                        if r >= 0:
+                            times[kind].append(time.perf_counter() - start)
                 os.environ.pop("OPTGEN_HOST_READS_IN_C")
                 assert [opt._runner.fast.compiled is not None for _, opt in runs.values()] == [True, False]
                 c, py = (statistics.median(times[k]) * 1e6 for k in ("C", "Python"))
-                print(f"{count:5d} tensors  {'flushed' if flush else 'warm':7s}  {'new' if new else 'kept':4s} grads  "
+                print(f"{count:5d} tensors  {'flushed' if flush else 'no flush':8s}  {'new' if new else 'kept':4s} grads  "
                       f"C reads {c:8.1f}   Python reads {py:8.1f}   Python / C {py / c:4.2f}")  # fmt: skip
 
 

@@ -405,7 +405,7 @@ def test_host_time_scripts_run(script, capsys, monkeypatch):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     monkeypatch.delenv("OPTGEN_HOST_READS_IN_C", raising=False)
-    module.main(["--counts", "3", "--rounds", "4", *(["--flush-mb", "1"] if script == "host_time" else [])])
+    module.main(["--counts", "3", "--rounds", "4", "--flush-mb", "1"])
     out = capsys.readouterr().out
     assert "3 tensors" in out and "Python" in out
     assert "OPTGEN_HOST_READS_IN_C" not in os.environ  # the scripts leave the switch as they found it

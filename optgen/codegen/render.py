@@ -360,6 +360,10 @@ def _group_scalars(p: Pass, global_names: list[str]) -> list[str]:
     known = {"t", *p.hypers, *p.device_scalars, *global_names}
     found = []
     for name, e in p.scalars:
+        # booleans stay per chunk (one compare): an int carried from chunk to chunk left the element loops' selects
+        # unconverted, and gcc did not vectorise them (Adam amsgrad under GradScaler ran ~3x slower; the review)
+        if isinstance(e, sympy.logic.boolalg.Boolean):
+            continue
         if {s.name for s in e.free_symbols} <= known:
             known.add(name)
             found.append(name)

@@ -10,8 +10,8 @@
  * after its object header (THPVariable's cdata; `Tensor._cdata` from Python: host_ptrs.py checks they agree
  * before using this object, and for every tensor of a layout). It can change under the same object
  * (torch.utils.swap_tensors, module conversions with swap_module_params_on_conversion), and the old one may
- * then be freed: every call checks each object's current TensorImpl before it reads through the one it
- * remembers. The objects are alive: the groups and the layout (host_ptrs.Layout) hold them. A gradient is read
+ * then be freed: every call checks each object's current TensorImpl (and type: a class reassigned may read
+ * `.grad` in Python) before it reads through the one it remembers. The objects are alive: the groups and the layout (host_ptrs.Layout) hold them. A gradient is read
  * through its parameter's TensorImpl in the same call. A metadata record is `[length, dtype, device, dispatch
  * keys, requires_grad, dim, sizes..., strides...]`; records of a list lie one after another.
  *
@@ -133,12 +133,16 @@ extern "C" {
 std::int64_t og_cdata(void *tensor) { return cdata_of(tensor); }
 
 /* 1 when the list `objects` holds exactly the objects whose addresses (Python's id) are `ids`, in order, each
- * holding the TensorImpl `impls[i]`: checked before anything reads through `impls`. */
-int og_same_objects(void *objects, const std::int64_t *ids, const std::int64_t *impls, std::int64_t n) {
+ * of the type `types[i]` (its class can be reassigned) holding the TensorImpl `impls[i]`: checked before
+ * anything reads through `impls`. */
+int og_same_objects(void *objects, const std::int64_t *ids, const std::int64_t *types, const std::int64_t *impls,
+                    std::int64_t n) {
     if (PyList_Size(objects) != n) return 0;
     for (std::int64_t i = 0; i < n; ++i) {
         void *object = PyList_GetItem(objects, i);
-        if (static_cast<std::int64_t>(reinterpret_cast<std::intptr_t>(object)) != ids[i] || cdata_of(object) != impls[i])
+        const ObjectHeader *header = static_cast<const ObjectHeader *>(object);
+        if (static_cast<std::int64_t>(reinterpret_cast<std::intptr_t>(object)) != ids[i] ||
+            static_cast<std::int64_t>(reinterpret_cast<std::intptr_t>(header->type)) != types[i] || cdata_of(object) != impls[i])
             return 0;
     }
     return 1;

@@ -38,7 +38,7 @@ class HostPtrs:
         p, n = ctypes.c_void_p, ctypes.c_int64
         for name, argtypes, restype in (
             ("og_cdata", [ctypes.py_object], ctypes.c_int64),
-            ("og_same_objects", [ctypes.py_object, p, p, n], ctypes.c_int),
+            ("og_same_objects", [ctypes.py_object, p, p, p, n], ctypes.c_int),
             ("og_records", [p, n, ctypes.c_int, p, n, p], ctypes.c_int64),
             ("og_same", [p, n, p, n, p], ctypes.c_int),
             ("og_grads", [p, n, p, n, p, p], ctypes.c_int),
@@ -58,7 +58,7 @@ class HostPtrs:
         params, states = list(params), list(states)
         param_impls = PointerTable([t._cdata for t in params])
         state_impls = PointerTable([t._cdata for t in states])
-        param_ids, state_ids = PointerTable([id(t) for t in params]), PointerTable([id(t) for t in states])
+        param_ids, state_ids = Objects(params), Objects(states)
         if not self.same_objects(params, param_ids, param_impls) or not self.same_objects(states, state_ids, state_impls):
             return None  # a tensor whose TensorImpl is not where host_ptrs.cpp reads it
         params_seen, states_seen = self.seen(param_impls), self.seen(state_impls)
@@ -85,9 +85,9 @@ class HostPtrs:
             return None
         return PointerTable(records.tolist()), PointerTable(ptrs.tolist())
 
-    def same_objects(self, objects: list, ids: PointerTable, impls: PointerTable) -> bool:
-        """``objects`` are those of ``ids``, in order, each holding the TensorImpl of ``impls``."""
-        return self._same_objects(objects, ids.address, impls.address, ids.count) == 1
+    def same_objects(self, objects: list, ids: Objects, impls: PointerTable) -> bool:
+        """``objects`` are those of ``ids``, in order, each of its type then and holding the TensorImpl of ``impls``."""
+        return self._same_objects(objects, ids.ids.address, ids.types.address, impls.address, ids.ids.count) == 1
 
     def same(self, impls: PointerTable, records: PointerTable, ptrs: PointerTable) -> bool:
         """The tensors ``impls`` have the metadata ``records`` and data pointers ``ptrs`` (False when torch throws:
@@ -135,6 +135,14 @@ class Layout:
             return None if changed < 0 else bool(changed)
 
         return write
+
+
+class Objects:
+    """The identities (Python's id) and types of a list of objects, as two ``PointerTable``."""
+
+    def __init__(self, objects: list):
+        self.ids = PointerTable([id(o) for o in objects])
+        self.types = PointerTable([id(type(o)) for o in objects])
 
 
 class PointerTable:

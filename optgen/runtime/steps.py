@@ -512,7 +512,7 @@ class StepRunner:
             fast_backends.append((backend, None if indices == list(range(len(params))) else indices))
         state_tensors = [
             v for _, items, _ in by_backend.values() for _, _, state, _ in items
-            for k, v in state.items() if k != "step" and isinstance(v, torch.Tensor)
+            for v in state.values() if isinstance(v, torch.Tensor)  # steps too: views into the tables
         ]  # fmt: skip
         host = host_ptrs.helper() if settings.flag("OPTGEN_HOST_READS_IN_C") else None
         compiled = None if host is None else host.layout(params, [indices for _, indices in fast_backends], state_tensors)

@@ -133,6 +133,7 @@ class ChunkTables:
             self.scalars[name] = table
         self.step = self.scalars["step"]
         self._views = [[item[2][name] for name in self.chunk_scalars] for item in items]
+        self._view_ptrs = [[view.data_ptr() for view in views] for views in self._views]
         # for sync_scalars: each chunk's copy of its tensor's values comes from the tensor's first chunk
         self._first_of_chunk = self.first_chunk[self.chunk_tensor.long()]
         self._versions = {name: table._version for name, table in self.scalars.items()}
@@ -195,8 +196,12 @@ class ChunkTables:
         grad_dtypes = list(self.buffers).index("grad")
         if any(item[1].dtype != sig[grad_dtypes] for item, sig in zip(items, self.signature)):
             return False  # a gradient changed dtype: it may belong to another partition now
+        # each entry still the view into the table: the same object, and still looking at the table (set_ and
+        # swap_tensors keep the object; the kernels would go on with the table's value, not the new one)
         return all(
-            item[2][name] is view for item, views in zip(items, self._views) for name, view in zip(self.chunk_scalars, views)
+            item[2][name] is view and view.data_ptr() == ptr
+            for item, views, ptrs in zip(items, self._views, self._view_ptrs)
+            for name, view, ptr in zip(self.chunk_scalars, views, ptrs)
         )
 
     def aligned(self, partition: int) -> bool:
