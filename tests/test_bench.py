@@ -323,6 +323,7 @@ def _fake_loads(monkeypatch, start: float, end: float):
 def test_trust_warnings_for_a_busy_machine_and_copy_above_100(monkeypatch, tmp_path, capsys):
     cores = bench.os.cpu_count()
     _fake_loads(monkeypatch, start=cores, end=0.0)  # busy at the start only
+    monkeypatch.setattr(bench, "steal_jiffies", lambda: 0)  # no steal: this VM's own would warn in the quiet run
     monkeypatch.setattr(bench, "copy_bandwidth", lambda device: 1e-6)  # every row far above the copy
     out_json = tmp_path / "busy.json"
     argv = ["bench", "--model", "synthetic:1000", "--optimizers", "sgd", "--rounds", "1", "--warmup", "0", "--sample-ms", "0"]
