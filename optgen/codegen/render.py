@@ -173,6 +173,7 @@ def _pass_context(plan: Plan, p: Pass, printer, scalar_printer, identity: dict) 
     # bf16 stochastic rounding of the parameter's store: its seed's column in the hyperparameter table
     stochastic = stochastic_round(plan) and "param" in stored
     loaded = {ld.buffer for ld in p.loads}
+    group_scalars, casts = _group_scalars(p, [r["name"] for r in global_reads]), _scalar_casts(plan, p)
     quantized = [
         {"buffer": b, "kind": kinds[b], "row": quantization.KINDS.index(kinds[b]), "stored": b in stored, "loaded": b in loaded}
         for b in quantized_buffers(plan, p)
@@ -189,10 +190,10 @@ def _pass_context(plan: Plan, p: Pass, printer, scalar_printer, identity: dict) 
         # scales as they are (requantizing its own dequantized values is not the identity: the signed map has no -1)
         "skip_scalar": AMP_SKIP if AMP_SKIP in p.device_scalars else None,
         "scalars": [(name, scalar_code(e)) for name, e in p.scalars],
-        "group_scalars": _group_scalars(p, [r["name"] for r in global_reads]),
-        "casts": _scalar_casts(plan, p),
+        "group_scalars": group_scalars,
+        "casts": casts,
         # the casts of values the C kernels compute once per group and step (hyperparameters, group scalars)
-        "group_casts": [n for n in _scalar_casts(plan, p) if n in {*p.hypers, *_group_scalars(p, [r["name"] for r in global_reads])}],
+        "group_casts": [n for n in casts if n in {*p.hypers, *group_scalars}],
         # boolean per-step values (a cse'd ``found_inf == 0``): all of them, and those element-wise code reads
         "bool_scalars": [n for n, e in p.scalars if isinstance(e, sympy.logic.boolalg.Boolean)],
         "bool_casts": [n for n in _element_reads(p) if n in {m for m, e in p.scalars if isinstance(e, sympy.logic.boolalg.Boolean)}],

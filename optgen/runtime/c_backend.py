@@ -217,7 +217,7 @@ class CBackend:
         return True
 
     def fast_grads_written(self, write) -> bool:
-        """``fast_grads`` with the addresses read and written by ``write(table, numel)`` (compiled:
+        """``fast_grads`` with the addresses read and written by ``write(table)`` (compiled:
         ``host_ptrs.Layout.grads_writer``), which checks the gradients too: False when it refused them."""
         t = self._tables
         changed = write(t.addr["grad"])

@@ -27,7 +27,7 @@ import torch
 from . import cbuild
 
 SOURCE = Path(__file__).with_name("host_ptrs.cpp")
-UNREADABLE, NO_DATA = -2, -3  # torch threw; a non-empty gradient without data (see host_ptrs.cpp)
+NO_DATA = -3  # og_grads: a non-empty gradient without storage behind it (its other codes: host_ptrs.cpp)
 
 
 class HostPtrs:

@@ -568,12 +568,6 @@ class StepRunner:
         if compiled is not None:
             if not compiled.same(params):
                 return False
-            rows = self.plain_group_rows(owner, fast.plan.ir)
-            if rows is None:
-                return False
-            for (backend, _), write in zip(fast.backends, fast.grad_writers):  # all gradients before any runs
-                if not backend.fast_grads_written(write):
-                    return False
         else:
             grads = list(map(_GRAD, params))  # a missing gradient fails its guard: the full path says what
             if not fast.grad_guard.check(*grads) or not fast.param_guard.check(*params):
@@ -584,12 +578,16 @@ class StepRunner:
                 or list(map(torch.Tensor.data_ptr, fast.state_tensors)) != fast.state_ptrs  # a state's storage swapped
             ):
                 return False
-            rows = self.plain_group_rows(owner, fast.plan.ir)
-            if rows is None:
+        rows = self.plain_group_rows(owner, fast.plan.ir)
+        if rows is None:
+            return False
+        for k, (backend, indices) in enumerate(fast.backends):  # every backend's gradients before any runs: all or none
+            if compiled is not None:
+                taken = backend.fast_grads_written(fast.grad_writers[k])  # read and checked in C
+            else:
+                taken = backend.fast_grads(grads if indices is None else [grads[i] for i in indices])
+            if not taken:
                 return False
-            for backend, indices in fast.backends:  # every backend's gradients before any runs: all or none
-                if not backend.fast_grads(grads if indices is None else [grads[i] for i in indices]):
-                    return False
         for backend, _ in fast.backends:
             backend.fast_step(rows)
         return True

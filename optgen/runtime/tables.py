@@ -34,7 +34,6 @@ from ..spec import QUANT_SUFFIX
 CHUNK_GEOMETRY = ("_chunk_row", "_chunk_col", "_chunk_nrows", "_chunk_ncols", "_chunk_mat", "_chunk_rowpart", "_chunk_colpart")
 
 
-
 def lacks_data(t: torch.Tensor) -> bool:
     """A non-empty tensor whose storage was freed in place (``untyped_storage().resize_(0)``): torch reads its
     data pointer as the null pointer plus its offset (a view of a freed flat buffer: not 0)."""
